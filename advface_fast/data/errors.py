@@ -1,0 +1,44 @@
+"""Errors and issue records shared by the data layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+OnBad = Literal["error", "skip", "convert"]
+ON_BAD_CHOICES = ("error", "skip", "convert")
+
+
+class DataError(ValueError):
+    """Bad input data: a missing or corrupt file, a malformed line, a checksum mismatch.
+
+    ``file`` and ``line`` (1-based) say where; both also appear in the message.
+    """
+
+    def __init__(self, reason: str, *, file: object = None, line: int | None = None):
+        self.reason = reason
+        self.file = None if file is None else str(file)
+        self.line = line
+        where = self.file or ""
+        if line is not None:
+            where = f"{where}:{line}" if where else f"line {line}"
+        super().__init__(f"{where}: {reason}" if where else reason)
+
+
+@dataclass(frozen=True)
+class DataIssue:
+    """One recorded problem that did not stop loading.
+
+    action is "skipped" (the pair was dropped) or "converted" (an image was converted to RGB).
+    For a dropped pair, file/line point at its line in the pairs file and reason names the cause.
+    """
+
+    file: str
+    line: int | None
+    reason: str
+    action: Literal["skipped", "converted"] = "skipped"
+
+
+def check_on_bad(on_bad: str) -> None:
+    if on_bad not in ON_BAD_CHOICES:
+        raise ValueError(f"on_bad must be one of {ON_BAD_CHOICES}, got {on_bad!r}")

@@ -1,0 +1,159 @@
+"""From an LFW folder to verification numbers: pairs -> aligned chips -> embeddings -> report.
+
+``prepare_pairs`` is shared by every experiment (verification now, attack tables next): it
+loads the pairs, aligns every image once (chip cache) and indexes the chips by pair.
+``run_verify`` is the Python API behind ``advface verify``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .align import AlignConfig, AlignedChips, align_images
+from .data import PairDataset, load_lfw
+from .engine import embed_chips
+from .models import create_model, get_model_spec
+from .verify import VerificationResult, evaluate_embeddings, plot_roc
+
+METRICS = ("cosine", "l2")
+
+
+@dataclass
+class PairChips:
+    """The pairs of a dataset with the aligned chip of each side."""
+
+    dataset: PairDataset
+    chips: AlignedChips
+    a: np.ndarray  # row in chips.chips of each pair's first image
+    b: np.ndarray  # ... and of its second image
+    same: np.ndarray  # bool
+    folds: np.ndarray  # int fold id (1-based, as in pairs.txt)
+
+    def __len__(self) -> int:
+        return len(self.same)
+
+    def alignment_paths(self) -> dict[str, int]:
+        return self.chips.path_counts()
+
+
+def prepare_pairs(lfw: str | Path | PairDataset, model: str = "dlib-resnet", *, folds=None,
+                  on_bad: str = "error", cache_dir: str | Path | None = None,
+                  workers: int | None = None, progress: bool = True) -> PairChips:
+    """Load the pairs (all folds, or the 1-based ``folds``) and align their images for ``model``."""
+    dataset = lfw if isinstance(lfw, PairDataset) else load_lfw(lfw, folds=folds, on_bad=on_bad)
+    spec = get_model_spec(model)
+    config = AlignConfig(**spec.alignment)
+    chips = align_images(dataset.image_ids, dataset.load_image, config, cache_dir=cache_dir,
+                         dataset_fingerprint=dataset.fingerprint, progress=progress, workers=workers)
+    pairs = dataset.pairs
+    return PairChips(
+        dataset=dataset,
+        chips=chips,
+        a=np.array([chips.index(p.a) for p in pairs], dtype=np.int64),
+        b=np.array([chips.index(p.b) for p in pairs], dtype=np.int64),
+        same=np.array([p.same for p in pairs], dtype=bool),
+        folds=np.array([p.fold for p in pairs], dtype=np.int64),
+    )
+
+
+def environment() -> dict:
+    """What produced a result: versions and the hardware it ran on."""
+    return {
+        "advface_fast": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def run_verify(lfw, model: str = "dlib-resnet", *, folds=None, out_dir: str | Path | None = None,
+               batch_size: int = 64, on_bad: str = "error", cache_dir=None, workers=None,
+               progress: bool = True) -> dict:
+    """The LFW verification protocol for ``model``: cosine and L2, without and with flip averaging.
+
+    Returns the report dict (also written to ``out_dir/verify.json`` with ``out_dir/roc.png``).
+    The headline numbers are cosine without flip; every variant is under ``results``.
+    """
+    t0 = time.perf_counter()
+    pairs = prepare_pairs(lfw, model, folds=folds, on_bad=on_bad, cache_dir=cache_dir,
+                          workers=workers, progress=progress)
+    t_align = time.perf_counter() - t0
+    net = create_model(model)
+    emb = embed_chips(net, pairs.chips.chips, batch_size=batch_size, progress=progress and "embedding")
+    emb_flip = embed_chips(net, pairs.chips.chips, batch_size=batch_size, flip=True,
+                           progress=progress and "embedding (flip)")
+    t_embed = time.perf_counter() - t0 - t_align
+
+    results: dict[str, VerificationResult] = {}
+    for variant, e in (("", emb), ("+flip", emb_flip)):
+        for metric in METRICS:
+            results[metric + variant] = evaluate_embeddings(e[pairs.a], e[pairs.b], pairs.same,
+                                                            pairs.folds, metric=metric)
+    main = results["cosine"]
+    report = {
+        "model": model,
+        "dataset": str(pairs.dataset.root),
+        "dataset_fingerprint": pairs.dataset.fingerprint,
+        "n_pairs": len(pairs),
+        "n_images": len(pairs.chips),
+        "folds": sorted(int(f) for f in np.unique(pairs.folds)),
+        "metric": main.metric,
+        "accuracy_mean": main.accuracy_mean,
+        "accuracy_std": main.accuracy_std,
+        "matched_accuracy": main.matched_accuracy,
+        "mismatched_accuracy": main.mismatched_accuracy,
+        "auc": main.auc,
+        "tar_at_far_1e-3": main.tar_at_far.get(1e-3),
+        "tar_at_far_1e-2": main.tar_at_far.get(1e-2),
+        "thresholds": main.thresholds,
+        "alignment_paths": pairs.alignment_paths(),
+        "skipped": [dict(s) if isinstance(s, dict) else vars(s) for s in pairs.dataset.skipped],
+        "results": {name: r.to_dict() for name, r in results.items()},
+        "timing_s": {"load_and_align": round(t_align, 2), "embed": round(t_embed, 2),
+                     "total": round(time.perf_counter() - t0, 2)},
+        "precision": "fp32",
+        "environment": environment(),
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "verify.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        plot_roc({k: results[k] for k in ("cosine", "l2", "cosine+flip")}, out / "roc.png",
+                 title=f"{model} on LFW ({len(pairs)} pairs)")
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A readable table of every verification variant in ``report``."""
+    rows = [f"{report['model']} on {report['n_pairs']} pairs, folds {report['folds']} "
+            f"({report['n_images']} images; alignment {report['alignment_paths']})",
+            f"{'variant':<13}{'accuracy':>18}{'matched':>10}{'mismatched':>12}{'AUC':>9}"
+            f"{'TAR@1e-3':>10}{'TAR@1e-2':>10}"]
+    for name, r in report["results"].items():
+        acc = f"{100 * r['accuracy_mean']:.2f} ± {100 * r['accuracy_std']:.2f}%"
+        rows.append(f"{name:<13}{acc:>18}{100 * r['matched_accuracy']:>9.2f}%"
+                    f"{100 * r['mismatched_accuracy']:>11.2f}%{r['auc']:>9.4f}"
+                    f"{_pct(r.get('tar_at_far_1e-3')):>10}{_pct(r.get('tar_at_far_1e-2')):>10}")
+    main = report["results"]["cosine"]
+    rows.append("per-fold thresholds (cosine, fitted on the other folds): "
+                + ", ".join(f"{t:.4f}" for t in main["thresholds"]))
+    if report.get("skipped"):
+        rows.append(f"skipped: {len(report['skipped'])} (see verify.json)")
+    t = report["timing_s"]
+    rows.append(f"time: {t['total']:.1f} s (load + align {t['load_and_align']:.1f} s, embed {t['embed']:.1f} s)")
+    return "\n".join(rows)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
