@@ -1,1 +1,30 @@
 """Fused attack-update kernels (Triton on CUDA, fused ATen on CPU) with their plain-torch references."""
+
+from .cw_step import cw_step, cw_step_fused, cw_step_reference, cw_step_triton
+from .pgd_step import (
+    IMPLS,
+    linf_bounds,
+    pgd_step,
+    pgd_step_fused,
+    pgd_step_reference,
+    pgd_step_torchattacks,
+    pgd_step_triton,
+    resolve_impl,
+    triton_usable,
+)
+
+__all__ = [
+    "IMPLS",
+    "cw_step",
+    "cw_step_fused",
+    "cw_step_reference",
+    "cw_step_triton",
+    "linf_bounds",
+    "pgd_step",
+    "pgd_step_fused",
+    "pgd_step_reference",
+    "pgd_step_torchattacks",
+    "pgd_step_triton",
+    "resolve_impl",
+    "triton_usable",
+]
