@@ -41,7 +41,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="bad or unreadable input: stop with an error naming the file (default), skip the "
                         "pair and record it, or convert non-RGB images to RGB and record it")
     p.add_argument("--workers", type=int, metavar="N", help="alignment processes (default: all cores)")
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="embedding batch size (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward (and backward) pass (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -58,6 +58,42 @@ def cmd_verify(args) -> int:
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
+    return 0
+
+
+def _float_list(text: str) -> tuple:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad number list {text!r}; use e.g. 2,4,8") from None
+
+
+def _int_list(text: str) -> tuple:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad integer list {text!r}; use e.g. 10,40") from None
+
+
+def cmd_attack(args) -> int:
+    from .attacks import list_attacks
+    from .data import resolve_lfw_path
+    from .tables.render import table1_markdown
+    from .tables.table1 import Table1Config, run_table1
+
+    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    unknown = [a for a in attacks if a not in list_attacks()]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown}; available: {', '.join(list_attacks())}")
+    cfg = Table1Config(model=args.model, attacks=attacks, eps=args.eps, steps=args.steps,
+                       folds=tuple(args.folds) if args.folds else (None if args.all_folds else (1,)),
+                       max_pairs=args.pairs, metric=args.metric, batch_size=args.batch_size, seed=args.seed,
+                       noise_baseline=not args.no_noise)
+    report = run_table1(resolve_lfw_path(args.lfw), cfg, out_dir=args.out, workers=args.workers,
+                        progress=not args.quiet)
+    print(table1_markdown(report))
+    if args.out:
+        print(f"wrote table1.json, table1.md, accuracy_vs_eps.png, examples.png to {args.out}")
     return 0
 
 
@@ -83,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="advface",
         description="advface-fast: adversarial attacks and defenses on face verification, measured honestly.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  advface verify --lfw data/lfw --out runs/verify\n  advface models\n\n" + EPILOG_PATHS,
+        epilog="examples:\n  advface verify --lfw data/lfw --out runs/verify\n  advface attack --lfw data/lfw --folds 1 --out runs/table1\n  advface models\n\n" + EPILOG_PATHS,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -98,6 +134,32 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser(
+        "attack", help="the paper's Table 1: accuracy after FGSM / PGD / C&W at several eps",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Attack the query of every selected pair (matched pairs: dodging; mismatched: "
+                    "impersonation) and judge it with the clean per-fold thresholds (fitted on clean data, "
+                    "other folds; never refit). eps is in 0-255 pixel levels, L-inf, and holds after the "
+                    "attacked image is rounded to uint8. A uniform-noise row at each eps is the sanity "
+                    "baseline. Rows are cached per pair: an interrupted run resumes.",
+        epilog="examples:\n"
+               "  advface attack --lfw data/lfw --attacks fgsm,pgd,cw --eps 2,4,8 --folds 1 --out runs/table1\n"
+               "  advface attack --lfw data/lfw --attacks pgd --eps 1,2 --steps 3,10,40 --pairs 300 --out runs/pgd\n\n"
+               + EPILOG_PATHS)
+    _common(p)
+    p.set_defaults(batch_size=32)
+    p.add_argument("--attacks", default="fgsm,pgd,cw", metavar="LIST",
+                   help="comma list of fgsm, pgd, cw, cw-l2, noise (default: %(default)s)")
+    p.add_argument("--eps", type=_float_list, default=(2.0, 4.0, 8.0), metavar="LIST",
+                   help="L-inf budgets in 0-255 levels (default: 2,4,8)")
+    p.add_argument("--steps", type=_int_list, metavar="LIST", help="PGD / C&W step counts, e.g. 10,40 (default: 40)")
+    p.add_argument("--pairs", type=int, metavar="N", help="attack only the first N pairs of the folds, half matched")
+    p.add_argument("--all-folds", action="store_true", help="attack all folds (default without --folds: fold 1)")
+    p.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="similarity (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="run seed; per-pair seeds derive from it (default: 0)")
+    p.add_argument("--no-noise", action="store_true", help="skip the uniform-noise baseline rows")
+    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("download-lfw", help="download LFW and its pairs files (checksums verified, resumable)",
                        description="Download LFW (scikit-learn's public mirrors) with resume and checksum checks.")
