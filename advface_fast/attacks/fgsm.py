@@ -1,0 +1,47 @@
+"""FGSM: one signed-gradient step of size eps."""
+
+from __future__ import annotations
+
+from advface_fast.attacks.base import Attack
+from advface_fast.kernels import pgd_step
+
+
+class FGSM(Attack):
+    r"""
+    FGSM in the paper 'Explaining and Harnessing Adversarial Examples'
+    (Goodfellow et al., ICLR 2015) [https://arxiv.org/abs/1412.6572], on face verification.
+
+    Distance Measure : Linf
+
+    One step ``x0 + eps * sign(grad)`` of the objective's ``ascent_loss`` from the clean query,
+    clamped to [0, 1] (the same fused ``pgd_step`` kernel as PGD). Deterministic: ``seed`` is
+    unused. NaN gradient entries are set to 0 (those pixels stay put).
+
+    Arguments:
+        model (nn.Module): embedding model, N x 3 x H x W in [0, 1] -> N x D.
+        eps (float): L-inf budget and step size, 0-255 pixel units. (Default: 4)
+        objective (VerificationObjective): what to ascend. (Default: cosine)
+        seed (int | None): unused, kept for a uniform signature. (Default: 0)
+        round_output (bool): deliver the uint8-grid image. (Default: True)
+
+    Shape:
+        - queries: (N, 3, H, W) in [0, 1], on the uint8 grid when rounding.
+        - gallery_embeddings: (N, D), is_same: (N,) bool, thresholds: (N,) or None (unused).
+        - output: (N, 3, H, W) float32.
+
+    Examples::
+        >>> attack = FGSM(model, eps=4)
+        >>> x_adv = attack(queries, gallery_embeddings, is_same, thresholds)
+    """
+
+    name = "fgsm"
+
+    def __init__(self, model, eps: float = 4, objective=None, seed: int | None = 0, round_output: bool = True):
+        super().__init__(model, eps, objective, seed, round_output)
+
+    def perturb(self, x0, gallery, is_same, thresholds, noise):
+        lo, hi = self._eps_box(x0)
+        grad, _ = self._ascent_gradient(x0, gallery, is_same)
+        x = x0.clone()
+        pgd_step(x, grad, lo, hi, self.eps / 255.0)
+        return x
