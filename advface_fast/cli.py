@@ -51,7 +51,7 @@ def cmd_verify(args) -> int:
 
     report = run_verify(resolve_lfw_path(args.lfw), args.model, folds=args.folds, out_dir=args.out,
                         batch_size=args.batch_size, on_bad=args.on_bad, workers=args.workers,
-                        progress=not args.quiet)
+                        engine=args.engine, progress=not args.quiet)
     print(format_report(report))
     if args.out:
         print(f"wrote {args.out / 'verify.json'} and {args.out / 'roc.png'}")
@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the ones later used to judge attacks (never refit on attacked data).",
         epilog="example:\n  advface verify --model dlib-resnet --lfw data/lfw --out runs/verify\n\n" + EPILOG_PATHS)
     _common(p)
+    p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
+                   help="embedding engine; auto takes onnxruntime when installed and its embeddings match "
+                        "torch within 1e-5, else torch (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
     p.set_defaults(func=cmd_verify)
 
