@@ -105,7 +105,7 @@ def run_verify(lfw, model: str = "dlib-resnet", *, folds=None, out_dir: str | Pa
     main = results["cosine"]
     report = {
         "model": model,
-        "dataset": str(pairs.dataset.root),
+        "dataset": {"name": pairs.dataset.name, "layout": pairs.dataset.layout},
         "dataset_fingerprint": pairs.dataset.fingerprint,
         "n_pairs": len(pairs),
         "n_images": len(pairs.chips),

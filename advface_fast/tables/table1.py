@@ -219,7 +219,7 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
         "table": "Table 1: verification accuracy after attack",
         "model": cfg.model,
         "config": {**asdict(cfg), "attacks": list(cfg.attacks), "eps": list(cfg.eps)},
-        "dataset": str(pairs.dataset.root),
+        "dataset": {"name": pairs.dataset.name, "layout": pairs.dataset.layout},
         "dataset_fingerprint": pairs.dataset.fingerprint,
         "n_pairs": int(len(sel)),
         "folds": sorted(int(f) for f in np.unique(folds)),
