@@ -51,7 +51,8 @@ def cmd_verify(args) -> int:
 
     report = run_verify(resolve_lfw_path(args.lfw), args.model, folds=args.folds, out_dir=args.out,
                         batch_size=args.batch_size, on_bad=args.on_bad, workers=args.workers,
-                        engine=args.engine, progress=not args.quiet)
+                        engine=args.engine, precision=args.precision, compare_engines=args.compare_engines,
+                        progress=not args.quiet)
     print(format_report(report))
     if args.out:
         print(f"wrote {args.out / 'verify.json'} and {args.out / 'roc.png'}")
@@ -88,7 +89,8 @@ def cmd_attack(args) -> int:
     cfg = Table1Config(model=args.model, attacks=attacks, eps=args.eps, steps=args.steps,
                        folds=tuple(args.folds) if args.folds else (None if args.all_folds else (1,)),
                        max_pairs=args.pairs, metric=args.metric, batch_size=args.batch_size, seed=args.seed,
-                       noise_baseline=not args.no_noise)
+                       noise_baseline=not args.no_noise, precision=args.precision, fast_model=args.fast_model,
+                       early_stop=args.early_stop)
     report = run_table1(resolve_lfw_path(args.lfw), cfg, out_dir=args.out, workers=args.workers,
                         progress=not args.quiet)
     print(table1_markdown(report))
@@ -135,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
                    help="embedding engine; auto takes onnxruntime when installed and its embeddings match "
                         "torch within 1e-5, else torch (default: %(default)s)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="embedding precision; bf16 uses the fast model under autocast (auto: bf16 only where the "
+                        "hardware has it natively) (default: %(default)s)")
+    p.add_argument("--compare-engines", action="store_true",
+                   help="also report accuracy, speed and deviation of every embedding path side by side")
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
     p.set_defaults(func=cmd_verify)
 
@@ -162,12 +169,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="similarity (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="run seed; per-pair seeds derive from it (default: 0)")
     p.add_argument("--no-noise", action="store_true", help="skip the uniform-noise baseline rows")
+    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                   help="precision of the attack gradients; auto = bf16 only where the hardware has it "
+                        "natively (AMX / AVX512-BF16 CPUs, CUDA). Decisions are always fp32 (default: %(default)s)")
+    p.add_argument("--fast-model", action="store_true",
+                   help="attack through the fast copy of the model (affine folded into convs, channels_last)")
+    p.add_argument("--early-stop", action="store_true",
+                   help="PGD: pairs already past the threshold by a margin leave the batch (saves image-steps; "
+                        "the delivered attacks are weaker but still cross the threshold, so accuracy is never higher). Off by default")
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("download-lfw", help="download LFW and its pairs files (checksums verified, resumable)",
                        description="Download LFW (scikit-learn's public mirrors) with resume and checksum checks.")
     p.add_argument("--dest", metavar="DIR", help="target folder (default: $ADVFACE_HOME/lfw_home)")
     p.set_defaults(func=cmd_download)
+
+    from . import bench
+
+    p = sub.add_parser(
+        "bench", help="speed benchmarks: ours vs baselines, side by side in one process",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Time the fused update kernels, PGD (ours fp32 / bf16 vs torchattacks on the same weights, "
+                    "objective, pairs and batch, with both success rates), embedding engines, and the "
+                    "forward+backward FLOP rate against the GEMM rates of this machine. Prints one table of "
+                    "ratios (medians after warm-up) and writes benchmarks/results/<host>.json.",
+        epilog="examples:\n  advface bench --quick\n  advface bench --lfw data/lfw --out benchmarks/results\n\n"
+               "torchattacks is optional: pip install --no-deps torchattacks==3.5.1")
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.cmd_bench)
 
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=cmd_models)

@@ -31,20 +31,24 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 @torch.inference_mode()
 def embed_chips(model: torch.nn.Module, chips: np.ndarray, batch_size: int = 64, flip: bool = False,
-                progress: bool | str = False) -> np.ndarray:
+                progress: bool | str = False, precision: str = "fp32") -> np.ndarray:
     """Embed aligned chips with ``model``; returns N x D float32.
 
     ``flip=True`` averages the raw embeddings of each chip and its horizontal mirror, a
     common test-time augmentation (the mean of raw embeddings serves cosine and L2 alike).
+    ``precision="bf16"`` runs the model under bf16 autocast (outputs are still float32).
     """
+    from .precision import autocast
+
     device = model_device(model)
     out = []
     desc = progress if isinstance(progress, str) else "embedding"
     for start in tqdm(range(0, len(chips), batch_size), desc=desc, unit="batch", disable=not progress):
         x = chips_to_tensor(chips[start : start + batch_size], device)
-        emb = model(x).float()
-        if flip:
-            emb = (emb + model(torch.flip(x, dims=[3])).float()) / 2
+        with autocast(precision, device):
+            emb = model(x).float()
+            if flip:
+                emb = (emb + model(torch.flip(x, dims=[3])).float()) / 2
         out.append(emb.cpu().numpy())
     dim = getattr(model, "embedding_dim", 0)
     return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
@@ -80,21 +84,24 @@ def chips_to_array(chips: np.ndarray) -> np.ndarray:
 
 
 class TorchEngine:
-    """Eager PyTorch: ``embed_chips`` on the model's own device."""
+    """Eager PyTorch: ``embed_chips`` on the model's own device, in fp32 or under bf16 autocast."""
 
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, precision: str = "fp32"):
         self.model = model.eval()
+        self.precision = precision
         self.embedding_dim = getattr(model, "embedding_dim", None)
         self.selection: dict = {"engine": self.name}
 
     def embed(self, chips: np.ndarray, batch_size: int = 64, flip: bool = False,
               progress: bool | str = False) -> np.ndarray:
-        return embed_chips(self.model, chips, batch_size=batch_size, flip=flip, progress=progress)
+        return embed_chips(self.model, chips, batch_size=batch_size, flip=flip, progress=progress,
+                           precision=self.precision)
 
     def describe(self) -> dict:
-        return {"engine": self.name, "device": str(model_device(self.model)), **self.selection}
+        return {"engine": self.name, "device": str(model_device(self.model)), "precision": self.precision,
+                **self.selection}
 
 
 class OrtEngine:
@@ -199,7 +206,7 @@ def parity_max_abs(engine: OrtEngine, model: torch.nn.Module, chips: np.ndarray)
 def make_engine(model: str | torch.nn.Module = "dlib-resnet", kind: str = "auto", *, device=None,
                 num_threads: int | None = None, opset: int | None = None, cache_dir=None,
                 probe: np.ndarray | None = None, tolerance: float = PARITY_TOLERANCE,
-                **model_kwargs) -> TorchEngine | OrtEngine:
+                precision: str = "fp32", **model_kwargs) -> TorchEngine | OrtEngine:
     """An embedding engine for a registry model (name) or a built model (module).
 
     ``kind``: "torch", "onnxruntime" (errors if it cannot be had), or "auto": onnxruntime when it
@@ -207,11 +214,22 @@ def make_engine(model: str | torch.nn.Module = "dlib-resnet", kind: str = "auto"
     (``probe`` chips, default random) are within ``tolerance`` of torch's; otherwise torch. The
     choice and its reason are in ``engine.selection`` / ``engine.describe()``.
     ``device`` places the torch model; for onnxruntime None means CUDA when available, else CPU.
+    ``precision`` "bf16" (or "auto" where the hardware has native bf16) gives the torch engine on
+    the model's fast copy under bf16 autocast; its embeddings are close to, not equal to, fp32.
     """
     if kind not in ("auto", "torch", "onnxruntime"):
         raise ValueError(f"kind must be 'auto', 'torch' or 'onnxruntime', got {kind!r}")
     from .models import create_model
     from .onnx_export import DEFAULT_OPSET, export_onnx, input_size
+    from .precision import resolve_precision
+
+    if resolve_precision(precision, device) == "bf16":
+        if kind == "onnxruntime":
+            raise ValueError("the onnxruntime engine is fp32; use kind='torch' (or 'auto') with bf16")
+        net = create_model(model, fast=True, **model_kwargs) if isinstance(model, str) else model
+        engine = TorchEngine(net.to(device) if device is not None else net, precision="bf16")
+        engine.selection = {"engine": "torch", "requested": kind, "reason": f"precision {precision} -> bf16"}
+        return engine
 
     net = create_model(model, **model_kwargs) if isinstance(model, str) else model
     if device is not None:

@@ -79,17 +79,20 @@ def environment() -> dict:
 
 def run_verify(lfw, model: str = "dlib-resnet", *, folds=None, out_dir: str | Path | None = None,
                batch_size: int = 64, on_bad: str = "error", cache_dir=None, workers=None,
-               engine: str = "auto", progress: bool = True) -> dict:
+               engine: str = "auto", precision: str = "fp32", compare_engines: bool = False,
+               progress: bool = True) -> dict:
     """The LFW verification protocol for ``model``: cosine and L2, without and with flip averaging.
 
     Returns the report dict (also written to ``out_dir/verify.json`` with ``out_dir/roc.png``).
     The headline numbers are cosine without flip; every variant is under ``results``.
+    ``precision="bf16"`` embeds with the bf16 fast path; ``compare_engines`` adds the 10-fold
+    accuracy, speed and deviation of every embedding path (torch fp32, onnxruntime, torch bf16).
     """
     t0 = time.perf_counter()
     pairs = prepare_pairs(lfw, model, folds=folds, on_bad=on_bad, cache_dir=cache_dir,
                           workers=workers, progress=progress)
     t_align = time.perf_counter() - t0
-    eng = make_engine(model, kind=engine)
+    eng = make_engine(model, kind=engine, precision=precision)
     chips = pairs.chips.chips
     emb = eng.embed(chips, batch_size=batch_size, progress=progress and "embedding")
     # Flip averaging: the mean of each chip's embedding and its mirror's (one extra pass, not two).
@@ -124,10 +127,12 @@ def run_verify(lfw, model: str = "dlib-resnet", *, folds=None, out_dir: str | Pa
         "results": {name: r.to_dict() for name, r in results.items()},
         "timing_s": {"load_and_align": round(t_align, 2), "embed": round(t_embed, 2),
                      "total": round(time.perf_counter() - t0, 2)},
-        "precision": "fp32",
+        "precision": getattr(eng, "precision", "fp32"),
         "engine": eng.describe(),
         "environment": environment(),
     }
+    if compare_engines:
+        report["embedding_paths"] = compare_embedding_paths(pairs, model, batch_size=batch_size, progress=progress)
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -135,6 +140,35 @@ def run_verify(lfw, model: str = "dlib-resnet", *, folds=None, out_dir: str | Pa
         plot_roc({k: results[k] for k in ("cosine", "l2", "cosine+flip")}, out / "roc.png",
                  title=f"{model} on LFW ({len(pairs)} pairs)")
     return report
+
+
+def compare_embedding_paths(pairs: PairChips, model: str, batch_size: int = 64, progress: bool = False) -> dict:
+    """10-fold accuracy (cosine, L2), speed and max deviation from torch fp32 of every embedding path."""
+    from .engine import import_onnxruntime
+
+    paths = {"torch fp32": dict(kind="torch"), "torch bf16 (fast model)": dict(kind="torch", precision="bf16")}
+    try:
+        import_onnxruntime()
+        paths["onnxruntime fp32"] = dict(kind="onnxruntime")
+    except ImportError:
+        pass
+    chips, out, reference = pairs.chips.chips, {}, None
+    for name, kwargs in paths.items():
+        eng = make_engine(model, **kwargs)
+        eng.embed(chips[:8], batch_size=8)  # warm-up outside the timing
+        t0 = time.perf_counter()
+        emb = eng.embed(chips, batch_size=batch_size, progress=progress and name)
+        seconds = time.perf_counter() - t0
+        reference = emb if reference is None else reference
+        out[name] = {
+            "cosine_accuracy_mean": evaluate_embeddings(emb[pairs.a], emb[pairs.b], pairs.same, pairs.folds).accuracy_mean,
+            "l2_accuracy_mean": evaluate_embeddings(emb[pairs.a], emb[pairs.b], pairs.same, pairs.folds,
+                                                    metric="l2").accuracy_mean,
+            "max_abs_vs_torch_fp32": float(np.abs(emb - reference).max()),
+            "images_per_s": round(len(chips) / seconds, 1),
+            "engine": eng.describe(),
+        }
+    return out
 
 
 def format_report(report: dict) -> str:
@@ -154,7 +188,10 @@ def format_report(report: dict) -> str:
     if report.get("skipped"):
         rows.append(f"skipped: {len(report['skipped'])} (see verify.json)")
     t = report["timing_s"]
-    rows.append(f"embedding engine: {report['engine']['engine']}")
+    rows.append(f"embedding engine: {report['engine']['engine']} ({report['precision']})")
+    for name, p in report.get("embedding_paths", {}).items():
+        rows.append(f"  path {name:<24} cosine {100 * p['cosine_accuracy_mean']:.2f}%  L2 {100 * p['l2_accuracy_mean']:.2f}%  "
+                    f"max |Δ| vs fp32 {p['max_abs_vs_torch_fp32']:.2g}  {p['images_per_s']:.0f} img/s")
     rows.append(f"time: {t['total']:.1f} s (load + align {t['load_and_align']:.1f} s, embed {t['embed']:.1f} s)")
     return "\n".join(rows)
 

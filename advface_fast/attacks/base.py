@@ -12,6 +12,13 @@ holds exactly AFTER rounding. Clean images must then lie on the uint8 grid (chec
 (so ``eps=2.5`` allows 2 levels). ``round_output=False`` returns the float iterate instead
 (then off-grid clean images are accepted).
 
+Precision. ``precision="bf16"`` runs the model under bf16 autocast when computing gradients
+(``"auto"``: bf16 only where the hardware does it natively, see :mod:`advface_fast.precision`).
+The iterate, the update and the projection stay fp32. The similarities an attack computes for
+itself (C&W's "done" test and best-so-far choice, PGD's best restart) are then bf16-computed
+too; the caller judges the delivered images with its own fp32 model, so a bf16 attack can be
+weaker but never reports a wrong result.
+
 Randomness. Each call draws from a fresh ``torch.Generator`` seeded with ``seed``, so the same
 seed gives identical results for the same inputs. ``sample_seeds`` (one int per query) gives
 every query its own generator instead, so a query's random draws do not depend on which batch
@@ -28,6 +35,7 @@ from torch import nn
 
 from advface_fast.attacks.objective import VerificationObjective
 from advface_fast.kernels import linf_bounds
+from advface_fast.precision import autocast, resolve_precision
 
 GRID_TOLERANCE = 1e-6  # how far (in [0, 1] units) a clean pixel may sit from k/255
 
@@ -108,7 +116,7 @@ class Attack:
     needs_thresholds = False
 
     def __init__(self, model: nn.Module, eps: float | None, objective: VerificationObjective | None = None,
-                 seed: int | None = 0, round_output: bool = True):
+                 seed: int | None = 0, round_output: bool = True, precision: str = "fp32"):
         if eps is not None and not (math.isfinite(eps) and eps >= 0):
             raise ValueError(f"eps must be a finite number >= 0 (0-255 units), got {eps}")
         self.model = model
@@ -116,6 +124,8 @@ class Attack:
         self.objective = objective if objective is not None else VerificationObjective()
         self.seed = seed
         self.round_output = round_output
+        # "auto" is resolved here, once, so config() records what actually ran.
+        self.precision = resolve_precision(precision, model_device(model, torch.device("cpu")))
 
     # ---------------------------------------------------------------- public
 
@@ -133,7 +143,9 @@ class Attack:
     def config(self) -> dict:
         """Key parameters; sizes in 0-255 units. ``make_attack(model=m, **a.config())`` rebuilds it."""
         return {"name": self.name, "eps": self.eps, **self._config(), **getattr(self.objective, "config", dict)(),
-                "seed": self.seed, "round_output": self.round_output}
+                "seed": self.seed, "round_output": self.round_output,
+                # Only when not fp32, so fp32 configs (and the cache keys built from them) are unchanged.
+                **({"precision": self.precision} if self.precision != "fp32" else {})}
 
     def perturb(self, x0, gallery, is_same, thresholds, noise: SeededNoise) -> torch.Tensor:
         """Return float adversarial queries (in the image box; in the eps-box if eps-bounded)."""
@@ -181,7 +193,14 @@ class Attack:
         return linf_bounds(x0, self.eps / 255.0)
 
     def _similarity(self, x: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-        return self.objective.similarity(self.model(x), gallery)
+        """Similarities of the model's embeddings of ``x`` to the gallery.
+
+        Only the model runs in ``self.precision`` (bf16: under autocast); the embeddings are
+        cast to fp32 before the similarity, and the gradient reaching ``x`` is fp32.
+        """
+        with autocast(self.precision, x.device):
+            emb = self.model(x)
+        return self.objective.similarity(emb.float(), gallery)
 
     def _ascent_gradient(self, x: torch.Tensor, gallery, is_same) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient of the summed ascent loss w.r.t. the queries (NaN -> 0), and the similarities.

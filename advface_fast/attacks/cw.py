@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from advface_fast.attacks.active_set import select_rows, split_finished
 from advface_fast.attacks.base import Attack
 from advface_fast.kernels import cw_step
 
@@ -26,9 +27,17 @@ class CW(Attack):
     The Adam update and the projection are fused in ``advface_fast.kernels.cw_step``. A pair
     whose margin is met (loss 0: flipped by at least ``kappa``) is frozen at that iterate: its
     gradient is zeroed and its image restored after each step, all batched with a ``done``
-    mask; the loop stops early when every pair is done (checked every 10 steps, the only host
-    sync). Each pair delivers its best iterate (lowest margin loss seen), which is the frozen one
-    for pairs that succeeded. NaN gradient entries are set to 0.
+    mask. Done pairs then leave the batch (active-set compaction, ``compact_every`` steps apart,
+    one host sync each): the remaining rows, with their Adam state, are ``index_select``-ed
+    into a smaller batch, so the model stops computing pairs that are finished; the loop ends
+    when every pair is done. This changes no pair's algorithm, only which rows share a batch
+    (float results can differ at the rounding level where the model's kernels depend on the
+    batch size). With ``compact = False`` the old behaviour: frozen rows stay in the batch and
+    the loop stops when all are done (checked every 10 steps). Each pair delivers its best
+    iterate (lowest margin loss seen), which is the frozen one for pairs that succeeded. NaN
+    gradient entries are set to 0. Every call sets ``last_stats = {"image_steps",
+    "image_steps_full"}`` (forward + backward image passes computed, and N * steps); the
+    forward-only pass that scores the last update is not counted.
 
     ``kappa`` > 0 keeps the flip alive through the final uint8 rounding, which moves cosine
     similarities by about 0.005 on average and up to about 0.02 (dlib-resnet, lfw_ci chips);
@@ -60,11 +69,14 @@ class CW(Attack):
 
     name = "cw"
     needs_thresholds = True
-    check_every = 10  # steps between host-side "all pairs done?" checks
+    check_every = 10  # without compaction: steps between host-side "all pairs done?" checks
+    compact = True  # finished pairs leave the batch (active-set compaction)
+    compact_every = 1  # steps between compactions (one host sync each)
+    last_stats: dict | None = None
 
     def __init__(self, model, eps: float = 4, steps: int = 40, lr: float | None = None, kappa: float = 0.02,
-                 objective=None, seed: int | None = 0, round_output: bool = True):
-        super().__init__(model, eps, objective, seed, round_output)
+                 objective=None, seed: int | None = 0, round_output: bool = True, precision: str = "fp32"):
+        super().__init__(model, eps, objective, seed, round_output, precision)
         if steps < 0 or kappa < 0:
             raise ValueError(f"need steps >= 0 and kappa >= 0, got steps={steps}, kappa={kappa}")
         self.steps = int(steps)
@@ -79,17 +91,22 @@ class CW(Attack):
         return self.objective.margin_loss(sim, is_same, thresholds, self.kappa)
 
     def perturb(self, x0, gallery, is_same, thresholds, noise):
+        n = x0.shape[0]
         lo, hi = self._eps_box(x0)
         lr = self.lr / 255.0
         x = x0.clone()
         m, v = torch.zeros_like(x), torch.zeros_like(x)
         best_x = x0.clone()
-        best_loss = torch.full((x0.shape[0],), float("inf"), device=x0.device)
-        done = torch.zeros(x0.shape[0], dtype=torch.bool, device=x0.device)
+        best_loss = torch.full((n,), float("inf"), device=x0.device)
+        done = torch.zeros(n, dtype=torch.bool, device=x0.device)
+        out = None  # the full-size result, made once the first rows leave the batch
+        rows = torch.arange(n, device=x0.device)  # full-batch positions of the rows in the batch
+        image_steps = 0
         for step in range(1, self.steps + 1):
             xg = x.detach().requires_grad_(True)
             loss = self._margin(xg, gallery, is_same, thresholds)
             (grad,) = torch.autograd.grad(loss.sum(), xg)
+            image_steps += x.shape[0]
             loss = loss.detach()
             best_x, best_loss = _keep_lower(x, loss, best_x, best_loss)
             done |= loss <= 0
@@ -97,12 +114,33 @@ class CW(Attack):
             grad = torch.nan_to_num(grad, nan=0.0).masked_fill_(frozen, 0.0).contiguous()
             cw_step(x, grad, m, v, step, lr, lo, hi)  # in place, Adam + projection
             x.copy_(torch.where(frozen, best_x, x))  # frozen pairs do not drift on momentum
-            if step % self.check_every == 0 and bool(done.all()):
+            if self.compact and step % self.compact_every == 0:
+                keep, gone = split_finished(done)  # the host sync
+                if gone.numel() == 0:
+                    continue
+                if out is None:
+                    out = x0.clone()
+                out.index_copy_(0, rows.index_select(0, gone), best_x.index_select(0, gone))
+                rows = rows.index_select(0, keep)
+                if rows.numel() == 0:
+                    break
+                # Every row's Adam state, box and target travel with it: the rows left compute
+                # exactly what they computed in the full batch (up to the model's batch-size
+                # dependent float rounding).
+                x, m, v, lo, hi, best_x, best_loss, done, gallery, is_same, thresholds = select_rows(
+                    keep, x, m, v, lo, hi, best_x, best_loss, done, gallery, is_same, thresholds)
+            elif not self.compact and step % self.check_every == 0 and bool(done.all()):
                 break
-        with torch.no_grad():  # the last update has not been scored yet
-            loss = self._margin(x, gallery, is_same, thresholds)
-        best_x, _ = _keep_lower(x, loss, best_x, best_loss)
-        return best_x
+        if rows.numel():
+            with torch.no_grad():  # the last update has not been scored yet
+                loss = self._margin(x, gallery, is_same, thresholds)
+            best_x, _ = _keep_lower(x, loss, best_x, best_loss)
+            if out is None:
+                out = best_x
+            else:
+                out.index_copy_(0, rows, best_x)
+        self.last_stats = {"image_steps": image_steps, "image_steps_full": n * self.steps}
+        return out
 
 
 class CWL2(Attack):
@@ -147,13 +185,14 @@ class CWL2(Attack):
 
     name = "cw-l2"
     needs_thresholds = True
+    last_stats: dict | None = None
 
     def __init__(self, model, steps: int = 50, search_steps: int = 5, c_init: float = 10.0, lr: float = 0.01,
                  kappa: float = 0.02, objective=None, seed: int | None = 0, round_output: bool = True,
-                 eps: None = None):
+                 eps: None = None, precision: str = "fp32"):
         if eps is not None:  # accepted only so that make_attack(**config()) round-trips
             raise ValueError("CWL2 is not eps-bounded; use CW for an L-inf budget")
-        super().__init__(model, None, objective, seed, round_output)
+        super().__init__(model, None, objective, seed, round_output, precision)
         if steps < 1 or search_steps < 1 or c_init <= 0 or kappa < 0:
             raise ValueError("need steps >= 1, search_steps >= 1, c_init > 0, kappa >= 0")
         self.steps = int(steps)
@@ -205,6 +244,8 @@ class CWL2(Attack):
             c_hi = torch.where(succeeded, torch.minimum(c_hi, c), c_hi)
             c_lo = torch.where(succeeded, c_lo, torch.maximum(c_lo, c))
             c = torch.where(torch.isinf(c_hi), c * 10.0, (c_lo + c_hi) * 0.5)
+        cost = n * self.steps * self.search_steps  # forward + backward passes; scoring passes not counted
+        self.last_stats = {"image_steps": cost, "image_steps_full": cost}
         found = torch.isfinite(best_l2).view(-1, 1, 1, 1)
         return torch.where(found, best_l2_x, best_margin_x)
 

@@ -35,13 +35,17 @@ class FGSM(Attack):
     """
 
     name = "fgsm"
+    last_stats: dict | None = None
 
-    def __init__(self, model, eps: float = 4, objective=None, seed: int | None = 0, round_output: bool = True):
-        super().__init__(model, eps, objective, seed, round_output)
+    def __init__(self, model, eps: float = 4, objective=None, seed: int | None = 0, round_output: bool = True,
+                 precision: str = "fp32"):
+        super().__init__(model, eps, objective, seed, round_output, precision)
 
     def perturb(self, x0, gallery, is_same, thresholds, noise):
         lo, hi = self._eps_box(x0)
         grad, _ = self._ascent_gradient(x0, gallery, is_same)
+        # Forward + backward image passes computed, and what the full attack costs (the same).
+        self.last_stats = {"image_steps": x0.shape[0], "image_steps_full": x0.shape[0]}
         x = x0.clone()
         pgd_step(x, grad, lo, hi, self.eps / 255.0)
         return x

@@ -35,11 +35,14 @@ class Noise(Attack):
     """
 
     name = "noise"
+    last_stats: dict | None = None
 
-    def __init__(self, model, eps: float = 4, objective=None, seed: int | None = 0, round_output: bool = True):
-        super().__init__(model, eps, objective, seed, round_output)
+    def __init__(self, model, eps: float = 4, objective=None, seed: int | None = 0, round_output: bool = True,
+                 precision: str = "fp32"):
+        super().__init__(model, eps, objective, seed, round_output, precision)
 
     def perturb(self, x0, gallery, is_same, thresholds, noise):
         lo, hi = self._eps_box(x0)
+        self.last_stats = {"image_steps": 0, "image_steps_full": 0}  # no model pass at all
         uniform = noise.rand(x0.shape[1:]).mul_(2.0).sub_(1.0)  # U[-1, 1)
         return torch.minimum(torch.maximum(x0 + uniform * (self.eps / 255.0), lo), hi)

@@ -22,6 +22,7 @@ class ModelSpec:
     alignment: dict = field(default_factory=dict)  # AlignConfig fields for the expected chip
     distance_threshold: float | None = None  # the model's own L2 rule, if it has one
     description: str = ""
+    make_fast: Callable[[nn.Module], nn.Module] | None = None  # the model -> a faster equal copy
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -45,11 +46,16 @@ def get_model_spec(name: str) -> ModelSpec:
         raise KeyError(f"unknown model '{name}'; available: {', '.join(list_models())}") from None
 
 
-def create_model(name: str, device=None, frozen: bool = True, **kwargs) -> nn.Module:
+def create_model(name: str, device=None, frozen: bool = True, fast: bool = False, **kwargs) -> nn.Module:
     """Build a registered model in eval mode; ``frozen`` turns off parameter gradients
-    (attacks need gradients w.r.t. the input only)."""
+    (attacks need gradients w.r.t. the input only). ``fast=True`` returns the model's fast copy
+    (``spec.make_fast``: same function, faster layout; always frozen)."""
     spec = get_model_spec(name)
     model = spec.build(**kwargs).eval()
+    if fast:
+        if spec.make_fast is None:
+            raise ValueError(f"model '{name}' has no fast variant")
+        model = spec.make_fast(model)
     if frozen:
         model.requires_grad_(False)
     if device is not None:
@@ -64,6 +70,12 @@ def _build_dlib_resnet(dat_path=None, cache_dir=None):
     return load_dlib_resnet(dat_path, cache_dir)
 
 
+def _fast_dlib_resnet(model):
+    from .fast import make_fast
+
+    return make_fast(model)
+
+
 register_model(ModelSpec(
     name="dlib-resnet",
     build=_build_dlib_resnet,
@@ -73,6 +85,7 @@ register_model(ModelSpec(
     distance_threshold=0.6,
     description="dlib's face-recognition ResNet-29 (dlib_face_recognition_resnet_model_v1, CC0; "
                 "99.38% on LFW per dlib), ported to PyTorch from the .dat file",
+    make_fast=_fast_dlib_resnet,
 ))
 
 __all__ = ["ModelSpec", "create_model", "get_model_spec", "list_models", "register_model"]

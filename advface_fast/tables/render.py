@@ -12,10 +12,20 @@ def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
 
+def _saved(row: dict) -> str:
+    full = row.get("image_steps_full") or 0
+    return "—" if full <= 0 else f"{100 * (1 - row['image_steps'] / full):.0f}%"
+
+
 def _params(row: dict) -> str:
     p = row["params"]
     keys = [k for k in ("steps", "alpha", "lr", "kappa", "restarts") if k in p]
     return ", ".join(f"{k}={p[k]:g}" if isinstance(p[k], (int, float)) else f"{k}={p[k]}" for k in keys)
+
+
+def _precision(report: dict) -> str:
+    p = report["precision"]
+    return p if isinstance(p, str) else p["gradients"] + (" (fast model)" if p.get("fast_model") else "")
 
 
 def table1_markdown(report: dict) -> str:
@@ -24,12 +34,12 @@ def table1_markdown(report: dict) -> str:
         f"**{report['table']}** — {report['model']}, {report['n_pairs']} pairs of LFW fold(s) "
         f"{', '.join(map(str, report['folds']))}; thresholds fitted on clean data "
         f"({report['thresholds']['metric']}, other folds), never refit; ε in 0–255 levels (L∞, after uint8 rounding); "
-        f"accuracy % as mean ± std over {len(report['folds'])} fold(s); precision {report['precision']}. "
+        f"accuracy % as mean ± std over {len(report['folds'])} fold(s); gradients in {_precision(report)}, decisions in fp32. "
         "sim. shift: mean change of the similarity toward the attacker's goal (down for matched pairs, "
         "up for mismatched).",
         "",
-        "| attack | ε | params | accuracy (all) | matched | mismatched | paper (CosFace) | sim. shift | time s | img-steps/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| attack | ε | params | accuracy (all) | matched | mismatched | paper (CosFace) | sim. shift | time s | img-steps/s | steps saved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         acc = f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}"
@@ -38,7 +48,7 @@ def table1_markdown(report: dict) -> str:
         eps = "—" if r["attack"] == "clean" else f"{r['eps']:g}"
         lines.append(f"| {r['attack']} | {eps} | {_params(r)} | {acc} | {_pct(r['matched_accuracy'])} | "
                      f"{_pct(r['mismatched_accuracy'])} | {paper} | {r['mean_shift']:+.3f} | "
-                     f"{r['time_s']:.1f} | {rate} |")
+                     f"{r['time_s']:.1f} | {rate} | {_saved(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -34,6 +34,7 @@ from ..cache import config_key, default_cache_root, derive_seed
 from ..engine import chips_to_tensor, embed_chips
 from ..models import create_model, get_model_spec
 from ..pipeline import PairChips, environment, prepare_pairs
+from ..precision import device_features, resolve_precision
 from ..verify import accuracy_with_thresholds, evaluate_embeddings
 
 # The paper's Table 1 (CosFace on LFW, accuracy %): (attack, eps) -> accuracy after attack.
@@ -54,6 +55,9 @@ class Table1Config:
     batch_size: int = 32
     seed: int = 0
     noise_baseline: bool = True
+    precision: str = "fp32"  # gradients: fp32 | bf16 | auto (decisions are always fp32)
+    fast_model: bool = False  # attack through the fast copy (affine folded, channels_last)
+    early_stop: bool = False  # PGD: pairs past the threshold by a margin leave the batch
     attack_options: dict = field(default_factory=dict)  # per attack name: extra constructor kwargs
 
 
@@ -72,6 +76,8 @@ class Row:
     mean_shift: float  # mean of (s_adv - s_clean) toward the attacker's goal (down for matched, up for mismatched)
     time_s: float
     image_steps_per_s: float | None
+    image_steps: int = 0  # forward+backward image passes computed
+    image_steps_full: int = 0  # what the run would cost without early exits
     paper_accuracy: float | None = None
 
 
@@ -101,15 +107,16 @@ class RowCache:
         self.sim: dict[int, float] = {}
         self.examples: dict[int, np.ndarray] = {}
         self.seconds = 0.0
-        self.steps_done = 0
+        self.steps_done = self.steps_full = 0
         if self.path.exists():
             try:
                 with np.load(self.path) as z:
                     self.sim = dict(zip(z["pair"].tolist(), z["sim"].tolist()))
                     self.examples = dict(zip(z["ex_pair"].tolist(), z["ex_img"]))
                     self.seconds, self.steps_done = float(z["seconds"]), int(z["steps_done"])
+                    self.steps_full = int(z["steps_full"]) if "steps_full" in z.files else self.steps_done
             except Exception:  # a damaged cache is recomputed, never trusted
-                self.sim, self.examples, self.seconds, self.steps_done = {}, {}, 0.0, 0
+                self.sim, self.examples, self.seconds, self.steps_done, self.steps_full = {}, {}, 0.0, 0, 0
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,7 +126,7 @@ class RowCache:
         np.savez(tmp, pair=np.array(sorted(self.sim), dtype=np.int64),
                  sim=np.array([self.sim[p] for p in sorted(self.sim)], dtype=np.float64),
                  ex_pair=np.array(ex_pairs, dtype=np.int64), ex_img=ex_img,
-                 seconds=self.seconds, steps_done=self.steps_done)
+                 seconds=self.seconds, steps_done=self.steps_done, steps_full=self.steps_full)
         tmp.replace(self.path)
 
 
@@ -145,7 +152,8 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
     cfg = cfg or Table1Config()
     t_start = time.perf_counter()
     pairs = prepare_pairs(lfw, cfg.model, on_bad="error", workers=workers, progress=progress)
-    net = create_model(cfg.model)
+    net = create_model(cfg.model)  # decisions: the plain model in fp32
+    attacked_net = get_model_spec(cfg.model).make_fast(net) if cfg.fast_model else net
     device = next(net.parameters()).device
 
     # 1. Clean embeddings of every pair image and k-fold thresholds fitted on clean data only.
@@ -176,7 +184,8 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
 
     key_base = dict(model=cfg.model, weights=getattr(net, "dat_sha256", None), data=pairs.dataset.fingerprint,
                     align=AlignConfig(**get_model_spec(cfg.model).alignment).key(), metric=cfg.metric,
-                    seed=cfg.seed, thresholds=[round(float(t), 12) for t in thr_sim])
+                    seed=cfg.seed, thresholds=[round(float(t), 12) for t in thr_sim],
+                    **({"fast_model": True} if cfg.fast_model else {}))
     cache_root = Path(cache_dir) if cache_dir else default_cache_root() / "attacks"
     example_images: dict[str, np.ndarray] = {}
     specs = _row_specs(cfg)
@@ -184,7 +193,11 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
         options = dict(cfg.attack_options.get(name, {}))
         if steps is not None:
             options["steps"] = steps
-        attack = make_attack(name, net, metric=cfg.metric, eps=eps, seed=cfg.seed, **options)
+        if cfg.early_stop and name == "pgd":
+            options.setdefault("early_stop", True)
+        if name != "noise":
+            options.setdefault("precision", cfg.precision)
+        attack = make_attack(name, attacked_net, metric=cfg.metric, eps=eps, seed=cfg.seed, **options)
         params = {k: v for k, v in attack.config().items() if k not in ("name", "eps", "metric", "seed")}
         cache = RowCache(cache_root, config_key(**key_base, attack=attack.config()))
         todo = [i for i in range(len(sel)) if i not in cache.sim]
@@ -200,7 +213,8 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
             with torch.no_grad():  # decisions in fp32 on the delivered (uint8-grid) images
                 sim = objective.similarity(net(x_adv).float(), gallery_all[batch].to(device))
             cache.seconds += time.perf_counter() - t0
-            cache.steps_done += len(batch) * max(getattr(attack, "steps", 1), 1)
+            cache.steps_done += attack.last_stats["image_steps"]
+            cache.steps_full += attack.last_stats["image_steps_full"]
             cache.sim.update(zip(batch.tolist(), sim.cpu().double().numpy().tolist()))
             for j, i in enumerate(batch.tolist()):
                 if i in examples:
@@ -209,8 +223,10 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
             bar.update(len(batch))
         bar.close()
         sim_all = np.array([cache.sim[i] for i in range(len(sel))])
-        rate = cache.steps_done / cache.seconds if cache.seconds > 0 else None
-        rows.append(_make_row(name, eps, params, judge(sim_all), shift(sim_all), cache.seconds, rate))
+        rate = cache.steps_done / cache.seconds if cache.seconds > 0 and cache.steps_done > 0 else None
+        row = _make_row(name, eps, params, judge(sim_all), shift(sim_all), cache.seconds, rate)
+        row.image_steps, row.image_steps_full = cache.steps_done, cache.steps_full
+        rows.append(row)
         if eps == max(cfg.eps) and name != "noise":
             example_images[f"{name}" + (f"-{steps}" if steps is not None else "")] = np.stack(
                 [cache.examples[i] for i in sorted(examples) if i in cache.examples]) if cache.examples else None
@@ -227,7 +243,10 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
                        "per_fold": {str(k): v for k, v in thr_native.items()}},
         "clean_all_folds": clean.to_dict(),
         "eps_units": "0-255 pixel levels, L-inf, holds after rounding to uint8",
-        "precision": "fp32",
+        "precision": {"gradients": resolve_precision(cfg.precision, device), "requested": cfg.precision,
+                      "decisions": "fp32", "fast_model": cfg.fast_model,
+                      "features": device_features(device)},
+        "early_stop": cfg.early_stop,
         "rows": [asdict(r) for r in rows],
         "time_s": round(time.perf_counter() - t_start, 1),
         "environment": environment(),

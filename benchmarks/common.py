@@ -1,0 +1,57 @@
+"""Helpers shared by the benchmark scripts and the pytest-benchmark files in this folder.
+
+The measurement code lives in the package (``advface_fast.bench``); this file only knows where
+things are in a checkout: the LFW copy beside the repository and the results folder.
+
+Environment for the pytest-benchmark files:
+    ADVFACE_LFW              LFW folder (default: ../shared/data/lfw beside the repository, if present)
+    ADVFACE_BENCH_THREADS    torch threads (default: all cores)
+    ADVFACE_BENCH_QUICK=1    tiny sizes (a smoke run)
+    ADVFACE_BENCH_SYNTHETIC=1  random on-grid pairs instead of LFW
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+def default_lfw() -> str | None:
+    """$ADVFACE_LFW, else the LFW copy beside the repository, else None (synthetic pairs)."""
+    env = os.environ.get("ADVFACE_LFW")
+    if env:
+        return env
+    beside = REPO_ROOT.parent / "shared" / "data" / "lfw"
+    return str(beside) if (beside / "pairs.txt").exists() else None
+
+
+def bench_threads() -> int:
+    return int(os.environ.get("ADVFACE_BENCH_THREADS") or os.cpu_count() or 1)
+
+
+def env_config(**overrides):
+    """A BenchConfig from the environment variables above (used by the pytest-benchmark files)."""
+    from advface_fast.bench import BenchConfig
+
+    synthetic = os.environ.get("ADVFACE_BENCH_SYNTHETIC") == "1"
+    return BenchConfig(lfw=None if synthetic else default_lfw(), synthetic=synthetic,
+                       quick=os.environ.get("ADVFACE_BENCH_QUICK") == "1", threads=bench_threads(), **overrides)
+
+
+def bench_context(**overrides):
+    """A BenchContext (models and pairs, built lazily) for the pytest-benchmark files."""
+    from advface_fast.bench import BenchContext
+
+    return BenchContext(env_config(**overrides))
+
+
+def run_variant(benchmark, variant, rounds: int, warmup: int = 1):
+    """Time one Variant with pytest-benchmark (pedantic: a fixed number of rounds), or skip it."""
+    import pytest
+
+    if variant.fn is None:
+        pytest.skip(variant.pending)
+    return benchmark.pedantic(variant.fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
