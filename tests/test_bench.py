@@ -165,6 +165,7 @@ def test_missing_pieces_become_pending_rows(monkeypatch):
 
 def test_quick_pgd_section_without_fast_path(monkeypatch):
     """Without the precision module the fast rows are pending and the fp32 rows still measure."""
+    pytest.importorskip("torchattacks")  # the fp32 row compares against it (optional: the bench extra)
     monkeypatch.setattr(bench, "precision_module", lambda: None)
     report = bench.run_benchmarks(bench.BenchConfig(quick=True, synthetic=True, threads=1, sections=("pgd",),
                                                     pgd_steps=1, rounds=1), command="test")

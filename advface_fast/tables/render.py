@@ -30,11 +30,14 @@ def _precision(report: dict) -> str:
 
 def table1_markdown(report: dict) -> str:
     """The table as Markdown (also what the CLI prints)."""
+    n_folds = len(report["folds"])
+    spread = (f"accuracy % as mean ± std over {n_folds} folds" if n_folds > 1
+              else "accuracy % on one fold (no spread over folds)")
     lines = [
         f"**{report['table']}** — {report['model']}, {report['n_pairs']} pairs of LFW fold(s) "
         f"{', '.join(map(str, report['folds']))}; thresholds fitted on clean data "
         f"({report['thresholds']['metric']}, other folds), never refit; ε in 0–255 levels (L∞, after uint8 rounding); "
-        f"accuracy % as mean ± std over {len(report['folds'])} fold(s); gradients in {_precision(report)}, decisions in fp32. "
+        f"{spread}; gradients in {_precision(report)}, decisions in fp32. "
         "sim. shift: mean change of the similarity toward the attacker's goal (down for matched pairs, "
         "up for mismatched).",
         "",
@@ -42,9 +45,10 @@ def table1_markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
-        acc = f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}"
+        # One fold has no spread to report; ± appears only with two folds or more.
+        acc = f"{100 * r['accuracy_mean']:.1f}" + (f" ± {100 * r['accuracy_std']:.1f}" if r["n_folds"] > 1 else "")
         paper = "—" if r.get("paper_accuracy") is None else f"{r['paper_accuracy']:.1f}"
-        rate = "—" if r.get("image_steps_per_s") is None else f"{r['image_steps_per_s']:.0f}"
+        rate = f"{r['image_steps_per_s']:.0f}" if r.get("image_steps_per_s") else "—"
         eps = "—" if r["attack"] == "clean" else f"{r['eps']:g}"
         lines.append(f"| {r['attack']} | {eps} | {_params(r)} | {acc} | {_pct(r['matched_accuracy'])} | "
                      f"{_pct(r['mismatched_accuracy'])} | {paper} | {r['mean_shift']:+.3f} | "
