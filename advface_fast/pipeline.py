@@ -24,6 +24,7 @@ from .models import get_model_spec
 from .verify import VerificationResult, evaluate_embeddings, plot_roc
 
 METRICS = ("cosine", "l2")
+CHIP_CACHE_SCHEME = "content-sha256-v1"  # chip cache entries hold chips by image-content hash
 
 
 @dataclass
@@ -36,12 +37,17 @@ class PairChips:
     b: np.ndarray  # ... and of its second image
     same: np.ndarray  # bool
     folds: np.ndarray  # int fold id (1-based, as in pairs.txt)
+    image_rows: np.ndarray  # row in chips.chips of each of dataset.image_ids (equal files share a row)
 
     def __len__(self) -> int:
         return len(self.same)
 
     def alignment_paths(self) -> dict[str, int]:
-        return self.chips.path_counts()
+        """How many of the dataset's images took each alignment path (hog / cnn / center)."""
+        counts = {path: 0 for path in self.chips.path_counts()}
+        for row in self.image_rows.tolist():
+            counts[self.chips.paths[row]] += 1
+        return counts
 
 
 def prepare_pairs(lfw: str | Path | PairDataset, model: str = "dlib-resnet", *, folds=None,
@@ -51,16 +57,23 @@ def prepare_pairs(lfw: str | Path | PairDataset, model: str = "dlib-resnet", *, 
     dataset = lfw if isinstance(lfw, PairDataset) else load_lfw(lfw, folds=folds, on_bad=on_bad)
     spec = get_model_spec(model)
     config = AlignConfig(**spec.alignment)
-    chips = align_images(dataset.image_ids, dataset.load_image, config, cache_dir=cache_dir,
-                         dataset_fingerprint=dataset.fingerprint, progress=progress, workers=workers)
+    # Chips are cached by the SHA-256 of each image's bytes: any fold selection, subset or folder
+    # layout of the same images reuses them, and a changed image can never hit a stale chip.
+    digest = {image_id: dataset.image_digest(image_id) for image_id in dataset.image_ids}
+    first_id = {}
+    for image_id, d in digest.items():
+        first_id.setdefault(d, image_id)
+    chips = align_images(list(first_id), lambda d: dataset.load_image(first_id[d]), config, cache_dir=cache_dir,
+                         dataset_fingerprint=CHIP_CACHE_SCHEME, progress=progress, workers=workers)
     pairs = dataset.pairs
     return PairChips(
         dataset=dataset,
         chips=chips,
-        a=np.array([chips.index(p.a) for p in pairs], dtype=np.int64),
-        b=np.array([chips.index(p.b) for p in pairs], dtype=np.int64),
+        a=np.array([chips.index(digest[p.a]) for p in pairs], dtype=np.int64),
+        b=np.array([chips.index(digest[p.b]) for p in pairs], dtype=np.int64),
         same=np.array([p.same for p in pairs], dtype=bool),
         folds=np.array([p.fold for p in pairs], dtype=np.int64),
+        image_rows=np.array([chips.index(digest[i]) for i in dataset.image_ids], dtype=np.int64),
     )
 
 
@@ -111,7 +124,7 @@ def run_verify(lfw, model: str = "dlib-resnet", *, folds=None, out_dir: str | Pa
         "dataset": {"name": pairs.dataset.name, "layout": pairs.dataset.layout},
         "dataset_fingerprint": pairs.dataset.fingerprint,
         "n_pairs": len(pairs),
-        "n_images": len(pairs.chips),
+        "n_images": len(pairs.dataset.image_ids),
         "folds": sorted(int(f) for f in np.unique(pairs.folds)),
         "metric": main.metric,
         "accuracy_mean": main.accuracy_mean,

@@ -144,6 +144,13 @@ class PairDataset:
             self._converted[image_id] = _converted_issue(label, mode)
         return array
 
+    def image_digest(self, image_id: str) -> str:
+        """SHA-256 of the image file's bytes (from loading, or computed now)."""
+        self._check_known(image_id)
+        if image_id not in self._digests:
+            self._digests[image_id] = sha256_bytes(self._images.read(image_id))
+        return self._digests[image_id]
+
     @property
     def fingerprint(self) -> str:
         """SHA-256 over the pairs (fold, ids, label, in order) and the SHA-256 of every image they use.
