@@ -946,7 +946,7 @@ def run_benchmarks(cfg: BenchConfig | None = None, *, out: str | os.PathLike | N
     report = {
         "host": host_id(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command if command is not None else shlex.join(sys.argv),
+        "command": command if command is not None else _command_line(),
         "cpu": cpu_info(),
         "platform": platform.platform(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -955,7 +955,8 @@ def run_benchmarks(cfg: BenchConfig | None = None, *, out: str | os.PathLike | N
         "precision": {"requested": cfg.precision, "fast_path": fast_precision or None, "fast_path_pending": fast_why},
         "data": None if data is None else {"source": data.source, "pairs": len(data.is_same),
                                            "threshold": data.threshold, "threshold_source": data.threshold_source},
-        "config": {**dataclasses.asdict(cfg), "lfw": None if cfg.lfw is None else str(cfg.lfw)},
+        # The data is named by what it is (report["data"]), not by where it lives on this machine.
+        "config": {**dataclasses.asdict(cfg), "lfw": None if cfg.lfw is None else "<LFW>"},
         "rows": [r.to_dict() for r in rows],
         "seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -1074,3 +1075,12 @@ def main(argv=None, *, default_lfw: str | None = None, default_out_dir="benchmar
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, default_lfw=default_lfw, default_out_dir=default_out_dir)
     return cmd_bench(parser.parse_args(argv))
+
+
+def _command_line() -> str:
+    """The command as a user would retype it: program name without its folder, data path as <LFW>."""
+    args = [os.path.basename(sys.argv[0])] + sys.argv[1:]
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--lfw":
+            args[i + 1] = "<LFW>"
+    return shlex.join(args)
