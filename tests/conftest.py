@@ -26,3 +26,62 @@ def lfw_full() -> Path:
     if not (LFW_FULL / "pairs.txt").exists():
         pytest.skip(f"full LFW not found at {LFW_FULL}")
     return LFW_FULL
+
+
+def _dlib_chipper():
+    """A function image -> dlib's own aligned chip (HOG + 5 landmarks + get_face_chip), or None."""
+    dlib = pytest.importorskip("dlib")
+    from advface_fast.models.assets import model_file
+
+    detector = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(str(model_file("shape_predictor_5_face_landmarks.dat")))
+
+    def chip(img):
+        dets = detector(img, 1)
+        return dlib.get_face_chip(img, predictor(img, dets[0]), size=150, padding=0.25) if len(dets) else None
+
+    return chip
+
+
+def _read_rgb(path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def ci_chips(lfw_ci):
+    """Real aligned LFW chips made by dlib itself, independent of our alignment code: uint8 N x 150 x 150 x 3."""
+    import numpy as np
+
+    chip = _dlib_chipper()
+    chips = [c for c in (chip(_read_rgb(p)) for p in sorted((lfw_ci / "lfw-deepfunneled").glob("*/*.jpg"))[:12])
+             if c is not None]
+    assert len(chips) >= 10
+    return np.stack(chips)
+
+
+@pytest.fixture(scope="session")
+def ci_pair_chips(lfw_ci):
+    """The first 8 matched and 8 mismatched lfw_ci pairs as dlib chips: (queries, galleries), uint8,
+    matched first."""
+    import numpy as np
+
+    chip = _dlib_chipper()
+
+    def load(name, number):
+        return chip(_read_rgb(lfw_ci / "lfw-deepfunneled" / name / f"{name}_{number:04d}.jpg"))
+
+    matched, mismatched = [], []
+    for line in (lfw_ci / "pairs.txt").read_text().splitlines()[1:]:
+        f = line.split("\t")
+        pair = (f[0], int(f[1]), f[0], int(f[2])) if len(f) == 3 else (f[0], int(f[1]), f[2], int(f[3]))
+        bucket = matched if len(f) == 3 else mismatched
+        if len(bucket) < 8:
+            a, b = load(*pair[:2]), load(*pair[2:])
+            if a is not None and b is not None:
+                bucket.append((a, b))
+    assert len(matched) == len(mismatched) == 8
+    pairs = matched + mismatched
+    return np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])

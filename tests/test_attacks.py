@@ -318,39 +318,10 @@ def dlib_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ci_pairs(lfw_ci):
+def ci_pairs(ci_pair_chips):
     """8 matched + 8 mismatched lfw_ci pairs as dlib-aligned chips (HOG + 5 landmarks)."""
-    dlib = pytest.importorskip("dlib")
-    from PIL import Image
-
-    from advface_fast.models.assets import model_file
-
-    detector = dlib.get_frontal_face_detector()
-    predictor = dlib.shape_predictor(str(model_file("shape_predictor_5_face_landmarks.dat")))
-
-    def chip(name, number):
-        img = np.asarray(Image.open(lfw_ci / "lfw-deepfunneled" / name / f"{name}_{number:04d}.jpg").convert("RGB"))
-        dets = detector(img, 1)
-        return dlib.get_face_chip(img, predictor(img, dets[0]), size=150, padding=0.25) if len(dets) else None
-
-    matched, mismatched = [], []
-    for line in (lfw_ci / "pairs.txt").read_text().splitlines()[1:]:
-        f = line.split("\t")
-        pair = (f[0], int(f[1]), f[0], int(f[2])) if len(f) == 3 else (f[0], int(f[1]), f[2], int(f[3]))
-        bucket = matched if len(f) == 3 else mismatched
-        if len(bucket) < 8:
-            a, b = chip(*pair[:2]), chip(*pair[2:])
-            if a is not None and b is not None:
-                bucket.append((a, b))
-    assert len(matched) == len(mismatched) == 8
-
-    def to_tensor(chips):
-        return torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).float().div(255.0)
-
-    queries = to_tensor([a for a, _ in matched + mismatched])
-    gallery_images = to_tensor([b for _, b in matched + mismatched])
-    is_same = torch.tensor([True] * 8 + [False] * 8)
-    return queries, gallery_images, is_same
+    queries, galleries = (torch.from_numpy(c).permute(0, 3, 1, 2).float().div(255.0) for c in ci_pair_chips)
+    return queries, galleries, torch.tensor([True] * 8 + [False] * 8)
 
 
 @pytest.fixture(scope="module")

@@ -19,23 +19,6 @@ def model(tmp_path_factory):
     return create_model("dlib-resnet", cache_dir=tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture(scope="module")
-def ci_chips(lfw_ci):
-    """Real aligned LFW chips made by dlib itself (HOG + 5 landmarks + get_face_chip)."""
-    from PIL import Image
-
-    detector = dlib.get_frontal_face_detector()
-    predictor = dlib.shape_predictor(str(model_file("shape_predictor_5_face_landmarks.dat")))
-    chips = []
-    for path in sorted((lfw_ci / "lfw-deepfunneled").glob("*/*.jpg"))[:12]:
-        img = np.asarray(Image.open(path).convert("RGB"))
-        dets = detector(img, 1)
-        if len(dets):
-            chips.append(dlib.get_face_chip(img, predictor(img, dets[0]), size=150, padding=0.25))
-    assert len(chips) >= 10
-    return np.stack(chips)
-
-
 def to_tensor(chips: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(chips).permute(0, 3, 1, 2).float().div(255.0)
 

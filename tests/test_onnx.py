@@ -13,7 +13,6 @@ from advface_fast import engine as engine_mod
 from advface_fast.engine import (OrtEngine, TorchEngine, chips_to_array, chips_to_tensor, embed_chips,
                                  make_engine)
 from advface_fast.models import create_model
-from advface_fast.models.assets import model_file
 from advface_fast.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_cache_key
 
 onnx = pytest.importorskip("onnx")
@@ -51,24 +50,6 @@ def onnx_file(model, onnx_dir):
 def ort_engine(onnx_file):
     pytest.importorskip("onnxruntime")
     return OrtEngine(onnx_file, device="cpu", num_threads=1)
-
-
-@pytest.fixture(scope="module")
-def ci_chips(lfw_ci):
-    """Real aligned LFW chips made by dlib itself (HOG + 5 landmarks + get_face_chip)."""
-    dlib = pytest.importorskip("dlib")
-    from PIL import Image
-
-    detector = dlib.get_frontal_face_detector()
-    predictor = dlib.shape_predictor(str(model_file("shape_predictor_5_face_landmarks.dat")))
-    chips = []
-    for path in sorted((lfw_ci / "lfw-deepfunneled").glob("*/*.jpg"))[:12]:
-        img = np.asarray(Image.open(path).convert("RGB"))
-        dets = detector(img, 1)
-        if len(dets):
-            chips.append(dlib.get_face_chip(img, predictor(img, dets[0]), size=150, padding=0.25))
-    assert len(chips) >= 8
-    return np.stack(chips)
 
 
 def test_exported_graph_interface(onnx_file, model):

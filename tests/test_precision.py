@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -157,23 +156,9 @@ def plain(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def chips(lfw_ci):
-    """Real aligned LFW chips made by dlib itself (HOG + 5 landmarks + get_face_chip)."""
-    dlib = pytest.importorskip("dlib")
-    from PIL import Image
-
-    from advface_fast.models.assets import model_file
-
-    detector = dlib.get_frontal_face_detector()
-    predictor = dlib.shape_predictor(str(model_file("shape_predictor_5_face_landmarks.dat")))
-    out = []
-    for path in sorted((lfw_ci / "lfw-deepfunneled").glob("*/*.jpg"))[:12]:
-        img = np.asarray(Image.open(path).convert("RGB"))
-        dets = detector(img, 1)
-        if len(dets):
-            out.append(dlib.get_face_chip(img, predictor(img, dets[0]), size=150, padding=0.25))
-    assert len(out) >= 8
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float().div(255.0)
+def chips(ci_chips):
+    """Real aligned LFW chips (dlib's own alignment) as N x 3 x 150 x 150 float in [0, 1]."""
+    return torch.from_numpy(ci_chips).permute(0, 3, 1, 2).float().div(255.0)
 
 
 SWITCHES = [dict(), dict(fold_affine=False), dict(channels_last=False), dict(inplace=False),
