@@ -30,6 +30,23 @@ def parse_folds(text: str | None):
     return folds
 
 
+def lfw_path(args) -> Path:
+    """--lfw, else $ADVFACE_LFW, else the default location — downloaded there (checksums verified)
+    when nothing was given and nothing is there yet, unless --no-download."""
+    import os
+
+    from .data import LFWNotFoundError, default_data_dir, download_lfw, resolve_lfw_path
+
+    try:
+        return resolve_lfw_path(args.lfw)
+    except LFWNotFoundError:
+        if args.lfw or os.environ.get("ADVFACE_LFW") or args.no_download:
+            raise
+    dest = default_data_dir() / "lfw_home"
+    print(f"LFW not found; downloading it to {dest} (checksums verified, resumable)", file=sys.stderr)
+    return download_lfw(dest)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     from .models import list_models
 
@@ -37,6 +54,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lfw", metavar="PATH", help="LFW folder or .bin file (see 'paths' below)")
     p.add_argument("--folds", type=parse_folds, metavar="LIST", help="1-based folds to use, e.g. 1,3,5-7 (default: all)")
     p.add_argument("--out", metavar="DIR", type=Path, help="write results here")
+    p.add_argument("--no-download", action="store_true",
+                   help="fail instead of downloading LFW when no --lfw / $ADVFACE_LFW is given and none is cached")
     p.add_argument("--on-bad", choices=("error", "skip", "convert"), default="error",
                    help="bad or unreadable input: stop with an error naming the file (default), skip the "
                         "pair and record it, or convert non-RGB images to RGB and record it")
@@ -46,10 +65,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_verify(args) -> int:
-    from .data import resolve_lfw_path
     from .pipeline import format_report, run_verify
 
-    report = run_verify(resolve_lfw_path(args.lfw), args.model, folds=args.folds, out_dir=args.out,
+    report = run_verify(lfw_path(args), args.model, folds=args.folds, out_dir=args.out,
                         batch_size=args.batch_size, on_bad=args.on_bad, workers=args.workers,
                         engine=args.engine, precision=args.precision, compare_engines=args.compare_engines,
                         progress=not args.quiet)
@@ -78,7 +96,6 @@ def _int_list(text: str) -> tuple:
 
 def cmd_attack(args) -> int:
     from .attacks import list_attacks
-    from .data import resolve_lfw_path
     from .tables.render import table1_markdown
     from .tables.table1 import Table1Config, run_table1
 
@@ -91,7 +108,7 @@ def cmd_attack(args) -> int:
                        max_pairs=args.pairs, metric=args.metric, batch_size=args.batch_size, seed=args.seed,
                        noise_baseline=not args.no_noise, precision=args.precision, fast_model=args.fast_model,
                        early_stop=args.early_stop)
-    report = run_table1(resolve_lfw_path(args.lfw), cfg, out_dir=args.out, workers=args.workers,
+    report = run_table1(lfw_path(args), cfg, out_dir=args.out, workers=args.workers,
                         progress=not args.quiet)
     print(table1_markdown(report))
     if args.out:
@@ -204,10 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .data import DownloadError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, ValueError, KeyError, DownloadError) as err:
         # Bad input is reported in one readable line; nothing is half-written.
         print(f"advface {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -78,3 +78,20 @@ def test_help_teaches(capsys):
         main(["verify", "--help"])
     text = capsys.readouterr().out
     assert "--lfw" in text and "thresholds" in text and "example" in text
+
+
+def test_verify_downloads_lfw_when_none_is_given(lfw_ci, tmp_path, monkeypatch, capsys):
+    import advface_fast.data as data
+
+    monkeypatch.setenv("ADVFACE_HOME", str(tmp_path))
+    monkeypatch.delenv("ADVFACE_LFW", raising=False)
+    calls = []
+
+    def fake_download(dest):
+        calls.append(dest)
+        return lfw_ci
+
+    monkeypatch.setattr(data, "download_lfw", fake_download)
+    assert main(["verify", "--quiet", "--workers", "1", "--folds", "1"]) == 0
+    assert calls == [tmp_path / "lfw_home"] and "downloading" in capsys.readouterr().err
+    assert main(["verify", "--quiet", "--no-download"]) == 2  # and never without asking
