@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .align import AlignConfig, AlignedChips, align_images
+from .align import ALIGN_PATHS, AlignConfig, AlignedChips, align_images
 from .data import PairDataset, load_lfw
 from .engine import make_engine
 from .models import get_model_spec
@@ -44,7 +44,7 @@ class PairChips:
 
     def alignment_paths(self) -> dict[str, int]:
         """How many of the dataset's images took each alignment path (hog / cnn / center)."""
-        counts = {path: 0 for path in self.chips.path_counts()}
+        counts = dict.fromkeys(ALIGN_PATHS, 0)
         for row in self.image_rows.tolist():
             counts[self.chips.paths[row]] += 1
         return counts

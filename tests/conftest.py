@@ -85,3 +85,28 @@ def ci_pair_chips(lfw_ci):
     assert len(matched) == len(mismatched) == 8
     pairs = matched + mismatched
     return np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small random conv net with smooth activations, frozen: N x 3 x H x W -> N x 8.
+    Fast stand-in for a face model where a test checks attack mechanics, not face verification."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Tanh(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Tanh(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 8),
+    )
+
+    class TinyEmbedder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x - 0.5)
+
+    return TinyEmbedder().eval().requires_grad_(False)

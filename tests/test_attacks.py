@@ -22,30 +22,6 @@ from advface_fast.attacks import (
     round_to_uint8_grid,
 )
 
-# ----------------------------------------------------------------------------- tiny model
-
-
-class TinyEmbedder(nn.Module):
-    """A small random conv net with smooth activations: N x 3 x H x W -> N x 8."""
-
-    def __init__(self, seed: int = 0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Tanh(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Tanh(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 8),
-        )
-
-    def forward(self, x):
-        return self.net(x - 0.5)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return TinyEmbedder().eval().requires_grad_(False)
-
-
 def uint8_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     """Random images on the uint8 grid, with saturated pixels to exercise the [0, 1] box."""
     rng = np.random.default_rng(seed)

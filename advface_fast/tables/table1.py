@@ -19,7 +19,6 @@ interrupted run resumes where it stopped and results never depend on batching.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -180,7 +179,7 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
     def shift(sim: np.ndarray) -> float:
         return float(np.mean(goal * (sim - clean_sim)))
 
-    rows = [_make_row("clean", 0, {}, judge(clean_sim), 0.0, 0.0, None)]
+    rows = [_make_row("clean", 0, {}, judge(clean_sim), 0.0)]
 
     key_base = dict(model=cfg.model, weights=getattr(net, "dat_sha256", None), data=pairs.dataset.fingerprint,
                     align=AlignConfig(**get_model_spec(cfg.model).alignment).key(), metric=cfg.metric,
@@ -223,10 +222,8 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
             bar.update(len(batch))
         bar.close()
         sim_all = np.array([cache.sim[i] for i in range(len(sel))])
-        rate = cache.steps_done / cache.seconds if cache.seconds > 0 and cache.steps_done > 0 else None
-        row = _make_row(name, eps, params, judge(sim_all), shift(sim_all), cache.seconds, rate)
-        row.image_steps, row.image_steps_full = cache.steps_done, cache.steps_full
-        rows.append(row)
+        rows.append(_make_row(name, eps, params, judge(sim_all), shift(sim_all),
+                              cache.seconds, cache.steps_done, cache.steps_full))
         if eps == max(cfg.eps) and name != "noise":
             example_images[f"{name}" + (f"-{steps}" if steps is not None else "")] = np.stack(
                 [cache.examples[i] for i in sorted(examples) if i in cache.examples]) if cache.examples else None
@@ -274,14 +271,11 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
-def _make_row(name, eps, params, acc, mean_shift, seconds, rate) -> Row:
+def _make_row(name, eps, params, acc, mean_shift, seconds=0.0, steps=0, steps_full=0) -> Row:
+    rate = steps / seconds if seconds > 0 and steps > 0 else None
     return Row(attack=name, eps=eps, params=params, n_pairs=acc.n_pairs, n_folds=len(acc.fold_ids),
                accuracy_mean=acc.accuracy_mean, accuracy_std=acc.accuracy_std,
                matched_accuracy=acc.matched_accuracy, mismatched_accuracy=acc.mismatched_accuracy,
                fold_accuracies=list(acc.fold_accuracies), mean_shift=mean_shift,
                time_s=round(seconds, 2), image_steps_per_s=None if rate is None else round(rate, 1),
-               paper_accuracy=PAPER_TABLE1.get((name, eps)))
-
-
-def load_report(path) -> dict:
-    return json.loads(Path(path).read_text())
+               image_steps=steps, image_steps_full=steps_full, paper_accuracy=PAPER_TABLE1.get((name, eps)))
