@@ -19,7 +19,7 @@ def _saved(row: dict) -> str:
 
 def _params(row: dict) -> str:
     p = row["params"]
-    keys = [k for k in ("steps", "alpha", "lr", "kappa", "restarts") if k in p]
+    keys = [k for k in ("steps", "alpha", "lr", "kappa", "restarts", "early_stop", "precision") if k in p]
     return ", ".join(f"{k}={p[k]:g}" if isinstance(p[k], (int, float)) else f"{k}={p[k]}" for k in keys)
 
 
