@@ -192,23 +192,8 @@ def test_quick_table1_on_ci_pairs(lfw_ci):
 
 def test_table1_section_runs_three_isolated_variants(monkeypatch, tmp_path):
     """fp32 eager, fast, fast + early stop: each with its own empty attack cache; wiring only (fake run)."""
-    import dataclasses
-
     import advface_fast.pipeline
     import advface_fast.tables.table1 as table1
-
-    @dataclasses.dataclass
-    class FakeConfig:
-        model: str = "dlib-resnet"
-        attacks: tuple = ()
-        eps: tuple = ()
-        steps: tuple | None = None
-        folds: tuple | None = None
-        max_pairs: int | None = None
-        noise_baseline: bool = True
-        seed: int = 0
-        precision: str = "fp32"
-        early_stop: bool = False
 
     seen = []
 
@@ -220,14 +205,16 @@ def test_table1_section_runs_three_isolated_variants(monkeypatch, tmp_path):
         rows = [{"attack": "pgd", "eps": 2.0, "accuracy_mean": acc, "time_s": 1.0}]
         return {"rows": rows, "n_pairs": 4}
 
-    monkeypatch.setattr(table1, "Table1Config", FakeConfig)
     monkeypatch.setattr(table1, "run_table1", fake_run_table1)
     monkeypatch.setattr(advface_fast.pipeline, "prepare_pairs", lambda *a, **k: None)
     ctx = bench.BenchContext(bench.BenchConfig(lfw=tmp_path, quick=True, threads=1))
     ctx._fast = (object(), "bf16", None)
     rows = bench.section_table1(ctx)
 
-    assert [(c.precision, c.early_stop) for c, _ in seen] == [("fp32", False), ("bf16", False), ("bf16", True)]
+    # The real config: a renamed field would make the fast path silently run the plain model.
+    assert all(isinstance(c, table1.Table1Config) for c, _ in seen)
+    assert [(c.precision, c.fast_model, c.early_stop) for c, _ in seen] == [
+        ("fp32", False, False), ("bf16", True, False), ("bf16", True, True)]
     assert len({d for _, d in seen}) == 3 and all(c.folds == (1,) and not c.noise_baseline for c, _ in seen)
     assert [r.status for r in rows] == ["ok", "ok"]
     assert all(r.ours > 0 and r.baseline > 0 and not r.higher_is_better for r in rows)
