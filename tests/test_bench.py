@@ -219,3 +219,27 @@ def test_table1_section_runs_three_isolated_variants(monkeypatch, tmp_path):
     assert [r.status for r in rows] == ["ok", "ok"]
     assert all(r.ours > 0 and r.baseline > 0 and not r.higher_is_better for r in rows)
     assert rows[0].details["accuracy"] == {"pgd@2": 0.52} and "2.0 pts" in rows[0].note
+
+
+def test_profile_script_splits_a_step_into_groups(tmp_path):
+    """benchmarks/profile_attack_step.py on a tiny batch: groups add up to the profiled step."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_attack_step.py"
+    spec = importlib.util.spec_from_file_location("profile_attack_step", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.group_of("aten::convolution_backward") == "conv backward"
+    assert script.group_of("aten::mkldnn_convolution") == "conv forward"
+    assert script.group_of("aten::_to_copy") == script.group_of("aten::copy_")
+
+    out = tmp_path / "profile.json"
+    result = script.main(["--threads", "1", "--batch", "2", "--steps", "1", "--gemm-size", "128",
+                          "--torchattacks-rate", "100", "--out", str(out)])
+    assert json.loads(out.read_text())["batch"] == 2
+    for r in result["configs"].values():
+        assert sum(r["groups_s"].values()) == pytest.approx(r["profiled_step_s"])
+        assert r["groups_s"]["conv forward"] > 0 and r["groups_s"]["conv backward"] > 0
+        assert 0 < r["conv_share"] <= 1 and r["image_steps_per_s"] > 0
+    # About 1.1 GFLOP per image-step for a 150x150 dlib-resnet forward + input-gradient backward.
+    assert 0.8 < result["fwd_bwd_gflop_per_step"] / 2 < 1.5
