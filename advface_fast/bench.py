@@ -53,6 +53,7 @@ TARGET_PGD_KERNEL = 4.0
 TARGET_PGD_BF16 = 4.0
 STRETCH_PGD_BF16 = 5.0
 TARGET_ORT = 1.6
+TARGET_TABLE1 = 4.0  # end-to-end Table 1 on one fold, fast path (early stop off) vs fp32 eager
 TARGET_FLOP_FRACTION = 0.30
 TARGET_TRITON_BANDWIDTH = 0.85
 
@@ -796,16 +797,22 @@ def section_table1(ctx: BenchContext) -> list[Row]:
             t0 = time.perf_counter()
             reports[key] = run_table1(cfg.lfw, Table1Config(**base, **extra), cache_dir=cache_dir, progress=False)
             seconds[key] = time.perf_counter() - t0
-    acc = {k: {f"{r['attack']}@{r['eps']:g}": r["accuracy_mean"] for r in rep["rows"]} for k, rep in reports.items()}
+    def per_row(report, field):
+        return {f"{r['attack']}@{r['eps']:g}": r.get(field) for r in report["rows"]}
+
+    acc = {k: per_row(rep, "accuracy_mean") for k, rep in reports.items()}
+    # Every variant's per-row seconds and image-steps, so a reader sees where the time went.
+    per_variant = {k: {"total_s": seconds[k], "config": {**base, **variants[k]},
+                       "attack_seconds": per_row(rep, "time_s"), "image_steps": per_row(rep, "image_steps"),
+                       "image_steps_full": per_row(rep, "image_steps_full")} for k, rep in reports.items()}
     rows = []
-    for key in ("fast", "early"):
+    for key, target in (("fast", TARGET_TABLE1), ("early", None)):
         gap = max((abs(acc[key][r] - acc["fp32"][r]) for r in acc["fp32"] if r in acc[key]), default=float("nan"))
-        attack_seconds = {f"{r['attack']}@{r['eps']:g}": r["time_s"] for r in reports[key]["rows"]}
         rows.append(Row("table1", names[key], seconds[key], seconds["fp32"], "s", higher_is_better=False,
-                        note=f"max |accuracy - fp32| {100 * gap:.1f} pts",
+                        target=target, note=f"max |accuracy - fp32| {100 * gap:.1f} pts",
                         details={"config": {**base, **variants[key]}, "accuracy": acc[key],
-                                 "accuracy_fp32": acc["fp32"], "attack_seconds": attack_seconds,
-                                 "pairs": reports[key]["n_pairs"]}))
+                                 "accuracy_fp32": acc["fp32"], "attack_seconds": per_variant[key]["attack_seconds"],
+                                 "pairs": reports[key]["n_pairs"], "variants": per_variant}))
     return rows
 
 

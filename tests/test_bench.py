@@ -202,7 +202,8 @@ def test_table1_section_runs_three_isolated_variants(monkeypatch, tmp_path):
         (Path(cache_dir) / "row.npz").write_bytes(b"x")
         seen.append((cfg, cache_dir))
         acc = {"fp32": 0.50, "bf16": 0.52}[cfg.precision]
-        rows = [{"attack": "pgd", "eps": 2.0, "accuracy_mean": acc, "time_s": 1.0}]
+        rows = [{"attack": "pgd", "eps": 2.0, "accuracy_mean": acc, "time_s": 1.0, "image_steps": 8,
+                 "image_steps_full": 16}]
         return {"rows": rows, "n_pairs": 4}
 
     monkeypatch.setattr(table1, "run_table1", fake_run_table1)
@@ -219,6 +220,9 @@ def test_table1_section_runs_three_isolated_variants(monkeypatch, tmp_path):
     assert [r.status for r in rows] == ["ok", "ok"]
     assert all(r.ours > 0 and r.baseline > 0 and not r.higher_is_better for r in rows)
     assert rows[0].details["accuracy"] == {"pgd@2": 0.52} and "2.0 pts" in rows[0].note
+    assert rows[0].target == bench.TARGET_TABLE1 and rows[1].target is None  # the target is early stop off
+    variants = rows[0].details["variants"]
+    assert set(variants) == {"fp32", "fast", "early"} and variants["fp32"]["image_steps"] == {"pgd@2": 8}
 
 
 def test_profile_script_splits_a_step_into_groups(tmp_path):
