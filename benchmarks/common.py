@@ -55,3 +55,20 @@ def run_variant(benchmark, variant, rounds: int, warmup: int = 1):
     if variant.fn is None:
         pytest.skip(variant.pending)
     return benchmark.pedantic(variant.fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
+
+
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load average (recorded with a measurement: was the machine shared?)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def write_json(result: dict, out: Path | None) -> None:
+    """Write a benchmark script's result (if ``out`` is given), creating the folder."""
+    import json
+
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import sys
 import time
 import warnings
@@ -34,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_average, write_json  # noqa: E402
 
 from advface_fast.attacks import VerificationObjective, make_attack
 from advface_fast.cache import derive_seed
@@ -53,13 +54,6 @@ def parse_attack(text: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         kwargs[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
     return name.strip(), kwargs
-
-
-def load_average():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def main(argv=None) -> dict:
@@ -167,9 +161,7 @@ def main(argv=None) -> dict:
               f"bf16 {100 * v['fast bf16']['accuracy']:.2f}% (diff {d['accuracy_points']:+.2f} pts), "
               f"shift diff {100 * d['mean_shift_relative']:+.2f}%, agreement {100 * d['decision_agreement']:.1f}%, "
               f"speedup {d['speedup']}x")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(report, args.out)
     return report
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import statistics
 import sys
 import time
@@ -32,6 +30,9 @@ import warnings
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_average, write_json  # noqa: E402
 
 from advface_fast.attacks import PGD
 from advface_fast.models import create_model
@@ -48,13 +49,6 @@ CONFIGS = (  # label, precision, make_fast switches (None: the plain model)
     ("bf16 CL folded", "bf16", dict(fold_affine=True, inplace=False)),
     ("bf16 CL folded in-place", "bf16", dict(fold_affine=True, inplace=True)),
 )
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def main(argv=None) -> dict:
@@ -127,9 +121,7 @@ def main(argv=None) -> dict:
         "raw_step_seconds": {f"{label}|{b}": [round(t, 5) for t in ts] for (label, b), ts in times.items()},
     }
     print(format_table(result))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out)
     return result
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -32,6 +31,9 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_average, write_json  # noqa: E402
 
 from advface_fast.attacks import PGD
 from advface_fast.bench import count_fwd_bwd_flops
@@ -123,6 +125,7 @@ def main(argv=None) -> dict:
         gallery = plain(torch.randint(0, 256, (args.batch, 3, 150, 150), generator=gen).float().div_(255.0))
     is_same = torch.arange(args.batch) % 2 == 0
 
+    load_before = load_average()
     flops = count_fwd_bwd_flops(plain, x)
     gemm = gemm_rates(args.gemm_size, repeats=5)
     results = {}
@@ -145,6 +148,7 @@ def main(argv=None) -> dict:
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": args.threads, "batch": args.batch, "profiled_steps": args.steps, "torch": torch.__version__,
         "device": device_features("cpu"),
+        "load_average_before": load_before, "load_average_after": load_average(),
         "fwd_bwd_gflop_per_step": flops / 1e9,
         "gemm_gflops": gemm,
         "ceiling_image_steps_per_s_at_bf16_gemm_rate": ceiling,
@@ -153,9 +157,7 @@ def main(argv=None) -> dict:
         "configs": results,
     }
     print(format_report(result))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.out)
     return result
 
 
