@@ -247,3 +247,21 @@ def test_profile_script_splits_a_step_into_groups(tmp_path):
         assert 0 < r["conv_share"] <= 1 and r["image_steps_per_s"] > 0
     # About 1.1 GFLOP per image-step for a 150x150 dlib-resnet forward + input-gradient backward.
     assert 0.8 < result["fwd_bwd_gflop_per_step"] / 2 < 1.5
+
+
+def test_embedding_sweep_script_on_ci_pairs(lfw_ci, tmp_path):
+    """benchmarks/embedding_batch_sweep.py on a few lfw_ci chips: every engine x batch has a rate."""
+    import importlib.util
+
+    pytest.importorskip("onnxruntime")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "embedding_batch_sweep.py"
+    spec = importlib.util.spec_from_file_location("embedding_batch_sweep", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "sweep.json"
+    result = script.main(["--lfw", str(lfw_ci), "--threads", "1", "--images", "8", "--batches", "4,8",
+                          "--rounds", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["images"] == 8 and "<LFW>" in result["command"]
+    assert len(result["rows"]) == 3 * 2 and all(r["images_per_s"] > 0 for r in result["rows"])
+    assert 0.5 < result["forward_gflop_per_image"] < 0.6  # dlib-resnet at 150x150: ~0.54 GFLOP
+    assert set(result["onnxruntime_vs_torch_fp32"]["at_each_batch"]) == {4, 8}
