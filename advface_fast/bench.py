@@ -24,7 +24,6 @@ import contextlib
 import copy
 import dataclasses
 import datetime as _dt
-import inspect
 import json
 import os
 import platform
@@ -43,10 +42,10 @@ import torch
 from torch import nn
 
 from . import __version__
+from .precision import PRECISIONS
 
 SECTIONS = ("kernels", "pgd", "embedding", "flops", "table1", "gpu")
 DEFAULT_SECTIONS = ("kernels", "pgd", "embedding", "flops", "gpu")  # table1 is opt-in: it takes long
-PRECISIONS = ("auto", "fp32", "bf16")
 
 # Targets on the ratio column (ours / baseline for rates, baseline / ours for times).
 TARGET_PGD_KERNEL = 4.0
@@ -203,15 +202,6 @@ def precision_module():
     if not all(hasattr(precision, n) for n in ("cpu_features", "resolve_precision", "autocast")):
         return None
     return precision
-
-
-def accepts(callable_, name: str) -> bool:
-    """Whether ``callable_`` (a function or a class) takes a keyword argument ``name``."""
-    try:
-        params = inspect.signature(callable_).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def cpu_info() -> dict:
@@ -447,6 +437,21 @@ class Variant:
     info: dict = field(default_factory=dict)
 
 
+def torch_adam_step(x: torch.Tensor, grad: torch.Tensor, lr: float, lo: torch.Tensor,
+                    hi: torch.Tensor) -> Callable[[], None]:
+    """The baseline of ``cw_step``: torch.optim.Adam.step() on a copy of ``x`` with a fixed gradient, then clamp."""
+    param = x.clone().requires_grad_(True)
+    param.grad = grad.clone()
+    adam = torch.optim.Adam([param], lr=lr)
+
+    def step():
+        adam.step()
+        with torch.no_grad():
+            param.clamp_(lo, hi)
+
+    return step
+
+
 def kernel_variants(ctx: BenchContext) -> dict[str, Variant]:
     """pgd_step fused vs the torchattacks chain; cw_step fused vs torch.optim.Adam.step() + clamp."""
     from .kernels import cw_step, linf_bounds, pgd_step, pgd_step_torchattacks
@@ -468,20 +473,11 @@ def kernel_variants(ctx: BenchContext) -> dict[str, Variant]:
         state["t"] += 1
         cw_step(state["x"], grad, state["m"], state["v"], state["t"], CW_LR, lo, hi)
 
-    param = x_start.clone().requires_grad_(True)
-    param.grad = grad.clone()
-    adam = torch.optim.Adam([param], lr=CW_LR)
-
-    def cw_adam():
-        adam.step()
-        with torch.no_grad():
-            param.clamp_(lo, hi)
-
     return {
         "pgd_fused": Variant("pgd_step fused", lambda: pgd_step(state["fused"], grad, lo, hi, alpha)),
         "pgd_chain": Variant("torchattacks chain", pgd_chain),
         "cw_fused": Variant("cw_step fused", cw_fused),
-        "cw_adam": Variant("Adam.step + clamp", cw_adam),
+        "cw_adam": Variant("Adam.step + clamp", torch_adam_step(x_start, grad, CW_LR, lo, hi)),
     }
 
 
@@ -495,21 +491,17 @@ def pgd_variants(ctx: BenchContext, steps: int) -> dict[str, Variant]:
 
     data, cfg = ctx.data(), ctx.cfg
     alpha = cfg.eps / 4
-    common = dict(eps=cfg.eps, alpha=alpha, steps=steps, seed=cfg.seed)
-    if accepts(PGD, "early_stop"):
-        common["early_stop"] = False  # the same number of steps as torchattacks does
+    # early_stop off: the same number of steps as torchattacks does
+    common = dict(eps=cfg.eps, alpha=alpha, steps=steps, seed=cfg.seed, early_stop=False)
     out = {}
 
     def ours(model, precision):
-        kwargs = dict(common, precision=precision) if accepts(PGD, "precision") else dict(common)
-        attack = PGD(model, **kwargs)
+        attack = PGD(model, precision=precision, **common)
         return attack, (lambda: attack(data.queries, data.gallery, data.is_same))
 
     attack, fn = ours(ctx.model, "fp32")
     out["ours_fp32"] = Variant("ours fp32", fn, info={"attack": attack})
     fast_model, precision, why = ctx.fast()
-    if why is None and not accepts(PGD, "precision"):
-        why = "fast path not available (PGD(..., precision=))"
     if why is None:
         attack, fn = ours(fast_model, precision)
         out["ours_fast"] = Variant(f"ours {precision} fast", fn, info={"attack": attack, "precision": precision})

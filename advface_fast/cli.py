@@ -134,6 +134,8 @@ def cmd_models(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .precision import PRECISIONS
+
     parser = argparse.ArgumentParser(
         prog="advface",
         description="advface-fast: adversarial attacks and defenses on face verification, measured honestly.",
@@ -154,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
                    help="embedding engine; auto takes onnxruntime when installed and its embeddings match "
                         "torch within 1e-5, else torch (default: %(default)s)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="embedding precision; bf16 uses the fast model under autocast (auto: bf16 only where the "
                         "hardware has it natively) (default: %(default)s)")
     p.add_argument("--compare-engines", action="store_true",
@@ -186,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="similarity (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="run seed; per-pair seeds derive from it (default: 0)")
     p.add_argument("--no-noise", action="store_true", help="skip the uniform-noise baseline rows")
-    p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="precision of the attack gradients; auto = bf16 only where the hardware has it "
                         "natively (AMX / AVX512-BF16 CPUs, CUDA). Decisions are always fp32 (default: %(default)s)")
     p.add_argument("--fast-model", action="store_true",

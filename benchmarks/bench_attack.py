@@ -12,9 +12,8 @@ threshold, fp32 model), so equal strength can be checked next to the speed.
 from __future__ import annotations
 
 import pytest
-import torch
 
-from common import bench_context, run_variant
+from common import module_context, run_variant
 
 from advface_fast.bench import deliver_torchattacks, pgd_variants, success_rate
 
@@ -23,12 +22,7 @@ ROUNDS = 3
 
 @pytest.fixture(scope="module")
 def ctx():
-    context = bench_context()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(context.cfg.threads)
-    context.data()  # build models and pairs before any timing
-    yield context
-    torch.set_num_threads(previous)
+    yield from module_context()
 
 
 @pytest.mark.parametrize("variant", ["ours_fp32", "ours_fast", "torchattacks"])

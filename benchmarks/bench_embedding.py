@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from common import bench_context, run_variant
+from common import module_context, run_variant
 
 from advface_fast.bench import embedding_variants, fwd_bwd_variants
 
@@ -23,12 +22,7 @@ ROUNDS = 5
 
 @pytest.fixture(scope="module")
 def ctx():
-    context = bench_context()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(context.cfg.threads)
-    context.data()
-    yield context
-    torch.set_num_threads(previous)
+    yield from module_context()
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import os
 import pytest
 import torch
 
+from advface_fast.bench import torch_adam_step
 from advface_fast.kernels import cw_step, linf_bounds, pgd_step, pgd_step_torchattacks
 
 SHAPE = (32, 3, 150, 150)
@@ -107,16 +108,7 @@ def test_cw_step(benchmark, batch, impl):
 @pytest.mark.benchmark(group="cw_step")
 def test_cw_step_torch_adam(benchmark, batch):
     x, _, grad, lo, hi = batch
-    param = x.clone().requires_grad_(True)
-    param.grad = grad.clone()
-    adam = torch.optim.Adam([param], lr=LR)
-
-    def step():
-        adam.step()
-        with torch.no_grad():
-            param.clamp_(lo, hi)
-
-    _run(benchmark, step)
+    _run(benchmark, torch_adam_step(x, grad, LR, lo, hi))
 
 
 @pytest.mark.benchmark(group="cw_step")

@@ -48,6 +48,23 @@ def bench_context(**overrides):
     return BenchContext(env_config(**overrides))
 
 
+def module_context(**overrides):
+    """Body of a module-scoped fixture: a BenchContext on its torch threads, data built before timing.
+
+        @pytest.fixture(scope="module")
+        def ctx():
+            yield from module_context()
+    """
+    import torch
+
+    context = bench_context(**overrides)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(context.cfg.threads)
+    context.data()  # build models and pairs before any timing
+    yield context
+    torch.set_num_threads(previous)
+
+
 def run_variant(benchmark, variant, rounds: int, warmup: int = 1):
     """Time one Variant with pytest-benchmark (pedantic: a fixed number of rounds), or skip it."""
     import pytest

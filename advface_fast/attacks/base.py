@@ -114,6 +114,7 @@ class Attack:
 
     name = "attack"
     needs_thresholds = False
+    last_stats: dict | None = None  # set by every call: {"image_steps", "image_steps_full"}
 
     def __init__(self, model: nn.Module, eps: float | None, objective: VerificationObjective | None = None,
                  seed: int | None = 0, round_output: bool = True, precision: str = "fp32"):

@@ -72,7 +72,6 @@ class CW(Attack):
     check_every = 10  # without compaction: steps between host-side "all pairs done?" checks
     compact = True  # finished pairs leave the batch (active-set compaction)
     compact_every = 1  # steps between compactions (one host sync each)
-    last_stats: dict | None = None
 
     def __init__(self, model, eps: float = 4, steps: int = 40, lr: float | None = None, kappa: float = 0.02,
                  objective=None, seed: int | None = 0, round_output: bool = True, precision: str = "fp32"):
@@ -185,7 +184,6 @@ class CWL2(Attack):
 
     name = "cw-l2"
     needs_thresholds = True
-    last_stats: dict | None = None
 
     def __init__(self, model, steps: int = 50, search_steps: int = 5, c_init: float = 10.0, lr: float = 0.01,
                  kappa: float = 0.02, objective=None, seed: int | None = 0, round_output: bool = True,

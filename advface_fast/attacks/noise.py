@@ -35,7 +35,6 @@ class Noise(Attack):
     """
 
     name = "noise"
-    last_stats: dict | None = None
 
     def __init__(self, model, eps: float = 4, objective=None, seed: int | None = 0, round_output: bool = True,
                  precision: str = "fp32"):

@@ -73,7 +73,6 @@ class PGD(Attack):
     # Steps between active-set compactions (each needs one host sync). 1 was cheapest on CPU
     # (no sync cost; any k > 1 keeps computing finished rows until the next compaction).
     compact_every = 1
-    last_stats: dict | None = None
 
     def __init__(self, model, eps: float = 4, alpha: float | None = None, steps: int = 40, restarts: int = 1,
                  random_start: bool = True, objective=None, seed: int | None = 0, round_output: bool = True,
