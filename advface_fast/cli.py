@@ -203,19 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", metavar="DIR", help="target folder (default: $ADVFACE_HOME/lfw_home)")
     p.set_defaults(func=cmd_download)
 
-    from . import bench
+    from .bench.cli import add_subparser as add_bench_parser
 
-    p = sub.add_parser(
-        "bench", help="speed benchmarks: ours vs baselines, side by side in one process",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Time the fused update kernels, PGD (ours fp32 / bf16 vs torchattacks on the same weights, "
-                    "objective, pairs and batch, with both success rates), embedding engines, and the "
-                    "forward+backward FLOP rate against the GEMM rates of this machine. Prints one table of "
-                    "ratios (medians after warm-up) and writes benchmarks/results/<host>.json.",
-        epilog="examples:\n  advface bench --quick\n  advface bench --lfw data/lfw --out benchmarks/results\n\n"
-               "torchattacks is optional: pip install --no-deps torchattacks==3.5.1")
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.cmd_bench)
+    add_bench_parser(sub)
 
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=cmd_models)
