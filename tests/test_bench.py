@@ -305,9 +305,12 @@ def test_quick_table1_on_ci_pairs(lfw_ci):
 # ------------------------------------------------------------------------------------------------
 # The scripts and pytest-benchmark files in benchmarks/
 # ------------------------------------------------------------------------------------------------
+BENCHMARK_FILES = ["benchmarks/bench_attack.py", "benchmarks/bench_embedding.py", "benchmarks/bench_kernels.py",
+                   "benchmarks/bench_verify.py"]
+
+
 def run_benchmark_files(*args, **env):
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-           "benchmarks/bench_attack.py", "benchmarks/bench_embedding.py", *args]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", *BENCHMARK_FILES, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=quick_env(**env))
 
 
@@ -320,10 +323,12 @@ def test_benchmark_files_without_timing_skip_with_a_pointer():
 
 def test_benchmark_files_run_in_quick_mode():
     import_torchattacks()
-    proc = run_benchmark_files("--benchmark-enable", ADVFACE_BENCH_QUICK="1", ADVFACE_BENCH_SYNTHETIC="1",
-                               ADVFACE_BENCH_THREADS="1")
+    proc = run_benchmark_files("--benchmark-enable", "--benchmark-max-time=0.05", "--benchmark-min-rounds=1",
+                               ADVFACE_BENCH_QUICK="1", ADVFACE_BENCH_SYNTHETIC="1", ADVFACE_BENCH_THREADS="1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "11 passed" in proc.stdout, proc.stdout  # 6 PGD + 3 embedding + 2 forward-backward, none skipped
+    # 6 PGD + 3 embedding + 2 forward-backward + 6 kernels + 1 verify; only the opt-in torch.compile ones skip.
+    assert "18 passed, 2 skipped" in proc.stdout, proc.stdout
+    assert proc.stdout.count("SKIPPED") == proc.stdout.count("set ADVFACE_BENCH_COMPILE=1") == 2, proc.stdout
 
 
 def test_profile_script_splits_a_step_into_groups(tmp_path):
