@@ -331,14 +331,40 @@ def test_benchmark_files_run_in_quick_mode():
     assert proc.stdout.count("SKIPPED") == proc.stdout.count("set ADVFACE_BENCH_COMPILE=1") == 2, proc.stdout
 
 
-def test_profile_script_splits_a_step_into_groups(tmp_path):
-    """benchmarks/profile_attack_step.py on a tiny batch: groups add up to the profiled step."""
+def load_script(name: str):
+    """A script of benchmarks/ as a module (its main(argv) returns the result it writes)."""
     import importlib.util
 
-    path = REPO_ROOT / "benchmarks" / "profile_attack_step.py"
-    spec = importlib.util.spec_from_file_location("profile_attack_step", path)
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_fast_path_switches_script_quick(tmp_path):
+    script = load_script("fast_path_switches")
+    out = tmp_path / "switches.json"
+    result = script.main(["--threads", "1", "--batches", "2", "--rounds", "1", "--steps", "1",
+                          "--configs", "fp32 NCHW plain,bf16 CL folded in-place", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert [r["config"] for r in result["rows"]] == ["fp32 NCHW plain", "bf16 CL folded in-place"]
+    assert all(r["batch_2"] > 0 for r in result["rows"])
+
+
+def test_equal_strength_script_quick(lfw_ci, tmp_path):
+    script = load_script("equal_strength")
+    out = tmp_path / "equal.json"
+    result = script.main(["--lfw", str(lfw_ci), "--fold", "1", "--attack", "pgd:eps=2,steps=1",
+                          "--max-pairs", "4", "--threads", "1", "--batch-size", "4", "--out", str(out)])
+    assert json.loads(out.read_text())["n_pairs"] == 4
+    (entry,) = result["results"]
+    assert set(entry["variants"]) == {"fast fp32", "fast bf16"}
+    assert all(0 <= v["accuracy"] <= 1 for v in entry["variants"].values())
+
+
+def test_profile_script_splits_a_step_into_groups(tmp_path):
+    """benchmarks/profile_attack_step.py on a tiny batch: groups add up to the profiled step."""
+    script = load_script("profile_attack_step")
     assert script.group_of("aten::convolution_backward") == "conv backward"
     assert script.group_of("aten::mkldnn_convolution") == "conv forward"
     assert script.group_of("aten::_to_copy") == script.group_of("aten::copy_")
@@ -357,13 +383,8 @@ def test_profile_script_splits_a_step_into_groups(tmp_path):
 
 def test_embedding_sweep_script_on_ci_pairs(lfw_ci, tmp_path):
     """benchmarks/embedding_batch_sweep.py on a few lfw_ci chips: every engine x batch has a rate."""
-    import importlib.util
-
     pytest.importorskip("onnxruntime")
-    path = REPO_ROOT / "benchmarks" / "embedding_batch_sweep.py"
-    spec = importlib.util.spec_from_file_location("embedding_batch_sweep", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("embedding_batch_sweep")
     out = tmp_path / "sweep.json"
     result = script.main(["--lfw", str(lfw_ci), "--threads", "1", "--images", "8", "--batches", "4,8",
                           "--rounds", "1", "--out", str(out)])
