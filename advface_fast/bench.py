@@ -747,14 +747,14 @@ def section_flops(ctx: BenchContext) -> list[Row]:
 
 
 def table1_fields() -> set[str]:
-    from .tables.table1 import Table1Config
+    from .experiments.table1 import Table1Config
 
     return {f.name for f in dataclasses.fields(Table1Config)}
 
 
 def section_table1(ctx: BenchContext) -> list[Row]:
     """End-to-end Table 1 on fold 1, each variant with its own empty attack cache."""
-    from .tables.table1 import Table1Config, run_table1
+    from .experiments.table1 import Table1Config, run_table1
 
     cfg = ctx.cfg
     names = {"fast": "Table 1 fold 1: fast path vs fp32 eager (s)",

@@ -24,8 +24,3 @@ def config_key(**parts) -> str:
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
-
-def derive_seed(run_seed: int, item_id: str) -> int:
-    """A per-item seed from (run seed, item id): results never depend on batching or sharding."""
-    digest = hashlib.sha256(f"{int(run_seed)}:{item_id}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)

@@ -96,8 +96,8 @@ def _int_list(text: str) -> tuple:
 
 def cmd_attack(args) -> int:
     from .attacks import list_attacks
-    from .tables.render import table1_markdown
-    from .tables.table1 import Table1Config, run_table1
+    from .experiments.render import table1_markdown
+    from .experiments.table1 import Table1Config, run_table1
 
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
     unknown = [a for a in attacks if a not in list_attacks()]
@@ -135,6 +135,7 @@ def cmd_models(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .precision import PRECISIONS
+    from .verify import METRICS
 
     parser = argparse.ArgumentParser(
         prog="advface",
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_int_list, metavar="LIST", help="PGD / C&W step counts, e.g. 10,40 (default: 40)")
     p.add_argument("--pairs", type=int, metavar="N", help="attack only the first N pairs of the folds, half matched")
     p.add_argument("--all-folds", action="store_true", help="attack all folds (default without --folds: fold 1)")
-    p.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="similarity (default: %(default)s)")
+    p.add_argument("--metric", choices=tuple(METRICS), default="cosine", help="similarity (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="run seed; per-pair seeds derive from it (default: 0)")
     p.add_argument("--no-noise", action="store_true", help="skip the uniform-noise baseline rows")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",

@@ -193,7 +193,7 @@ def test_quick_table1_on_ci_pairs(lfw_ci):
 def test_table1_section_runs_three_isolated_variants(monkeypatch, tmp_path):
     """fp32 eager, fast, fast + early stop: each with its own empty attack cache; wiring only (fake run)."""
     import advface_fast.pipeline
-    import advface_fast.tables.table1 as table1
+    import advface_fast.experiments.table1 as table1
 
     seen = []
 

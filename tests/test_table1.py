@@ -7,7 +7,7 @@ import json
 import pytest
 
 from advface_fast.cli import main
-from advface_fast.tables.table1 import Table1Config, run_table1
+from advface_fast.experiments.table1 import Table1Config, run_table1
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_attacks_hurt_noise_does_not(report):
 
 def test_rerun_resumes_from_the_row_cache(report, lfw_ci, home, small_cfg, monkeypatch):
     monkeypatch.setenv("ADVFACE_HOME", str(home))
-    import advface_fast.tables.table1 as table1
+    import advface_fast.experiments.table1 as table1
 
     def no_attacks(*args, **kwargs):
         attack = real_make_attack(*args, **kwargs)
