@@ -101,3 +101,64 @@ def test_fields_must_match_ids(tmp_path):
         entry.append(["a", "b"], {"x": np.zeros(3)})
     with pytest.raises(ValueError, match="unique"):
         entry.append(["a", "a"], {"x": np.zeros(2)})
+
+
+def _chip_entry(root, key, scheme, partial=False, complete=True):
+    d = root / "chips" / key
+    d.mkdir(parents=True)
+    if complete:
+        (d / "chips.npy").write_bytes(b"x" * 10)
+        (d / "index.json").write_text(json.dumps({"meta": {"dataset": scheme}, "ids": ["a"], "created": "t"}))
+    if partial:
+        (d / "partial").mkdir()
+        (d / "partial" / "part-1.npz").write_bytes(b"y")
+    return d
+
+
+def test_cache_prune_removes_only_what_no_current_code_can_use(tmp_path, capsys):
+    from advface_fast.cli import main
+    from advface_fast.experiments.runner import ROWS_SCHEME
+    from advface_fast.pipeline import CHIP_CACHE_SCHEME
+
+    current = _chip_entry(tmp_path, "cur", CHIP_CACHE_SCHEME, partial=True)
+    old = _chip_entry(tmp_path, "old", "dataset-fingerprint-abc")
+    resumable = _chip_entry(tmp_path, "run", CHIP_CACHE_SCHEME, partial=True, complete=False)
+    temp = current / temp_path(current / "chips.npy").name
+    temp.write_bytes(b"half")
+    rows = Store(tmp_path / "attacks").entry({"scheme": ROWS_SCHEME, "attack": {"name": "pgd", "eps": 4}})
+    _fill(rows, ["p"])
+    stale_rows = Store(tmp_path / "attacks").entry({"scheme": "attack-rows-v0"})
+    _fill(stale_rows, ["p"])
+    v1 = tmp_path / "attacks" / "0123456789abcdef.npz"
+    v1.write_bytes(b"old whole-row file")
+    (tmp_path / "tuning").mkdir()
+    (tmp_path / "lfw_home").mkdir()
+
+    assert main(["cache", "info", "--root", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    status = {e["path"]: e["status"] for c in info["caches"].values() for e in c["entries"]}
+    assert status[str(old)] == "old key scheme" and status[str(current)] == "ok"
+    assert status[str(rows.dir)] == "ok" and status[str(stale_rows.dir)] == "old key scheme"
+
+    assert main(["cache", "prune", "--root", str(tmp_path), "--dry-run"]) == 0
+    assert "would remove 6 item(s)" in capsys.readouterr().out and old.exists() and temp.exists()
+    assert main(["cache", "prune", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "removed 6 item(s)" in out
+    assert not old.exists() and not temp.exists() and not v1.exists() and not stale_rows.dir.exists()
+    assert not (current / "partial").exists() and not (tmp_path / "tuning").exists()
+    # Kept: usable entries, a resumable partial run, data.
+    assert (current / "chips.npy").exists() and (resumable / "partial").exists() and rows.read().ids == ["p"]
+    assert (tmp_path / "lfw_home").exists()
+    assert main(["cache", "info", "--root", str(tmp_path)]) == 0
+    assert "unusable (" not in capsys.readouterr().out
+
+
+def test_import_is_light_and_create_model_is_top_level():
+    import subprocess
+    import sys
+
+    code = ("import sys, advface_fast; assert 'torch' not in sys.modules, 'import pulled torch'; "
+            "from advface_fast import create_model; import advface_fast.models as m; "
+            "assert create_model is m.create_model and 'create_model' in dir(advface_fast)")
+    subprocess.run([sys.executable, "-c", code], check=True)
