@@ -74,6 +74,7 @@ def test_two_selections_sharing_pairs_share_cached_rows(pairs, tiny, tmp_path):
     assert sum(sizes) == 8  # 4 pairs, then only the 4 new ones
     pos = [big.pair_ids.index(p) for p in small.pair_ids]
     np.testing.assert_array_equal(second.delta[pos], first.delta)
+    assert first.image_steps == 4 * 2 and second.image_steps == 8 * 2  # each selection's own cost
     # A different attack config is a different entry.
     sizes2 = counting(other := make_attack("pgd", tiny, eps=4, steps=2, seed=0))
     runner.attack_queries(other, cal, small, tiny)

@@ -105,7 +105,7 @@ class Calibration:
 @dataclass
 class AttackedQueries:
     """Queries of a selection after an attack: perturbation, fp32 embedding by the decision model,
-    and what the attack cost (summed over the stored batches)."""
+    and what the attack cost for these pairs (each batch's cost shared equally by its pairs)."""
 
     delta: np.ndarray  # int16 N x H x W x 3: attacked chip - clean chip
     embeddings: np.ndarray  # float32 N x D, by the decision model (the model the attack targeted, fp32)
@@ -199,25 +199,28 @@ class Runner:
                 sim = self.objective.similarity(emb, gallery[batch].to(device))
             adv = _to_uint8(x_adv)
             seconds = time.perf_counter() - t0
+            n = len(batch)
+            cost = {"seconds": seconds, "image_steps": int(attack.last_stats["image_steps"]),
+                    "image_steps_full": int(attack.last_stats["image_steps_full"])}
             entry.append([sel.pair_ids[i] for i in batch],
                          {"delta": adv.astype(np.int16) - clean.astype(np.int16),
                           "embedding": emb.cpu().numpy().astype(np.float32),
-                          "sim": sim.cpu().double().numpy()},
-                         stats={"seconds": seconds, "image_steps": int(attack.last_stats["image_steps"]),
-                                "image_steps_full": int(attack.last_stats["image_steps_full"])},
-                         compress=True)
+                          "sim": sim.cpu().double().numpy(),
+                          # the batch's cost, shared equally by its pairs (so any selection sums its own)
+                          **{f"cost_{k}": np.full(n, v / n, dtype=np.float64) for k, v in cost.items()}},
+                         stats=cost, compress=True)
             bar.update(len(batch))
         bar.close()
         if todo:
             entry.compact()
         items = entry.read()
-        # Cost of the selection's pairs: the stored totals, pro rata when the entry holds more pairs.
-        share = len(sel) / max(len(items), 1)
+
+        def cost(name: str) -> float:
+            return float(items.take(sel.pair_ids, f"cost_{name}").sum())
+
         return AttackedQueries(delta=items.take(sel.pair_ids, "delta"), embeddings=items.take(sel.pair_ids, "embedding"),
-                               decision=decision, seconds=items.stats.get("seconds", 0.0) * share,
-                               image_steps=round(items.stats.get("image_steps", 0) * share),
-                               image_steps_full=round(items.stats.get("image_steps_full", 0) * share),
-                               key=entry.key, stats=items.stats)
+                               decision=decision, seconds=cost("seconds"), image_steps=round(cost("image_steps")),
+                               image_steps_full=round(cost("image_steps_full")), key=entry.key, stats=items.stats)
 
     # -- 4. rows ----------------------------------------------------------------------------------
 
