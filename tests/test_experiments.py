@@ -111,3 +111,23 @@ def test_rows_are_judged_with_fixed_clean_thresholds(pairs, tiny, tmp_path):
                                                        for f in np.unique(sel.folds)]))
     # The thresholds do not move with the attacked scores.
     assert cal.thresholds == runner.calibrate(ModelVerifier(tiny, "tiny")).thresholds
+
+
+def test_weights_id_names_the_weights_of_any_model():
+    import torch
+    from torch import nn
+
+    from advface_fast.models.identity import weights_id
+
+    torch.manual_seed(0)
+    a = nn.Linear(3, 2)
+    b = nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    assert weights_id(a) == weights_id(b) and len(weights_id(a)) == 64
+    before = weights_id(a)
+    with torch.no_grad():
+        a.weight[0, 0] += 1  # an in-place update (what an optimiser does) invalidates the memo
+    assert weights_id(a) != before
+    assert weights_id(a.to(torch.bfloat16)) != weights_id(b)  # dtype is part of the identity
+    # The row cache keys by it: a model with other weights gets another entry.
+    assert ModelVerifier(b, "m").config() != ModelVerifier(nn.Linear(3, 2), "m").config()
