@@ -248,7 +248,7 @@ def test_host_id_is_a_safe_file_name(monkeypatch):
 def test_table1_section_runs_three_isolated_variants(monkeypatch, tmp_path):
     """fp32 eager, fast, fast + early stop: each with its own empty attack cache; wiring only (fake run)."""
     import advface_fast.pipeline
-    import advface_fast.tables.table1 as table1
+    import advface_fast.experiments.table1 as table1
 
     seen = []
 

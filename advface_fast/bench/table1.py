@@ -31,7 +31,7 @@ def _per_row(report: dict, field: str) -> dict:
 
 def section_table1(ctx: BenchContext) -> list[BenchRow]:
     from ..pipeline import prepare_pairs
-    from ..tables.table1 import Table1Config, run_table1
+    from ..experiments.table1 import Table1Config, run_table1
 
     cfg = ctx.cfg
     if cfg.synthetic or cfg.lfw is None:
