@@ -24,7 +24,7 @@ from advface_fast.align.dlib_align import SHAPE_PREDICTOR_FILE, center_rect
 from advface_fast.cache import config_key, default_cache_root
 from advface_fast.models.assets import model_file
 
-LFW_CI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw_ci"
+from conftest import LFW_CI  # noqa: E402  (conftest decides where the test data lives)
 IMAGES = LFW_CI / "lfw-deepfunneled"
 
 pytestmark = pytest.mark.skipif(not IMAGES.is_dir(), reason=f"lfw_ci data not found at {LFW_CI}")

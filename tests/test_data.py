@@ -34,9 +34,8 @@ from advface_fast.data import (
 from advface_fast.data.checksums import parse_sha256sums
 from advface_fast.data.insightface_bin import fold_sizes
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-CI = DATA / "lfw_ci"
-FULL = DATA / "lfw"
+from conftest import LFW_CI as CI  # noqa: E402  (conftest decides where the test data lives)
+from conftest import LFW_FULL as FULL  # noqa: E402
 needs_ci = pytest.mark.skipif(not (CI / "pairs.txt").is_file(), reason="lfw_ci data not present")
 needs_full = pytest.mark.skipif(not (FULL / "pairs.txt").is_file(), reason="full LFW data not present")
 
@@ -518,6 +517,7 @@ def test_resolve_lfw_path_order(tmp_path, monkeypatch):
     explicit, from_env, home = tmp_path / "explicit", tmp_path / "env", tmp_path / "home"
     for folder in (explicit, from_env, home / "lfw_home"):
         folder.mkdir(parents=True)
+    (home / "lfw_home" / "pairs.txt").write_text("1\t0\n")  # an empty default folder is an unfinished download
     monkeypatch.setenv("ADVFACE_LFW", str(from_env))
     monkeypatch.setenv("ADVFACE_HOME", str(home))
     assert resolve_lfw_path(explicit) == explicit

@@ -24,7 +24,7 @@ from advface_fast.data import (
     safe_extract_tar,
 )
 
-CI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lfw_ci"
+from conftest import LFW_CI as CI  # noqa: E402  (conftest decides where the test data lives)
 needs_ci = pytest.mark.skipif(not (CI / "pairs.txt").is_file(), reason="lfw_ci data not present")
 
 
