@@ -80,6 +80,8 @@ def prepare_pairs(lfw: str | Path | PairDataset, model: str = "dlib-resnet", *, 
     if on_bad is not None:
         policy = replace(policy, on_bad=on_bad)
     if isinstance(lfw, PairDataset):
+        if pairs_file is not None:
+            raise ValueError("pairs_file applies when loading from a path; this dataset's pairs are already chosen")
         dataset = lfw
     else:
         extra = {} if pairs_file is None else {"pairs": str(pairs_file)}
