@@ -61,7 +61,7 @@ class PairChips:
                 "pairs_file": d.pairs_file, "pairs_sha256": d.pairs_sha256, "pairs_check": d.pairs_check,
                 "n_pairs": len(self), "skipped": [vars(s) for s in d.skipped],
                 "converted": [vars(c) for c in d.converted],
-                "no_face": [{"image": i, "action": a} for i, a in self.no_face.items()]}
+                "no_face_images": [{"image": i, "action": a} for i, a in self.no_face.items()]}
 
 
 def prepare_pairs(lfw: str | Path | PairDataset, model: str = "dlib-resnet", *, folds=None,
@@ -128,7 +128,8 @@ def prepare_pairs(lfw: str | Path | PairDataset, model: str = "dlib-resnet", *, 
 def format_input_summary(record: dict, results_file: str | None = None, limit: int = 8) -> str:
     """One readable block, in command-line terms, of what the input rules did (``input_record()``);
     empty when there is nothing to say."""
-    skipped, converted, no_face = record.get("skipped", []), record.get("converted", []), record.get("no_face", [])
+    skipped, converted = record.get("skipped", []), record.get("converted", [])
+    no_face = record.get("no_face_images", [])
     check = record.get("pairs_check") or ""
     lines = []
     if record.get("pairs_file") and check.startswith("not verified"):

@@ -175,17 +175,18 @@ def test_no_face_is_explicit_counted_and_listed(broken_lfw, tmp_path, capsys):
     code, out, err, _ = _run([*base, "--out", str(tmp_path / "center")], capsys)
     assert code == 0, err
     report = json.loads((tmp_path / "center" / "verify.json").read_text())
-    assert report["input"]["no_face"] == [{"image": bad["faceless"], "action": "scored on the centre box"}]
-    assert report["alignment_paths"]["center"] == 1
+    assert report["input"]["no_face_images"] == [{"image": bad["faceless"], "action": "scored on the centre box"}]
+    assert report["alignment_paths"]["center"] == 1 and report["input"]["no_face"] == "center"
     assert f"no face {bad['faceless']}: scored on the centre box" in " ".join(out.split())
     # skip: its pairs are dropped and listed.
     code, out, err, _ = _run([*base, "--no-face", "skip", "--out", str(tmp_path / "skip")], capsys)
     assert code == 0, err
     skip = json.loads((tmp_path / "skip" / "verify.json").read_text())
-    assert skip["input"]["no_face"] == [{"image": bad["faceless"], "action": "pairs skipped"}]
+    assert skip["input"]["no_face_images"] == [{"image": bad["faceless"], "action": "pairs skipped"}]
     dropped = [s for s in skip["input"]["skipped"] if "no face detected" in s["reason"]]
     assert dropped and skip["n_pairs"] == report["n_pairs"] - len(dropped)
     assert skip["alignment_paths"]["center"] == 0
+    assert "1 image(s) without a detected face, their pairs skipped (--no-face skip)" in out
     # error: stops, naming the image.
     code, _, err, _ = _run([*base, "--no-face", "error"], capsys)
     assert code == 2 and bad["faceless"] in err and "--no-face" in err
