@@ -150,7 +150,8 @@ def format_input_summary(record: dict, results_file: str | None = None, limit: i
         for text in items[:limit]:
             lines.append(f"  {title:<10}{text}")
         if len(items) > limit:
-            lines.append(f"  {'':<10}... and {len(items) - limit} more" + (f" (all in {results_file})" if results_file else ""))
+            where = f" (all in {results_file})" if results_file else ""
+            lines.append(f"  {'':<10}... and {len(items) - limit} more{where}")
 
     listing("skipped", [(f"{s['file']}:{s['line']}: " if s.get("line") else "") + s["reason"] for s in skipped])
     listing("converted", [f"{c['file']}: {c['reason'].removeprefix('converted ')}" for c in converted])

@@ -82,7 +82,8 @@ class PairDataset:
     "insightface_bin"), pairs (list[Pair]), n_folds (folds in the protocol file), folds (the
     1-based fold numbers selected), image_ids (unique ids used by pairs, in first-use order),
     pairs_file, pairs_sha256, published_pairs (the pairs file is byte-identical to a published LFW
-    pairs file), pairs_check (how the pairs file was checked, in words), skipped and converted (lists of DataIssue), verify (the level used).
+    pairs file), pairs_check (how the pairs file was checked, in words), skipped and converted
+    (lists of DataIssue), verify (the level used).
     """
 
     def __init__(self, *, name: str, root: Path, layout: str, pairs: list[Pair], n_folds: int,
