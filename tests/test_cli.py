@@ -341,3 +341,23 @@ def test_rgba_alpha_is_composited_not_dropped():
     Image.fromarray(rgba, "RGBA").save(buf, "PNG")
     array, mode = read_image(buf.getvalue(), convert=True)
     assert mode == "RGBA" and (array == 255).all()  # the white background shows, not the hidden red
+
+
+def test_offline_first_run_teaches_the_remedy_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    """No --lfw, nothing cached, no network: one line naming --lfw / $ADVFACE_LFW / download-lfw,
+    and no lfw_home left behind to be mistaken for LFW by the next run."""
+    import advface_fast.data.download as download
+    from advface_fast.data import DownloadError
+
+    monkeypatch.setenv("ADVFACE_HOME", str(tmp_path))
+
+    def offline(remote, dest_dir, **kwargs):
+        Path(dest_dir).joinpath(remote.filename + ".part").write_bytes(b"partial")
+        raise DownloadError(f"{remote.url}: failed after 3 attempt(s): <urlopen error [Errno -3] name resolution>")
+
+    monkeypatch.setattr(download, "fetch", offline)
+    code, _, err, _ = _run(["verify", *FAST], capsys)
+    assert code == 2 and "--lfw PATH" in err and "$ADVFACE_LFW" in err and "advface download-lfw" in err
+    assert not (tmp_path / "lfw_home").exists() and (tmp_path / "lfw_home.download").is_dir()
+    code, _, err, _ = _run(["verify", "--no-download", *FAST], capsys)
+    assert code == 2 and "unfinished download" in err
