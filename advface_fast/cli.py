@@ -145,6 +145,16 @@ def _int_list(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"bad integer list {text!r}; use e.g. 10,40") from None
 
 
+def _pair_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of pairs; for a pairs file use --pairs-file FILE") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"the number of pairs must be at least 1, got {n}")
+    return n
+
+
 def cmd_attack(args) -> int:
     from .attacks import list_attacks
     from .pipeline import format_input_summary
@@ -241,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=_float_list, default=(2.0, 4.0, 8.0), metavar="LIST",
                    help="L-inf budgets in 0-255 levels (default: 2,4,8)")
     p.add_argument("--steps", type=_int_list, metavar="LIST", help="PGD / C&W step counts, e.g. 10,40 (default: 40)")
-    p.add_argument("--pairs", type=int, metavar="N", help="attack only the first N pairs of the folds, half matched")
+    p.add_argument("--pairs", type=_pair_count, metavar="N",
+                   help="attack only the first N pairs of the folds, half matched (a pairs file of your own: "
+                        "--pairs-file FILE)")
     p.add_argument("--all-folds", action="store_true", help="attack all folds (default without --folds: fold 1)")
     p.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="similarity (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="run seed; per-pair seeds derive from it (default: 0)")

@@ -239,6 +239,13 @@ def test_pairs_file_with_and_without_checksums(lfw_ci, tmp_path, capsys):
     assert code == 2 and "nope.txt" in err
 
 
+def test_attack_pairs_count_is_not_a_file(capsys):
+    """`advface attack --pairs N` means the first N pairs; a file there gets pointed to --pairs-file."""
+    with pytest.raises(SystemExit):
+        main(["attack", "--pairs", "my_pairs.txt"])
+    assert "--pairs-file FILE" in capsys.readouterr().err
+
+
 def test_threads_are_set_and_recorded(lfw_ci, tmp_path, capsys):
     import torch
 
