@@ -109,8 +109,11 @@ def apply_threads(args) -> dict:
 
 
 def _check_pairs_file(args) -> None:
-    if args.pairs_file is not None and not args.pairs_file.is_file():
-        raise FileNotFoundError(f"--pairs-file {args.pairs_file}: no such file")
+    if args.pairs_file is not None:
+        if not args.pairs_file.is_file():
+            raise FileNotFoundError(f"--pairs-file {args.pairs_file}: no such file")
+        # Absolute, so that a bare name means the file here, not the dataset's file of that name.
+        args.pairs_file = args.pairs_file.expanduser().resolve()
 
 
 def cmd_verify(args) -> int:

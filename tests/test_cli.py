@@ -215,7 +215,7 @@ def _custom_pairs(lfw_ci: Path, folder: Path) -> Path:
     return path
 
 
-def test_pairs_file_with_and_without_checksums(lfw_ci, tmp_path, capsys):
+def test_pairs_file_with_and_without_checksums(lfw_ci, tmp_path, capsys, monkeypatch):
     mine = _custom_pairs(lfw_ci, tmp_path / "mine")
     code, out, err, _ = _run(["verify", "--lfw", str(lfw_ci), "--pairs-file", str(mine),
                               "--out", str(tmp_path / "run"), *FAST], capsys)
@@ -235,6 +235,9 @@ def test_pairs_file_with_and_without_checksums(lfw_ci, tmp_path, capsys):
     (mine.parent / "SHA256SUMS").write_text(f"{'0' * 64}  pairs.txt\n")
     code, _, err, _ = _run(["verify", "--lfw", str(lfw_ci), "--pairs-file", str(mine), *FAST], capsys)
     assert code == 2 and "SHA-256 mismatch" in err
+    monkeypatch.chdir(mine.parent)  # a bare file name is the file here, not the dataset's pairs.txt
+    code, _, err, _ = _run(["verify", "--lfw", str(lfw_ci), "--pairs-file", "pairs.txt", *FAST], capsys)
+    assert code == 2 and "SHA-256 mismatch" in err and str(mine) in err
     code, _, err, _ = _run(["verify", "--lfw", str(lfw_ci), "--pairs-file", str(tmp_path / "nope.txt"), *FAST], capsys)
     assert code == 2 and "nope.txt" in err
 
