@@ -16,6 +16,14 @@ paths:
 """
 
 
+EPILOG_EXIT = """
+exit status:
+  0 done, 2 bad input or arguments (one line on stderr), 130 interrupted (Ctrl-C), 143 terminated
+  (SIGTERM, handled like Ctrl-C). An interrupted run keeps every finished aligned chip and attack row
+  in the caches; rerun the same command to resume.
+"""
+
+
 def parse_folds(text: str | None):
     """'1,3,5-7' -> [1, 3, 5, 6, 7] (1-based LFW folds); None -> all folds."""
     if not text:
@@ -211,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="advface",
         description="advface-fast: adversarial attacks and defenses on face verification, measured honestly.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  advface verify --lfw data/lfw --out runs/verify\n  advface attack --lfw data/lfw --folds 1 --out runs/table1\n  advface models\n\n" + EPILOG_PATHS,
+        epilog="examples:\n  advface verify --lfw data/lfw --out runs/verify\n  advface attack --lfw data/lfw --folds 1 --out runs/table1\n  advface models\n\n" + EPILOG_PATHS + EPILOG_EXIT,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
