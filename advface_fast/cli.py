@@ -16,6 +16,14 @@ paths:
 """
 
 
+EPILOG_EXIT = """
+exit status:
+  0 done, 2 bad input or arguments (one line on stderr), 130 interrupted (Ctrl-C), 143 terminated
+  (SIGTERM, handled like Ctrl-C). An interrupted run keeps every finished aligned chip and attack row
+  in the caches; rerun the same command to resume.
+"""
+
+
 def parse_folds(text: str | None):
     """'1,3,5-7' -> [1, 3, 5, 6, 7] (1-based LFW folds); None -> all folds."""
     if not text:
@@ -56,21 +64,75 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", type=Path, help="write results here")
     p.add_argument("--no-download", action="store_true",
                    help="fail instead of downloading LFW when no --lfw / $ADVFACE_LFW is given and none is cached")
-    p.add_argument("--on-bad", choices=("error", "skip", "convert"), default="error",
-                   help="bad or unreadable input: stop with an error naming the file (default), skip the "
-                        "pair and record it, or convert non-RGB images to RGB and record it")
+    add_input_options(p)
     p.add_argument("--workers", type=int, metavar="N", help="alignment processes (default: all cores)")
+    add_threads_option(p)
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward (and backward) pass (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_input_options(p: argparse.ArgumentParser) -> None:
+    """--on-bad, --no-face and --pairs-file: the input rules every command that reads images shares
+    (advface_fast.data.policy)."""
+    from .data.policy import NO_FACE_CHOICES, ON_BAD_CHOICES
+
+    g = p.add_argument_group("bad input (the same rules in every command)")
+    g.add_argument("--on-bad", choices=ON_BAD_CHOICES, default="error",
+                   help="an image that cannot be used as it is (empty, truncated, not an image, not RGB): "
+                        "stop with an error naming the file (error, the default); drop the pairs that use "
+                        "it and list them (skip); or convert grayscale / palette / CMYK / alpha images to "
+                        "RGB, alpha composited onto white, and list every conversion (convert)")
+    g.add_argument("--no-face", choices=NO_FACE_CHOICES, default="center",
+                   help="an image where no face detector finds a face: score it on a fixed centre box "
+                        "(center, the default: the LFW protocol keeps every pair), drop its pairs (skip), "
+                        "or stop (error). Every such image is counted and listed in the output and results")
+    g.add_argument("--pairs-file", type=Path, metavar="FILE",
+                   help="your own pairs file (pairs.txt format) instead of the dataset's pairs.txt; checked "
+                        "against a SHA256SUMS in the dataset folder or beside the file, or the published LFW "
+                        "hashes, and used with a note when no checksum is known")
+
+
+def input_policy(args):
+    """The InputPolicy of parsed --on-bad / --no-face options."""
+    from .data.policy import InputPolicy
+
+    return InputPolicy(on_bad=args.on_bad, no_face=args.no_face)
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    """--threads: torch's CPU threads for this command (see advface_fast.threads)."""
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for the model (torch intra- and inter-op). Default: the usable cores "
+                        "minus the ones other processes keep busy (1-minute load average), at least 1 - a "
+                        "thread pool larger than the free cores runs many times slower, not faster. "
+                        "Recorded in every results file")
+
+
+def apply_threads(args) -> dict:
+    from .threads import set_threads
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    return set_threads(args.threads)
+
+
+def _check_pairs_file(args) -> None:
+    if args.pairs_file is not None:
+        if not args.pairs_file.is_file():
+            raise FileNotFoundError(f"--pairs-file {args.pairs_file}: no such file")
+        # Absolute, so that a bare name means the file here, not the dataset's file of that name.
+        args.pairs_file = args.pairs_file.expanduser().resolve()
 
 
 def cmd_verify(args) -> int:
     from .pipeline import format_report, run_verify
 
+    _check_pairs_file(args)
+    apply_threads(args)
     report = run_verify(lfw_path(args), args.model, folds=args.folds, out_dir=args.out,
-                        batch_size=args.batch_size, on_bad=args.on_bad, workers=args.workers,
-                        engine=args.engine, precision=args.precision, compare_engines=args.compare_engines,
-                        progress=not args.quiet)
+                        batch_size=args.batch_size, policy=input_policy(args), pairs_file=args.pairs_file,
+                        workers=args.workers, engine=args.engine, precision=args.precision,
+                        compare_engines=args.compare_engines, progress=not args.quiet)
     print(format_report(report))
     if args.out:
         print(f"wrote {args.out / 'verify.json'} and {args.out / 'roc.png'}")
@@ -94,11 +156,24 @@ def _int_list(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"bad integer list {text!r}; use e.g. 10,40") from None
 
 
+def _pair_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of pairs; for a pairs file use --pairs-file FILE") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"the number of pairs must be at least 1, got {n}")
+    return n
+
+
 def cmd_attack(args) -> int:
     from .attacks import list_attacks
     from .experiments.render import table1_markdown
     from .experiments.table1 import Table1Config, run_table1
+    from .pipeline import format_input_summary
 
+    _check_pairs_file(args)
+    apply_threads(args)
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
     unknown = [a for a in attacks if a not in list_attacks()]
     if unknown:
@@ -107,10 +182,14 @@ def cmd_attack(args) -> int:
                        folds=tuple(args.folds) if args.folds else (None if args.all_folds else (1,)),
                        max_pairs=args.pairs, metric=args.metric, batch_size=args.batch_size, seed=args.seed,
                        noise_baseline=not args.no_noise, precision=args.precision, fast_model=args.fast_model,
-                       early_stop=args.early_stop)
+                       early_stop=args.early_stop, on_bad=args.on_bad, no_face=args.no_face,
+                       pairs_file=None if args.pairs_file is None else str(args.pairs_file))
     report = run_table1(lfw_path(args), cfg, out_dir=args.out, workers=args.workers,
                         progress=not args.quiet)
     print(table1_markdown(report))
+    summary = format_input_summary(report.get("input", {}), "table1.json")
+    if summary:
+        print(summary)
     if args.out:
         print(f"wrote table1.json, table1.md, accuracy_vs_eps.png, examples.png to {args.out}")
     return 0
@@ -182,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="advface",
         description="advface-fast: adversarial attacks and defenses on face verification, measured honestly.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  advface verify --lfw data/lfw --out runs/verify\n  advface attack --lfw data/lfw --folds 1 --out runs/table1\n  advface models\n\n" + EPILOG_PATHS,
+        epilog="examples:\n  advface verify --lfw data/lfw --out runs/verify\n  advface attack --lfw data/lfw --folds 1 --out runs/table1\n  advface models\n\n" + EPILOG_PATHS + EPILOG_EXIT,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -225,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=_float_list, default=(2.0, 4.0, 8.0), metavar="LIST",
                    help="L-inf budgets in 0-255 levels (default: 2,4,8)")
     p.add_argument("--steps", type=_int_list, metavar="LIST", help="PGD / C&W step counts, e.g. 10,40 (default: 40)")
-    p.add_argument("--pairs", type=int, metavar="N", help="attack only the first N pairs of the folds, half matched")
+    p.add_argument("--pairs", type=_pair_count, metavar="N",
+                   help="attack only the first N pairs of the folds, half matched (a pairs file of your own: "
+                        "--pairs-file FILE)")
     p.add_argument("--all-folds", action="store_true", help="attack all folds (default without --folds: fold 1)")
     p.add_argument("--metric", choices=tuple(METRICS), default="cosine", help="similarity (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="run seed; per-pair seeds derive from it (default: 0)")
@@ -268,19 +349,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (a KeyboardInterrupt, so every cleanup path is the same)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
+    """Exit codes: 0 done; 2 bad input or arguments (one line on stderr); 130 Ctrl-C; 143 SIGTERM
+    (128 + the signal number, as shells report it). Interrupted runs keep every finished chip and
+    attack row in the caches."""
+    import signal
+    import warnings
+
     from .data import DownloadError
+    from .data.policy import DataWarning
 
     args = build_parser().parse_args(argv)
+    previous = None
     try:
-        return args.func(args)
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: leave signal handling to the caller
+        pass
+    try:
+        with warnings.catch_warnings():
+            # Skips and conversions are printed as one summary in command-line terms instead.
+            warnings.simplefilter("ignore", DataWarning)
+            return args.func(args)
     except (FileNotFoundError, ValueError, KeyError, DownloadError) as err:
         # Bad input is reported in one readable line; nothing is half-written.
         print(f"advface {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; caches keep what was finished, rerun to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"{how}; caches keep what was finished, rerun to resume", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +18,11 @@ import torch
 
 from . import __version__
 from .align import ALIGN_PATHS, AlignConfig, AlignedChips, align_images
-from .data import PairDataset, load_lfw
+from .data import DataError, PairDataset, load_lfw
+from .data.policy import InputPolicy
 from .engine import make_engine
 from .models import get_model_spec
+from .threads import thread_info
 from .verify import METRICS, VerificationResult, evaluate_embeddings, plot_roc
 
 CHIP_CACHE_SCHEME = "content-sha256-v1"  # chip cache entries hold chips by image-content hash
@@ -37,6 +39,8 @@ class PairChips:
     same: np.ndarray  # bool
     folds: np.ndarray  # int fold id (1-based, as in pairs.txt)
     image_rows: np.ndarray  # row in chips.chips of each of dataset.image_ids (equal files share a row)
+    policy: InputPolicy = field(default_factory=InputPolicy)
+    no_face: dict = field(default_factory=dict)  # image id -> what was done: no detector found a face
 
     def __len__(self) -> int:
         return len(self.same)
@@ -48,12 +52,39 @@ class PairChips:
             counts[self.chips.paths[row]] += 1
         return counts
 
+    def input_record(self) -> dict:
+        """What the input rules did, for results files: policy, pairs file and how it was checked,
+        every skipped pair, every conversion and every image without a detected face."""
+        d = self.dataset
+        return {**self.policy.to_dict(),
+                "pairs_file": d.pairs_file, "pairs_sha256": d.pairs_sha256, "pairs_check": d.pairs_check,
+                "n_pairs": len(self), "skipped": [vars(s) for s in d.skipped],
+                "converted": [vars(c) for c in d.converted],
+                "no_face_images": [{"image": i, "action": a} for i, a in self.no_face.items()]}
+
 
 def prepare_pairs(lfw: str | Path | PairDataset, model: str = "dlib-resnet", *, folds=None,
-                  on_bad: str = "error", cache_dir: str | Path | None = None,
-                  workers: int | None = None, progress: bool = True) -> PairChips:
-    """Load the pairs (all folds, or the 1-based ``folds``) and align their images for ``model``."""
-    dataset = lfw if isinstance(lfw, PairDataset) else load_lfw(lfw, folds=folds, on_bad=on_bad)
+                  policy: InputPolicy | None = None, on_bad: str | None = None, pairs_file=None,
+                  cache_dir: str | Path | None = None, workers: int | None = None,
+                  progress: bool = True) -> PairChips:
+    """Load the pairs (all folds, or the 1-based ``folds``) and align their images for ``model``.
+
+    policy: the input rules (data.policy.InputPolicy: on_bad, no_face); ``on_bad`` alone is a
+    shortcut that overrides policy.on_bad. pairs_file: your own pairs file instead of the
+    dataset's pairs.txt (see load_lfw's ``pairs``). Images where no detector finds a face are
+    scored on the centre box, dropped with their pairs, or stop the run (policy.no_face); the
+    choice and every such image are in ``input_record()``.
+    """
+    policy = policy or InputPolicy()
+    if on_bad is not None:
+        policy = replace(policy, on_bad=on_bad)
+    if isinstance(lfw, PairDataset):
+        if pairs_file is not None:
+            raise ValueError("pairs_file applies when loading from a path; this dataset's pairs are already chosen")
+        dataset = lfw
+    else:
+        extra = {} if pairs_file is None else {"pairs": str(pairs_file)}
+        dataset = load_lfw(lfw, folds=folds, on_bad=policy.on_bad, **extra)
     spec = get_model_spec(model)
     config = AlignConfig(**spec.alignment)
     # Chips are cached by the SHA-256 of each image's bytes: any fold selection, subset or folder
@@ -64,6 +95,21 @@ def prepare_pairs(lfw: str | Path | PairDataset, model: str = "dlib-resnet", *, 
         first_id.setdefault(d, image_id)
     chips = align_images(list(first_id), lambda d: dataset.load_image(first_id[d]), config, cache_dir=cache_dir,
                          dataset_fingerprint=CHIP_CACHE_SCHEME, progress=progress, workers=workers)
+    # "center" is the path of an image where no detector found a face (the fixed box was used).
+    faceless = [i for i in dataset.image_ids if chips.paths[chips.index(digest[i])] == "center"]
+    no_face = {}
+    if faceless and policy.no_face == "error":
+        shown = ", ".join(faceless[:5]) + (f" and {len(faceless) - 5} more" if len(faceless) > 5 else "")
+        raise DataError(f"no face detected in {len(faceless)} image(s): {shown}; use --no-face center "
+                        "(no_face='center') to score them on the centre box, or --no-face skip to drop their pairs",
+                        file=dataset.root)
+    if faceless and policy.no_face == "skip":
+        no_face = dict.fromkeys(faceless, "pairs skipped")
+        dataset = dataset.without_images(dict.fromkeys(faceless, "no face detected"))
+        if not dataset.pairs:
+            raise DataError("no pairs left after skipping the images without a detected face", file=dataset.root)
+    elif faceless:
+        no_face = dict.fromkeys(faceless, "scored on the centre box")
     pairs = dataset.pairs
     return PairChips(
         dataset=dataset,
@@ -73,7 +119,43 @@ def prepare_pairs(lfw: str | Path | PairDataset, model: str = "dlib-resnet", *, 
         same=np.array([p.same for p in pairs], dtype=bool),
         folds=np.array([p.fold for p in pairs], dtype=np.int64),
         image_rows=np.array([chips.index(digest[i]) for i in dataset.image_ids], dtype=np.int64),
+        policy=policy,
+        no_face=no_face,
     )
+
+
+def format_input_summary(record: dict, results_file: str | None = None, limit: int = 8) -> str:
+    """One readable block, in command-line terms, of what the input rules did (``input_record()``);
+    empty when there is nothing to say."""
+    skipped, converted = record.get("skipped", []), record.get("converted", [])
+    no_face = record.get("no_face_images", [])
+    check = record.get("pairs_check") or ""
+    lines = []
+    if record.get("pairs_file") and check.startswith("not verified"):
+        lines.append(f"note: pairs file {record['pairs_file']} is {check}")
+    if not (skipped or converted or no_face):
+        return "\n".join(lines)
+    parts = []
+    if skipped:
+        parts.append(f"{len(skipped)} pair(s) skipped (--on-bad {record['on_bad']}, --no-face {record['no_face']})")
+    if converted:
+        parts.append(f"{len(converted)} image(s) converted to RGB (--on-bad convert)")
+    if no_face:
+        action = "their pairs skipped" if record["no_face"] == "skip" else "scored on the centre box"
+        parts.append(f"{len(no_face)} image(s) without a detected face, {action} (--no-face {record['no_face']})")
+    lines.append(f"input: {record.get('n_pairs', '?')} pairs used; " + "; ".join(parts))
+
+    def listing(title, items):
+        for text in items[:limit]:
+            lines.append(f"  {title:<10}{text}")
+        if len(items) > limit:
+            where = f" (all in {results_file})" if results_file else ""
+            lines.append(f"  {'':<10}... and {len(items) - limit} more{where}")
+
+    listing("skipped", [(f"{s['file']}:{s['line']}: " if s.get("line") else "") + s["reason"] for s in skipped])
+    listing("converted", [f"{c['file']}: {c['reason'].removeprefix('converted ')}" for c in converted])
+    listing("no face", [f"{n['image']}: {n['action']}" for n in no_face])
+    return "\n".join(lines)
 
 
 def environment() -> dict:
@@ -84,25 +166,27 @@ def environment() -> dict:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
+        **thread_info(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
 def run_verify(lfw, model: str = "dlib-resnet", *, folds=None, out_dir: str | Path | None = None,
-               batch_size: int = 64, on_bad: str = "error", cache_dir=None, workers=None,
-               engine: str = "auto", precision: str = "fp32", compare_engines: bool = False,
-               progress: bool = True) -> dict:
+               batch_size: int = 64, policy: InputPolicy | None = None, on_bad: str | None = None,
+               pairs_file=None, cache_dir=None, workers=None, engine: str = "auto", precision: str = "fp32",
+               compare_engines: bool = False, progress: bool = True) -> dict:
     """The LFW verification protocol for ``model``: cosine and L2, without and with flip averaging.
 
     Returns the report dict (also written to ``out_dir/verify.json`` with ``out_dir/roc.png``).
     The headline numbers are cosine without flip; every variant is under ``results``.
     ``precision="bf16"`` embeds with the bf16 fast path; ``compare_engines`` adds the 10-fold
     accuracy, speed and deviation of every embedding path (torch fp32, onnxruntime, torch bf16).
+    ``policy`` / ``on_bad`` / ``pairs_file``: the input rules, as for prepare_pairs; what they did
+    is under ``input`` in the report.
     """
     t0 = time.perf_counter()
-    pairs = prepare_pairs(lfw, model, folds=folds, on_bad=on_bad, cache_dir=cache_dir,
-                          workers=workers, progress=progress)
+    pairs = prepare_pairs(lfw, model, folds=folds, policy=policy, on_bad=on_bad, pairs_file=pairs_file,
+                          cache_dir=cache_dir, workers=workers, progress=progress)
     t_align = time.perf_counter() - t0
     eng = make_engine(model, kind=engine, precision=precision)
     chips = pairs.chips.chips
@@ -136,6 +220,7 @@ def run_verify(lfw, model: str = "dlib-resnet", *, folds=None, out_dir: str | Pa
         "thresholds": main.thresholds,
         "alignment_paths": pairs.alignment_paths(),
         "skipped": [dict(s) if isinstance(s, dict) else vars(s) for s in pairs.dataset.skipped],
+        "input": pairs.input_record(),
         "results": {name: r.to_dict() for name, r in results.items()},
         "timing_s": {"load_and_align": round(t_align, 2), "embed": round(t_embed, 2),
                      "total": round(time.perf_counter() - t0, 2)},
@@ -197,15 +282,14 @@ def format_report(report: dict) -> str:
     main = report["results"]["cosine"]
     rows.append("per-fold thresholds (cosine, fitted on the other folds): "
                 + ", ".join(f"{t:.4f}" for t in main["thresholds"]))
-    if report.get("skipped"):
-        rows.append(f"skipped: {len(report['skipped'])} (see verify.json)")
     t = report["timing_s"]
     rows.append(f"embedding engine: {report['engine']['engine']} ({report['precision']})")
     for name, p in report.get("embedding_paths", {}).items():
         rows.append(f"  path {name:<24} cosine {100 * p['cosine_accuracy_mean']:.2f}%  L2 {100 * p['l2_accuracy_mean']:.2f}%  "
                     f"max |Δ| vs fp32 {p['max_abs_vs_torch_fp32']:.2g}  {p['images_per_s']:.0f} img/s")
     rows.append(f"time: {t['total']:.1f} s (load + align {t['load_and_align']:.1f} s, embed {t['embed']:.1f} s)")
-    return "\n".join(rows)
+    summary = format_input_summary(report.get("input", {}), "verify.json")
+    return "\n".join(rows + ([summary] if summary else []))
 
 
 def _pct(x) -> str:

@@ -24,7 +24,7 @@ from advface_fast.align.dlib_align import SHAPE_PREDICTOR_FILE, center_rect
 from advface_fast.cache import config_key, default_cache_root
 from advface_fast.models.assets import model_file
 
-LFW_CI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw_ci"
+from conftest import LFW_CI  # noqa: E402  (conftest decides where the test data lives)
 IMAGES = LFW_CI / "lfw-deepfunneled"
 
 pytestmark = pytest.mark.skipif(not IMAGES.is_dir(), reason=f"lfw_ci data not found at {LFW_CI}")
@@ -261,3 +261,26 @@ def test_interrupted_run_resumes_from_checkpoints(tmp_path, monkeypatch, referen
     assert resumed.ids == ids
     assert np.array_equal(resumed.chips, reference.subset(ids).chips)
     assert not cache.partial_dir.exists()  # checkpoints are merged into the entry and removed
+
+
+@pytest.mark.parametrize("body, safe", [
+    ("print(worker_processes_safe())", False),  # a plain script calling at its top level
+    ('if __name__ == "__main__":\n    print(worker_processes_safe())', True),
+    ('def run():\n    return worker_processes_safe()\n\nif __name__ == "__main__":\n    print(run())', True),
+    ('def run():\n    return worker_processes_safe()\n\nprint(run())', False),
+])
+def test_worker_processes_are_used_only_where_they_cannot_rerun_the_script(tmp_path, body, safe):
+    """Workers (forkserver/spawn) import the main script again: allowed from inside its
+    `if __name__ == "__main__":` block, refused (alignment runs in-process) from its top level."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    script.write_text("from advface_fast.align.dlib_align import worker_processes_safe\n" + body + "\n")
+    env = dict(__import__("os").environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(safe)
+    code = "from advface_fast.align.dlib_align import worker_processes_safe; print(worker_processes_safe())"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120).stdout.strip() == "True"

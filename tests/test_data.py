@@ -34,9 +34,8 @@ from advface_fast.data import (
 from advface_fast.data.checksums import parse_sha256sums
 from advface_fast.data.insightface_bin import fold_sizes
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-CI = DATA / "lfw_ci"
-FULL = DATA / "lfw"
+from conftest import LFW_CI as CI  # noqa: E402  (conftest decides where the test data lives)
+from conftest import LFW_FULL as FULL  # noqa: E402
 needs_ci = pytest.mark.skipif(not (CI / "pairs.txt").is_file(), reason="lfw_ci data not present")
 needs_full = pytest.mark.skipif(not (FULL / "pairs.txt").is_file(), reason="full LFW data not present")
 
@@ -490,6 +489,46 @@ def test_unlisted_pairs_file_must_match_the_published_one(tmp_path):
 
 
 @needs_ci
+def test_users_own_pairs_file_by_path_is_used_with_a_note(tmp_path, monkeypatch):
+    """A pairs file named like the published one but different: refused inside the dataset (a changed
+    protocol file), used with a note when the user gives it by path; a SHA256SUMS beside it is checked."""
+    root = make_tree(tmp_path / "r", sums=False)
+    mine = tmp_path / "mine" / "pairs.txt"
+    mine.parent.mkdir()
+    mine.write_text(PAIRS_TEXT)
+    data = load_lfw(root, pairs=str(mine))
+    assert len(data.pairs) == 4 and data.pairs_check.startswith("not verified")
+    monkeypatch.chdir(tmp_path)
+    assert load_lfw(root, pairs="mine/pairs.txt").pairs_file == "mine/pairs.txt"  # relative: to the cwd
+    write_sha256sums(mine.parent, ["pairs.txt"])
+    assert load_lfw(root, pairs=str(mine)).pairs_check.startswith("verified by")
+    mine.write_text(PAIRS_TEXT + "\n")
+    with pytest.raises(DataError, match="SHA-256 mismatch"):
+        load_lfw(root, pairs=str(mine))
+    listed = load_lfw(make_tree(tmp_path / "s"))
+    assert listed.pairs_check.startswith("verified by") and listed.pairs_check.endswith("SHA256SUMS")
+
+
+@needs_ci
+def test_without_images_drops_and_records_their_pairs(tmp_path):
+    data = load_lfw(make_tree(tmp_path / "r"))
+    victim = data.pairs[0].a
+    kept = data.without_images({victim: "no face detected"})
+    users = [p for p in data.pairs if victim in (p.a, p.b)]
+    assert len(kept.pairs) == len(data.pairs) - len(users) and victim not in kept.image_ids
+    assert [s.reason.endswith(f"image {victim}: no face detected") for s in kept.skipped] == [True] * len(users)
+    assert kept.fingerprint != data.fingerprint and len(data.pairs) == 4  # the original is unchanged
+
+
+def test_skip_warning_has_its_own_category(tmp_path):
+    from advface_fast.data import DataIssue, DataWarning
+    from advface_fast.data.lfw import _warn_skipped
+
+    with pytest.warns(DataWarning):
+        _warn_skipped("x", [DataIssue("f", 1, "bad")])
+
+
+@needs_ci
 def test_fingerprint_changes_with_images_and_pairs(tmp_path):
     base = load_lfw(make_tree(tmp_path / "a", sums=False, pairs_name="p.txt"), pairs="p.txt")
     same = load_lfw(make_tree(tmp_path / "b", sums=False, pairs_name="p.txt"), pairs="p.txt", verify="none")
@@ -518,6 +557,7 @@ def test_resolve_lfw_path_order(tmp_path, monkeypatch):
     explicit, from_env, home = tmp_path / "explicit", tmp_path / "env", tmp_path / "home"
     for folder in (explicit, from_env, home / "lfw_home"):
         folder.mkdir(parents=True)
+    (home / "lfw_home" / "pairs.txt").write_text("1\t0\n")  # an empty default folder is an unfinished download
     monkeypatch.setenv("ADVFACE_LFW", str(from_env))
     monkeypatch.setenv("ADVFACE_HOME", str(home))
     assert resolve_lfw_path(explicit) == explicit

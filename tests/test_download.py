@@ -24,7 +24,7 @@ from advface_fast.data import (
     safe_extract_tar,
 )
 
-CI = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "lfw_ci"
+from conftest import LFW_CI as CI  # noqa: E402  (conftest decides where the test data lives)
 needs_ci = pytest.mark.skipif(not (CI / "pairs.txt").is_file(), reason="lfw_ci data not present")
 
 
@@ -265,10 +265,44 @@ def test_download_lfw_refuses_traversal_in_archive(server, tmp_path):
     dest = tmp_path / "a" / "b" / "lfw_home"
     with pytest.raises(UnsafeArchiveError):
         download_lfw(dest, archive=evil, pairs_files=pairs, progress=False, backoff_s=0)
-    assert not (tmp_path / "a" / "escape.txt").exists() and not (dest / "lfw_funneled").exists()
-    assert not [p for p in dest.iterdir() if p.name.startswith(".extract-")]  # staging folder removed
+    assert not (tmp_path / "a" / "escape.txt").exists() and not dest.exists()  # no half-made lfw_home
+    staging = dest.with_name("lfw_home.download")
+    assert not [p for p in staging.iterdir() if p.name.startswith(".extract-")]  # extraction folder removed
 
 
 def test_download_lfw_rejects_unknown_variant(tmp_path):
     with pytest.raises(ValueError, match="variant"):
         download_lfw(tmp_path, variant="deep")
+
+
+def test_failed_download_leaves_no_lfw_home_and_teaches_the_remedy(server, tmp_path, monkeypatch):
+    """Offline: no empty lfw_home is left behind (it would pass for LFW next time), the error names
+    --lfw / $ADVFACE_LFW / advface download-lfw, and the next run says the download is unfinished."""
+    from advface_fast.data import DownloadError, LFWNotFoundError, resolve_lfw_path
+
+    monkeypatch.setenv("ADVFACE_HOME", str(tmp_path))
+    monkeypatch.delenv("ADVFACE_LFW", raising=False)
+    dead = RemoteFile("pairs.txt", "http://127.0.0.1:9/pairs.txt", "0" * 64)  # port 9: nothing listens
+    with pytest.raises(DownloadError) as err:
+        download_lfw(pairs_files=[dead], progress=False, retries=1, timeout=2, backoff_s=0)
+    message = str(err.value)
+    assert "--lfw" in message and "ADVFACE_LFW" in message and "advface download-lfw" in message
+    assert not (tmp_path / "lfw_home").exists()
+    with pytest.raises(LFWNotFoundError, match="unfinished download"):
+        resolve_lfw_path()
+    # A folder an older version left empty is not taken for LFW either.
+    (tmp_path / "lfw_home").mkdir()
+    with pytest.raises(LFWNotFoundError, match="download-lfw"):
+        resolve_lfw_path()
+
+
+@needs_ci
+def test_download_after_a_failure_resumes_and_moves_into_place(server, tmp_path):
+    archive, pairs_files = _lfw_server_files(server)
+    dest = tmp_path / "lfw_home"
+    broken = RemoteFile(archive.filename, server.url + "/missing.tgz", archive.sha256)
+    with pytest.raises(DownloadError):
+        download_lfw(dest, archive=broken, pairs_files=pairs_files, progress=False, backoff_s=0, retries=1)
+    assert not dest.exists() and (tmp_path / "lfw_home.download" / "pairs.txt").is_file()
+    download_lfw(dest, archive=archive, pairs_files=pairs_files, progress=False, backoff_s=0)
+    assert (dest / "lfw_funneled").is_dir() and not (tmp_path / "lfw_home.download").exists()

@@ -24,6 +24,8 @@ import functools
 import multiprocessing
 import os
 import sys
+import threading
+import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -163,9 +165,60 @@ class DlibAligner:
 
 _worker_aligner: DlibAligner | None = None
 
+# How often a worker checks that the process that started the pool is still there.
+WATCHDOG_INTERVAL_S = 0.25
 
-def _init_worker(config: AlignConfig) -> None:
+
+def _process_alive(pid: int) -> bool:
+    """Whether pid runs (a zombie - killed, not yet reaped by its parent - counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _die_with(owner_pid: int) -> None:
+    """Make this worker exit as soon as ``owner_pid`` (the process that created the pool) is gone.
+
+    Workers block on their task queue, and forkserver children keep the forkserver and the
+    resource tracker alive, so without this a killed parent (kill -9, a crash) would leave the
+    whole group running. Two mechanisms: the kernel's parent-death signal when the owner is the
+    direct parent (spawn; Linux), and, for every start method and OS, a watchdog thread that
+    polls the owner and calls os._exit.
+    """
+    if os.getppid() == owner_pid and sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            PR_SET_PDEATHSIG = 1
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if not _process_alive(owner_pid):  # the owner died before the signal was armed
+        os._exit(1)
+
+    def watch():
+        while _process_alive(owner_pid):
+            time.sleep(WATCHDOG_INTERVAL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="advface-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(config: AlignConfig, owner_pid: int | None = None) -> None:
     global _worker_aligner
+    if owner_pid is not None:
+        _die_with(owner_pid)
     _worker_aligner = DlibAligner(config)
 
 
@@ -177,12 +230,17 @@ def _iter_aligned(
     ids: Sequence[str], load_image: Callable[[str], np.ndarray], config: AlignConfig, workers: int
 ) -> Iterator[tuple[str, np.ndarray, str]]:
     """(id, chip, path) for each id, in order. Images are loaded here and aligned in `workers` processes."""
+    if workers > 1 and len(ids) > BATCH_SIZE and not worker_processes_safe():
+        _note_in_process()
+        workers = 1
     if workers <= 1 or len(ids) <= BATCH_SIZE:
         aligner = DlibAligner(config)
         for image_id in ids:
             yield image_id, *_align_one(aligner, image_id, load_image)
         return
-    with ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker, initargs=(config,)) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker,
+                               initargs=(config, os.getpid()))
+    try:
         pending: deque = deque()
         for start in range(0, len(ids), BATCH_SIZE):
             batch = list(ids[start : start + BATCH_SIZE])
@@ -192,14 +250,83 @@ def _iter_aligned(
                 yield from _collect(*pending.popleft())
         while pending:
             yield from _collect(*pending.popleft())
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM, an error, the caller stopped early): stop the workers now
+        # instead of letting them finish the queued batches.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
     # Not "fork": a child forked after dlib's CNN detector has run in the parent inherits its
     # thread pool without the threads and hangs on its first CNN detection. A fresh interpreter
-    # per worker avoids that, at the usual price: scripts need `if __name__ == "__main__":`.
+    # per worker avoids that; worker_processes_safe() decides when one may be started.
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def worker_processes_safe() -> bool:
+    """Whether alignment may start worker processes without re-running the caller's program.
+
+    forkserver/spawn workers import the main module again. That is harmless for ``python -m``,
+    the console scripts, ``python -c`` and interactive sessions, and for a script whose call
+    comes from inside its ``if __name__ == "__main__":`` block. A plain script calling us from
+    its top level (like the README's API example) would run itself again in every worker, so
+    alignment then runs in this process instead (same chips, one core).
+    """
+    main = sys.modules.get("__main__")
+    if main is None or getattr(main, "__spec__", None) is not None:
+        return True
+    path = getattr(main, "__file__", None)
+    if not path or not os.path.isfile(path):
+        return True
+    frame = sys._getframe(1)
+    while frame is not None and not (frame.f_code.co_name == "<module>" and frame.f_globals is vars(main)):
+        frame = frame.f_back
+    if frame is None:  # not called from the script's top level (e.g. from a thread it started)
+        return True
+    return _inside_main_guard(path, frame.f_lineno)
+
+
+@functools.lru_cache(maxsize=8)
+def _main_guard_lines(path: str) -> tuple[tuple[int, int], ...]:
+    """Line ranges of the top-level ``if __name__ == "__main__":`` blocks of a script."""
+    import ast
+
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return ()
+
+    def is_guard(test) -> bool:
+        if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+            return False
+        sides = [test.left, test.comparators[0]]
+        names = [s.id for s in sides if isinstance(s, ast.Name)]
+        consts = [s.value for s in sides if isinstance(s, ast.Constant)]
+        return names == ["__name__"] and consts == ["__main__"]
+
+    return tuple((node.lineno, node.end_lineno) for node in tree.body
+                 if isinstance(node, ast.If) and is_guard(node.test))
+
+
+def _inside_main_guard(path: str, line: int) -> bool:
+    return any(lo <= line <= hi for lo, hi in _main_guard_lines(path))
+
+
+_noted = False
+
+
+def _note_in_process() -> None:
+    global _noted
+    if not _noted:
+        _noted = True
+        print("note: aligning in this process (one core): worker processes would re-run the calling script, "
+              "which has no `if __name__ == \"__main__\":` guard around this call; add one for parallel alignment",
+              file=sys.stderr)
 
 
 def _align_one(aligner: DlibAligner, image_id: str, load_image) -> tuple[np.ndarray, str]:
@@ -291,8 +418,9 @@ def align_images(
     dataset_fingerprint: identifies the image bytes behind the ids; None disables the cache
         (without it a cache could silently serve chips of other images).
     workers: alignment processes, default `os.cpu_count()`; the output does not depend on it.
-        Workers are fresh interpreters (forkserver/spawn), so a calling script needs the usual
-        `if __name__ == "__main__":` guard when workers > 1.
+        Workers are fresh interpreters (forkserver/spawn) that exit as soon as this process is
+        gone (even after kill -9). From a plain script without an `if __name__ == "__main__":`
+        guard, alignment runs in this process instead (see worker_processes_safe).
     checkpoint_every: with a cache, finished chips are saved every this many images, and a rerun
         after an interruption aligns only what is still missing.
 

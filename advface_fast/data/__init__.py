@@ -14,6 +14,7 @@ from .errors import DataError, DataIssue
 from .images import probe_image, read_image, read_rgb
 from .insightface_bin import load_bin
 from .lfw import PairDataset, load_lfw
+from .policy import NO_FACE_CHOICES, ON_BAD_CHOICES, DataWarning, InputPolicy
 from .pairs import Pair, PairsFile, image_id, parse_pairs, parse_pairs_text, parse_people
 from .paths import LFWNotFoundError, default_data_dir, resolve_lfw_path
 
@@ -21,6 +22,10 @@ __all__ = [
     "ChecksumError",
     "DataError",
     "DataIssue",
+    "DataWarning",
+    "InputPolicy",
+    "NO_FACE_CHOICES",
+    "ON_BAD_CHOICES",
     "DownloadError",
     "LFWNotFoundError",
     "PUBLISHED_SHA256",

@@ -23,7 +23,11 @@ from pathlib import Path, PurePosixPath
 from tqdm.auto import tqdm
 
 from .checksums import SUMS_NAME, sha256_file, write_sha256sums
-from .paths import default_lfw_path
+from .paths import ENV_LFW, default_lfw_path
+
+STAGING_SUFFIX = ".download"
+HOW_TO_GET_LFW = (f"If you have LFW already, pass --lfw PATH or set ${ENV_LFW} (load_lfw(path) in Python); "
+                  "otherwise rerun `advface download-lfw` when online")
 
 USER_AGENT = "advface-fast"
 _CHUNK = 1 << 16
@@ -208,13 +212,33 @@ def download_lfw(dest: str | os.PathLike | None = None, *, variant: str = "funne
 
     variant: "funneled" (lfw-funneled.tgz -> lfw_funneled/) or "original" (lfw.tgz -> lfw/).
     archive, pairs_files: override the mirrors (URL, file name, SHA-256), e.g. for a local copy.
-    The image folder is only downloaded when missing. When it was extracted here (from an
+    The image folder is only downloaded when missing. A dest that does not exist yet is filled
+    under <dest>.download and renamed when complete, so a failure leaves no dest behind (and a
+    rerun resumes); a failure raises DownloadError saying how to get LFW otherwise. When it was extracted here (from an
     archive whose checksum matched), a SHA256SUMS over the pairs files and the images is written,
     so later loads verify and fingerprint it like the official layout. Returns dest.
     """
     if variant not in SKLEARN_ARCHIVES:
         raise ValueError(f"variant must be one of {sorted(SKLEARN_ARCHIVES)}, got {variant!r}")
     dest = Path(dest).expanduser() if dest is not None else default_lfw_path()
+    # A new dataset folder is filled under <dest>.download and moved into place only when complete:
+    # a failed or interrupted download never leaves a dest that passes for LFW, and the next call
+    # resumes from the partial files kept there.
+    work = dest if dest.exists() else dest.with_name(dest.name + STAGING_SUFFIX)
+    try:
+        _download_into(work, variant=variant, archive=archive, pairs_files=pairs_files, retries=retries,
+                       timeout=timeout, progress=progress, keep_archive=keep_archive,
+                       write_checksums=write_checksums, backoff_s=backoff_s)
+    except DownloadError as exc:
+        kept = f"; partial files are kept in {work} and the next download resumes from them" if work.exists() else ""
+        raise type(exc)(f"could not download LFW: {exc}{kept}. {HOW_TO_GET_LFW}") from None
+    if work != dest:
+        os.replace(work, dest)
+    return dest
+
+
+def _download_into(dest: Path, *, variant, archive, pairs_files, retries, timeout, progress, keep_archive,
+                   write_checksums, backoff_s) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     archive = archive or SKLEARN_ARCHIVES[variant]
     pairs_files = SKLEARN_PAIRS_FILES if pairs_files is None else tuple(pairs_files)
@@ -223,7 +247,7 @@ def download_lfw(dest: str | os.PathLike | None = None, *, variant: str = "funne
         fetch(remote, dest, **options)
     folder = dest / ARCHIVE_FOLDERS[variant]
     if folder.is_dir():
-        return dest
+        return
     archive_path = fetch(archive, dest, **options)
     _extract_folder(archive_path, dest, folder.name)
     if not keep_archive:
@@ -231,4 +255,3 @@ def download_lfw(dest: str | os.PathLike | None = None, *, variant: str = "funne
     if write_checksums:
         images = [p.relative_to(dest).as_posix() for p in folder.rglob("*") if p.is_file()]
         write_sha256sums(dest, [r.filename for r in pairs_files] + images, dest / SUMS_NAME)
-    return dest

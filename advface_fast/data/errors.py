@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from .policy import ON_BAD_CHOICES  # noqa: F401  (the one list; re-exported here for old imports)
+
 OnBad = Literal["error", "skip", "convert"]
-ON_BAD_CHOICES = ("error", "skip", "convert")
 
 
 class DataError(ValueError):

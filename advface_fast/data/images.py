@@ -13,13 +13,16 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import DataError
+from .policy import ALPHA_BACKGROUND
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
-# Modes that convert to RGB without guessing much. Alpha is dropped, not composited; CMYK uses
-# PIL's plain (profile-free) formula. Modes such as I;16 or F are refused even with convert=True:
+# Modes that convert to RGB without guessing much. Alpha is composited onto ALPHA_BACKGROUND (the
+# colour a transparent pixel is shown on), never dropped; CMYK uses PIL's plain (profile-free) formula. Modes such as I;16 or F are refused even with convert=True:
 # squeezing them into uint8 would need a scaling choice we should not make silently.
 CONVERTIBLE_MODES = frozenset({"1", "L", "LA", "La", "P", "PA", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
+
+_ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 
 _MODE_WORDS = {"1": "black-and-white", "L": "grayscale", "LA": "grayscale with alpha", "P": "palette",
                "RGBA": "RGB with alpha", "CMYK": "CMYK"}
@@ -83,6 +86,33 @@ def _check_tail(data: bytes, fmt: str | None, label: str) -> None:
         raise DataError("PNG has no IEND chunk (truncated file?)", file=label)
 
 
+def has_alpha(image: Image.Image) -> bool:
+    """Whether the image carries transparency (an alpha band, or a palette/gray transparency key)."""
+    return image.mode in _ALPHA_MODES or "transparency" in image.info
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB version of a PIL image; transparency is composited onto ALPHA_BACKGROUND, not dropped."""
+    if not has_alpha(image):
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def conversion_note(mode: str, alpha: bool) -> str:
+    """How an image of `mode` was converted, for the records: "CMYK -> RGB", "RGBA -> RGB, alpha
+    composited onto (255, 255, 255)"."""
+    note = f"{mode} ({_MODE_WORDS.get(mode, 'not RGB')}) -> RGB"
+    return note + (f", alpha composited onto {ALPHA_BACKGROUND}" if alpha else "")
+
+
+def conversion_of(data: bytes) -> str:
+    """conversion_note for encoded image bytes (reads the header only)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return conversion_note(image.mode, has_alpha(image))
+
+
 def probe_image(source: ImageSource, *, name: str | None = None, convert: bool = False) -> str:
     """Cheap check without decoding pixels: readable, non-empty, an image, not cut short, RGB.
 
@@ -115,7 +145,7 @@ def read_image(source: ImageSource, *, name: str | None = None, convert: bool = 
             image.load()
             mode, fmt = image.mode, image.format
             _check_mode(mode, label, convert)
-            rgb = image if mode == "RGB" else image.convert("RGB")
+            rgb = image if mode == "RGB" else to_rgb(image)
             array = np.array(rgb, dtype=np.uint8)
     except UnidentifiedImageError:
         raise DataError("not a recognised image file", file=label) from None

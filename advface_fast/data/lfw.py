@@ -21,6 +21,7 @@ the numbers, so use verify="full" to find such images up front.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import warnings
@@ -31,7 +32,8 @@ import numpy as np
 
 from .checksums import PUBLISHED_SHA256, SUMS_NAME, read_sha256sums, sha256_bytes, sha256_file, verify_file
 from .errors import DataError, DataIssue, check_on_bad
-from .images import probe_image, read_bytes, read_image
+from .images import conversion_of, probe_image, read_bytes, read_image
+from .policy import DataWarning
 from .insightface_bin import BIN_FOLDS, bin_pairs, load_bin
 from .pairs import Pair, parse_pairs
 from .paths import resolve_lfw_path
@@ -80,16 +82,18 @@ class PairDataset:
     "insightface_bin"), pairs (list[Pair]), n_folds (folds in the protocol file), folds (the
     1-based fold numbers selected), image_ids (unique ids used by pairs, in first-use order),
     pairs_file, pairs_sha256, published_pairs (the pairs file is byte-identical to a published LFW
-    pairs file), skipped and converted (lists of DataIssue), verify (the level used).
+    pairs file), pairs_check (how the pairs file was checked, in words), skipped and converted
+    (lists of DataIssue), verify (the level used).
     """
 
     def __init__(self, *, name: str, root: Path, layout: str, pairs: list[Pair], n_folds: int,
                  folds: tuple[int, ...], images, on_bad: str, verify: str, skipped: list[DataIssue],
                  converted: dict[str, DataIssue], digests: dict[str, str], pairs_file: str | None = None,
-                 pairs_sha256: str | None = None, published_pairs: bool = False):
+                 pairs_sha256: str | None = None, published_pairs: bool = False, pairs_check: str | None = None):
         self.name, self.root, self.layout = name, root, layout
         self.pairs, self.n_folds, self.folds = pairs, n_folds, folds
         self.pairs_file, self.pairs_sha256, self.published_pairs = pairs_file, pairs_sha256, published_pairs
+        self.pairs_check = pairs_check
         self.on_bad, self.verify, self.skipped = on_bad, verify, skipped
         self.image_ids = list(dict.fromkeys(image for pair in pairs for image in (pair.a, pair.b)))
         self._known = set(self.image_ids)
@@ -109,6 +113,29 @@ class PairDataset:
     def converted(self) -> list[DataIssue]:
         """Images converted to RGB (on_bad="convert"), found while loading or by load_image."""
         return list(self._converted.values())
+
+    def without_images(self, reasons: dict[str, str]) -> "PairDataset":
+        """A copy without the pairs that use any image in ``reasons`` ({image id: why}), each dropped
+        pair recorded in .skipped (e.g. images without a detectable face, no_face="skip")."""
+        bad = {i: r for i, r in reasons.items() if i in self._known}
+        if not bad:
+            return self
+        kept, dropped = [], []
+        for pair in self.pairs:
+            why = [f"image {i}: {bad[i]}" for i in (pair.a, pair.b) if i in bad]
+            if why:
+                dropped.append(DataIssue(self.pairs_file or str(self.root), None,
+                                         f"pair {pair.a} | {pair.b} (fold {pair.fold}) dropped, " + "; ".join(why)))
+            else:
+                kept.append(pair)
+        out = copy.copy(self)
+        out.pairs, out.skipped = kept, self.skipped + dropped
+        out.image_ids = list(dict.fromkeys(i for pair in kept for i in (pair.a, pair.b)))
+        out._known = set(out.image_ids)
+        out._digests = {k: v for k, v in self._digests.items() if k in out._known}
+        out._converted = {k: v for k, v in self._converted.items() if k in out._known}
+        out._fingerprint = None
+        return out
 
     def image_path(self, image_id: str) -> Path:
         """File of an image (folder layouts only)."""
@@ -134,14 +161,15 @@ class PairDataset:
         self._check_known(image_id)
         label = self._images.label(image_id)
         try:
-            array, mode = read_image(self._read_checked(image_id), name=label, convert=self.on_bad == "convert")
+            data = self._read_checked(image_id)
+            array, mode = read_image(data, name=label, convert=self.on_bad == "convert")
         except DataError as exc:
             raise DataError(
                 f"{exc.reason} (found during the run; load with verify='full' to find bad images before it)",
                 file=label,
             ) from None
         if mode != "RGB" and image_id not in self._converted:
-            self._converted[image_id] = _converted_issue(label, mode)
+            self._converted[image_id] = _converted_issue(label, data)
         return array
 
     def image_digest(self, image_id: str) -> str:
@@ -177,8 +205,8 @@ def _fingerprint(pairs: list[Pair], digests: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def _converted_issue(label: str, mode: str) -> DataIssue:
-    return DataIssue(label, None, f"converted mode {mode!r} to RGB", action="converted")
+def _converted_issue(label: str, data: bytes) -> DataIssue:
+    return DataIssue(label, None, f"converted {conversion_of(data)}", action="converted")
 
 
 def _select_folds(folds: Iterable[int] | int | None, n_folds: int) -> tuple[int, ...]:
@@ -219,7 +247,7 @@ def _check_images(image_ids: list[str], images, *, verify: str, convert: bool, s
             else:
                 mode = probe_image(data, name=label, convert=convert)
             if mode != "RGB":
-                converted[image_id] = _converted_issue(label, mode)
+                converted[image_id] = _converted_issue(label, data)
         except DataError as exc:
             problems[image_id] = exc
     return problems, digests, converted
@@ -243,7 +271,8 @@ def _drop_bad_pairs(pairs, lines, problems, *, on_bad: str, pairs_label: str):
     if on_bad != "skip":
         first = next(iter(problems.values()))
         more = f" ({len(problems) - 1} more bad image(s))" if len(problems) > 1 else ""
-        raise DataError(f"{first.reason}{more}; pass on_bad='skip' to drop the pairs that use it",
+        raise DataError(f"{first.reason}{more}; use --on-bad skip (on_bad='skip') to drop the pairs that "
+                        "use it" + (", or --on-bad convert to convert it to RGB" if "mode" in first.reason else ""),
                         file=first.file, line=first.line)
     kept, skipped = [], []
     for pair, line in zip(pairs, lines):
@@ -259,7 +288,7 @@ def _drop_bad_pairs(pairs, lines, problems, *, on_bad: str, pairs_label: str):
 def _warn_skipped(name: str, skipped: list[DataIssue]) -> None:
     if skipped:
         warnings.warn(f"{name}: {len(skipped)} pair(s) skipped because of bad input; see dataset.skipped",
-                      stacklevel=4)  # point at the caller of load_lfw
+                      DataWarning, stacklevel=4)  # point at the caller of load_lfw
 
 
 def _find_root(path: Path, pairs: str) -> Path:
@@ -285,26 +314,47 @@ def _find_image_dir(root: Path, images: str | None) -> Path:
     return found[0]
 
 
-def _verify_metadata(root: Path, pairs_path: Path, sums: dict[str, str] | None, pairs_sha256: str) -> None:
-    """Metadata (non-image) files must match SHA256SUMS; a pairs file it does not cover and that is
-    named like a published one must match the published hash."""
-    covered = False
+def _verify_metadata(root: Path, pairs_path: Path, sums: dict[str, str] | None, pairs_sha256: str,
+                     users_file: bool) -> str:
+    """Check the metadata (non-image) files against SHA256SUMS and the pairs file against what is
+    known of it; return how the pairs file was checked (PairDataset.pairs_check).
+
+    A pairs file is checked by the SHA256SUMS of the dataset folder or one beside it, else by the
+    published LFW hash when it is named like a published file. A file inside the dataset named like
+    a published one that differs is refused (a changed protocol file); the user's own file given by
+    path (``users_file``) is used with a note instead.
+    """
+    covered = None
     if sums is not None:
         for rel, expected in sums.items():
             if rel.split("/", 1)[0] not in IMAGE_DIR_NAMES:
                 verify_file(root / rel, expected, label=root / rel)
         try:
-            covered = pairs_path.resolve().relative_to(root.resolve()).as_posix() in sums
+            if pairs_path.resolve().relative_to(root.resolve()).as_posix() in sums:
+                covered = root / SUMS_NAME
         except ValueError:
-            covered = False
+            pass
+    beside = pairs_path.parent / SUMS_NAME
+    if covered is None and beside.is_file() and pairs_path.parent.resolve() != root.resolve():
+        listed = read_sha256sums(beside).get(pairs_path.name)
+        if listed is not None:
+            verify_file(pairs_path, listed, label=pairs_path)
+            covered = beside
+    if covered is not None:
+        return f"verified by {covered}"
+    if pairs_sha256 in PUBLISHED_SHA256.values():
+        name = next(n for n, h in PUBLISHED_SHA256.items() if h == pairs_sha256)
+        return f"identical to the published LFW {name}"
     published = PUBLISHED_SHA256.get(pairs_path.name)
-    if not covered and published is not None and pairs_sha256 != published:
+    if published is not None and not users_file:
         raise DataError(
             f"does not match the published LFW {pairs_path.name} (SHA-256 {pairs_sha256}, published {published}); "
-            "results on a changed protocol file are not comparable. Pass verify='none' to use it anyway, "
-            "or give a custom pairs file another name",
+            "results on a changed protocol file are not comparable. To use your own pairs anyway, give the "
+            "file by path (--pairs-file FILE, or pairs=<path> in Python), or give it another name",
             file=pairs_path,
         )
+    return (f"not verified: no {SUMS_NAME} lists it and it is not a published LFW pairs file "
+            f"(SHA-256 {pairs_sha256}); results are not comparable with published LFW numbers")
 
 
 def _verify_all_listed(root: Path, sums: dict[str, str], already: set[str]) -> None:
@@ -317,15 +367,18 @@ def _load_folder(root: Path, *, pairs: str, folds, verify: str, on_bad: str, ima
                  name: str | None) -> PairDataset:
     root = _find_root(root, pairs)
     image_dir = _find_image_dir(root, images)
-    pairs_path = Path(pairs) if Path(pairs).is_absolute() else root / pairs
+    users_file = Path(pairs).name != str(pairs)  # given by path, not a file name inside the dataset
+    pairs_path = Path(pairs).expanduser() if Path(pairs).expanduser().is_absolute() else (
+        Path(pairs) if users_file else root / pairs)
     if not pairs_path.is_file():
         available = sorted(p.name for p in root.glob("pairs*.txt"))
         raise DataError(f"pairs file not found (available: {', '.join(available) or 'none'})", file=pairs_path)
     pairs_sha256 = sha256_file(pairs_path)
     sums_path = root / SUMS_NAME
     sums = read_sha256sums(sums_path) if verify != "none" and sums_path.is_file() else None
+    pairs_check = "not checked (verify='none')"
     if verify != "none":
-        _verify_metadata(root, pairs_path, sums, pairs_sha256)
+        pairs_check = _verify_metadata(root, pairs_path, sums, pairs_sha256, users_file)
 
     parsed = parse_pairs(pairs_path, on_bad=on_bad)
     selected = _select_folds(folds, parsed.n_folds)
@@ -349,7 +402,7 @@ def _load_folder(root: Path, *, pairs: str, folds, verify: str, on_bad: str, ima
         folds=selected, images=source, on_bad=on_bad, verify=verify, skipped=skipped,
         converted={k: v for k, v in converted.items() if k not in problems}, digests=digests,
         pairs_file=str(pairs_path), pairs_sha256=pairs_sha256,
-        published_pairs=pairs_sha256 in PUBLISHED_SHA256.values(),
+        published_pairs=pairs_sha256 in PUBLISHED_SHA256.values(), pairs_check=pairs_check,
     )
     _warn_skipped(dataset.name, skipped)
     return dataset
@@ -392,8 +445,11 @@ def load_lfw(path: str | os.PathLike | None = None, pairs: str = "pairs.txt", fo
     path: a folder with a pairs file and one image folder (lfw-deepfunneled/, lfw_funneled/ or
       lfw/), scikit-learn's lfw_home (or the data_home above it), or a .bin file; None means
       resolve_lfw_path() ($ADVFACE_LFW, then the default data directory).
-    pairs: pairs file name inside the folder (pairs.txt, pairsDevTrain.txt, pairsDevTest.txt) or
-      an absolute path. View 1 files are one fold. Ignored for .bin files.
+    pairs: pairs file name inside the folder (pairs.txt, pairsDevTrain.txt, pairsDevTest.txt), or
+      the path of your own pairs file (anything with a folder part: relative to the current
+      directory unless absolute). View 1 files are one fold. Ignored for .bin files. How the file
+      was checked is in .pairs_check: a SHA256SUMS in the dataset folder or beside the file, else
+      the published LFW hashes; your own file that no checksum covers is used with a note.
     folds: 1-based fold numbers to keep (as in the LFW documentation), e.g. [1] or range(1, 6);
       None keeps all.
     verify: "none", "auto" or "full" (see the module docstring for what each checks and costs).

@@ -44,5 +44,12 @@ def resolve_lfw_path(path: str | os.PathLike | None = None) -> Path:
     else:
         candidate, origin = default_lfw_path(), "the default location"
     if not candidate.exists():
-        raise LFWNotFoundError(f"no LFW data at {candidate} ({origin}). {_how_to_get_lfw()}")
+        unfinished = candidate.with_name(candidate.name + ".download")
+        note = (f" An unfinished download is in {unfinished}; `advface download-lfw` resumes it."
+                if origin == "the default location" and unfinished.is_dir() else "")
+        raise LFWNotFoundError(f"no LFW data at {candidate} ({origin}).{note} {_how_to_get_lfw()}")
+    if origin == "the default location" and candidate.is_dir() and not any(candidate.glob("pairs*.txt")):
+        # An empty or half-filled folder left by an older failed download is not LFW.
+        raise LFWNotFoundError(f"{candidate} ({origin}) holds no pairs file (an unfinished download?); "
+                               f"`advface download-lfw` completes it. {_how_to_get_lfw()}")
     return candidate

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..attacks import make_attack
+from ..data.policy import InputPolicy
 from ..models import create_model, get_model_spec
 from ..pipeline import environment, prepare_pairs
 from ..precision import device_features, model_device, resolve_precision
@@ -55,6 +56,9 @@ class Table1Config:
     fast_model: bool = False  # attack through the fast copy (affine folded, channels_last)
     early_stop: bool = False  # PGD: pairs past the threshold by a margin leave the batch
     attack_options: dict = field(default_factory=dict)  # per attack name: extra constructor kwargs
+    on_bad: str = "error"  # input rules (data.policy.InputPolicy): error | skip | convert
+    no_face: str = "center"  # error | skip | center
+    pairs_file: str | None = None  # your own pairs file instead of the dataset's pairs.txt
 
 
 @dataclass
@@ -98,7 +102,8 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
     """Run the grid and return the report (also written to out_dir: JSON, Markdown, plots)."""
     cfg = cfg or Table1Config()
     t_start = time.perf_counter()
-    pairs = prepare_pairs(lfw, cfg.model, on_bad="error", workers=workers, progress=progress)
+    pairs = prepare_pairs(lfw, cfg.model, policy=InputPolicy(cfg.on_bad, cfg.no_face), pairs_file=cfg.pairs_file,
+                          workers=workers, progress=progress)
     net = create_model(cfg.model)  # decisions: the plain model in fp32
     attacked_net = get_model_spec(cfg.model).make_fast(net) if cfg.fast_model else net
     device = model_device(net)
@@ -146,6 +151,7 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
         "config": {**asdict(cfg), "attacks": list(cfg.attacks), "eps": list(cfg.eps)},
         "dataset": {"name": pairs.dataset.name, "layout": pairs.dataset.layout},
         "dataset_fingerprint": pairs.dataset.fingerprint,
+        "input": pairs.input_record(),
         "n_pairs": int(len(sel)),
         "folds": sorted(int(f) for f in np.unique(sel.folds)),
         "thresholds": {"metric": cfg.metric, "fitted_on": "clean data, other folds (k-fold)",
