@@ -12,25 +12,47 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("ADVFACE_TEST_DATA", REPO_ROOT.parent / "shared" / "data"))
 LFW_CI = DATA_ROOT / "lfw_ci"
 LFW_FULL = DATA_ROOT / "lfw"
+# In CI (CI=true) a missing data folder or peer library is a failure, never a silent skip.
+CI_MODE = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(what: str) -> None:
+    """Skip the test because `what` is missing; in CI mode fail it instead."""
+    if CI_MODE:
+        pytest.fail(f"{what} (CI=true: missing test inputs are an error, not a skip)", pytrace=False)
+    pytest.skip(what, allow_module_level=True)
+
+
+def need_module(name: str, hint: str = ""):
+    """`pytest.importorskip`, except that in CI mode a missing module fails the test."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as err:
+        missing(f"could not import {name!r}: {err}" + (f" ({hint})" if hint else ""))
+
+
+def need_data(path: Path) -> Path:
+    """`path` (a dataset folder with pairs.txt); skipped when absent, failed in CI mode."""
+    if not (path / "pairs.txt").exists():
+        missing(f"test data not found at {path} (set ADVFACE_TEST_DATA to the folder holding lfw_ci/ and lfw/)")
+    return path
 
 
 @pytest.fixture(scope="session")
 def lfw_ci() -> Path:
-    if not (LFW_CI / "pairs.txt").exists():
-        pytest.skip(f"lfw_ci test data not found at {LFW_CI}")
-    return LFW_CI
+    return need_data(LFW_CI)
 
 
 @pytest.fixture(scope="session")
 def lfw_full() -> Path:
-    if not (LFW_FULL / "pairs.txt").exists():
-        pytest.skip(f"full LFW not found at {LFW_FULL}")
-    return LFW_FULL
+    return need_data(LFW_FULL)
 
 
 def _dlib_chipper():
     """A function image -> dlib's own aligned chip (HOG + 5 landmarks + get_face_chip), or None."""
-    dlib = pytest.importorskip("dlib")
+    dlib = need_module("dlib")
     from advface_fast.models.assets import model_file
 
     detector = dlib.get_frontal_face_detector()

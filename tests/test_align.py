@@ -27,7 +27,7 @@ from advface_fast.models.assets import model_file
 from conftest import LFW_CI  # noqa: E402  (conftest decides where the test data lives)
 IMAGES = LFW_CI / "lfw-deepfunneled"
 
-pytestmark = pytest.mark.skipif(not IMAGES.is_dir(), reason=f"lfw_ci data not found at {LFW_CI}")
+pytestmark = pytest.mark.usefixtures("lfw_ci")  # skipped without the data; failed in CI mode
 
 
 def load(image_id: str) -> np.ndarray:

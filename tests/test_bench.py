@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import need_module  # in CI mode a missing library fails
 import torch
 from torch import nn
 
@@ -22,7 +24,7 @@ from advface_fast.bench import cli as bench_cli
 from advface_fast.bench import harness
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from conftest import CI_MODE as IN_CI  # noqa: E402
 
 ROW_PREFIXES = ("pgd_step fused", "cw_step fused", "PGD 1 step: ours fp32", "PGD 1 step: ours",
                 "PGD-2: ours fp32", "embedding: onnxruntime", "embedding: ", "GEMM 256^3",
@@ -31,11 +33,7 @@ ROW_PREFIXES = ("pgd_step fused", "cw_step fused", "PGD 1 step: ours fp32", "PGD
 
 def import_torchattacks():
     """torchattacks, the peer library; CI installs it (README's test command), so there it must import."""
-    if IN_CI:
-        import torchattacks  # noqa: F401  (fails loudly: the peer comparison must run in CI)
-
-        return torchattacks
-    return pytest.importorskip("torchattacks", reason="pip install --no-deps torchattacks==3.5.1")
+    return need_module("torchattacks", hint="pip install --no-deps torchattacks==3.5.1")
 
 
 def quick_env(**extra) -> dict:
@@ -383,7 +381,7 @@ def test_profile_script_splits_a_step_into_groups(tmp_path):
 
 def test_embedding_sweep_script_on_ci_pairs(lfw_ci, tmp_path):
     """benchmarks/embedding_batch_sweep.py on a few lfw_ci chips: every engine x batch has a rate."""
-    pytest.importorskip("onnxruntime")
+    need_module("onnxruntime")
     script = load_script("embedding_batch_sweep")
     out = tmp_path / "sweep.json"
     result = script.main(["--lfw", str(lfw_ci), "--threads", "1", "--images", "8", "--batches", "4,8",

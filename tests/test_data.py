@@ -36,8 +36,8 @@ from advface_fast.data.insightface_bin import fold_sizes
 
 from conftest import LFW_CI as CI  # noqa: E402  (conftest decides where the test data lives)
 from conftest import LFW_FULL as FULL  # noqa: E402
-needs_ci = pytest.mark.skipif(not (CI / "pairs.txt").is_file(), reason="lfw_ci data not present")
-needs_full = pytest.mark.skipif(not (FULL / "pairs.txt").is_file(), reason="full LFW data not present")
+needs_ci = pytest.mark.usefixtures("lfw_ci")  # skipped without the data; failed in CI mode
+needs_full = pytest.mark.usefixtures("lfw_full")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -25,7 +25,7 @@ from advface_fast.data import (
 )
 
 from conftest import LFW_CI as CI  # noqa: E402  (conftest decides where the test data lives)
-needs_ci = pytest.mark.skipif(not (CI / "pairs.txt").is_file(), reason="lfw_ci data not present")
+needs_ci = pytest.mark.usefixtures("lfw_ci")  # skipped without the data; failed in CI mode
 
 
 class _Handler(BaseHTTPRequestHandler):

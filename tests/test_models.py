@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from conftest import need_module  # in CI mode a missing library fails
 import torch
 
 from advface_fast.models import create_model, get_model_spec, list_models
@@ -11,7 +13,7 @@ from advface_fast.models.assets import model_file
 from advface_fast.models.dlib_format import DlibFormatError, read_dlib_net
 from advface_fast.models.dlib_resnet import DAT_NAME, add_zero_padded, load_dlib_resnet
 
-dlib = pytest.importorskip("dlib")
+dlib = need_module("dlib")
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from conftest import need_module  # in CI mode a missing library fails
 import torch
 
 from advface_fast import engine as engine_mod
@@ -15,7 +17,7 @@ from advface_fast.engine import (OrtEngine, TorchEngine, chips_to_array, chips_t
 from advface_fast.models import create_model
 from advface_fast.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, onnx_cache_key
 
-onnx = pytest.importorskip("onnx")
+onnx = need_module("onnx")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -48,7 +50,7 @@ def onnx_file(model, onnx_dir):
 
 @pytest.fixture(scope="module")
 def ort_engine(onnx_file):
-    pytest.importorskip("onnxruntime")
+    need_module("onnxruntime")
     return OrtEngine(onnx_file, device="cpu", num_threads=1)
 
 
@@ -116,7 +118,7 @@ def test_missing_onnxruntime_gives_an_install_hint(monkeypatch, model, onnx_file
 
 
 def test_auto_picks_onnxruntime_when_it_matches_torch(model, onnx_dir, monkeypatch):
-    pytest.importorskip("onnxruntime")
+    need_module("onnxruntime")
     chosen = make_engine(model, kind="auto", device="cpu", num_threads=1, cache_dir=onnx_dir)
     assert isinstance(chosen, OrtEngine) and chosen.provider == "CPUExecutionProvider"
     assert chosen.describe()["engine"] == "onnxruntime"
@@ -129,7 +131,7 @@ def test_auto_picks_onnxruntime_when_it_matches_torch(model, onnx_dir, monkeypat
 
 
 def test_auto_falls_back_to_torch_when_parity_fails(model, onnx_dir, monkeypatch):
-    pytest.importorskip("onnxruntime")
+    need_module("onnxruntime")
     run = OrtEngine._run
     monkeypatch.setattr(OrtEngine, "_run", lambda self, x: run(self, x) + np.float32(1e-3))
     chosen = make_engine(model, kind="auto", device="cpu", num_threads=1, cache_dir=onnx_dir)
