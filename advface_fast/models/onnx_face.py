@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import onnx
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from .dlib_resnet import file_sha256
-from .onnx_torch import OnnxModule, graph_input_shape
+from .onnx_torch import OnnxModule, fold_batchnorm, graph_input_shape
 
 
 def _floats(value, n=3) -> list[float]:
@@ -84,6 +85,7 @@ class OnnxFaceModel(nn.Module):
         self.weights_sha256 = file_sha256(path)
         self.dat_sha256 = self.weights_sha256  # the name the Table 1 cache keys read today
         self.onnx_path = str(path)
+        self.memory_format = torch.contiguous_format
         with torch.no_grad():
             out = self.forward(torch.zeros(1, 3, *self.input_size))
         if out.dim() != 2:
@@ -99,7 +101,25 @@ class OnnxFaceModel(nn.Module):
         if self.channel_order == "bgr":
             images = images.flip(1)
         x = images * self.scale.to(images.dtype) + self.shift.to(images.dtype)
-        return self.net(x)
+        return self.net(x.contiguous(memory_format=self.memory_format))
 
 
-__all__ = ["OnnxFaceModel", "onnx_metadata"]
+def make_fast(model: OnnxFaceModel, fold_bn: bool = True, channels_last: bool = True) -> OnnxFaceModel:
+    """A new, frozen, eval-mode fast copy of an ``OnnxFaceModel`` (``model`` is not changed):
+    Conv -> BatchNormalization pairs folded into one Conv (``fold_batchnorm``) and activations and
+    4-D weights in channels_last order. Same function up to float rounding."""
+    if not isinstance(model, OnnxFaceModel):
+        raise TypeError(f"make_fast supports OnnxFaceModel, got {type(model).__name__}")
+    fast = copy.deepcopy(model)
+    if fold_bn:
+        fast.net = fold_batchnorm(fast.net)
+    if channels_last:
+        fast.memory_format = torch.channels_last
+        for name, buf in fast.net.named_buffers():
+            if buf.dim() == 4 and buf.is_floating_point():
+                setattr(fast.net, name, buf.contiguous(memory_format=torch.channels_last))
+    fast.switches = {"fold_bn": fold_bn, "channels_last": channels_last}
+    return fast.eval().requires_grad_(False)
+
+
+__all__ = ["OnnxFaceModel", "make_fast", "onnx_metadata"]
