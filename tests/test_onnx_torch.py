@@ -243,3 +243,54 @@ def test_fold_batchnorm_leaves_a_shared_conv_output_alone():
     from advface_fast.models.onnx_torch import fold_batchnorm
 
     assert [s.op for s in fold_batchnorm(OnnxModule(model)).steps] == ["Conv", "BatchNormalization", "Add"]
+
+
+def test_shape_arithmetic_slice_and_pad_match_onnxruntime():
+    """The patterns exporters emit: Shape -> Gather (0-d index) -> Unsqueeze -> Concat ->
+    ConstantOfShape / Pad, and Slice with negative and non-unit steps."""
+    rng = np.random.default_rng(7)
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shp"]),
+        helper.make_node("Constant", [], ["idx"], value=numpy_helper.from_array(np.array(1, np.int64))),
+        helper.make_node("Gather", ["shp", "idx"], ["c"], axis=0),  # a 0-d channel count
+        helper.make_node("Unsqueeze", ["c", "ax0"], ["c1"]),
+        helper.make_node("Concat", ["zeros2", "c1", "zeros5"], ["pads"], axis=0),  # pad C at its end by C
+        helper.make_node("Pad", ["x", "pads"], ["padded"], mode="constant"),
+        helper.make_node("Slice", ["padded", "st", "en", "axs", "stp"], ["sl"]),
+        helper.make_node("Pad", ["sl", "epads"], ["edge"], mode="edge"),
+        helper.make_node("ConstantOfShape", ["shp"], ["ones"], value=numpy_helper.from_array(np.array([2.0], np.float32))),
+        helper.make_node("Mul", ["x", "ones"], ["x2"]),
+        helper.make_node("ReduceSum", ["x2", "ax0"], ["y2"], keepdims=0),
+    ]
+    inits = [init("ax0", i64(0)), init("zeros2", i64(0, 0)), init("zeros5", i64(0, 0, 0, 0, 0)),
+             init("st", i64(-1, 0)), init("en", i64(-(2 ** 63), 9)), init("axs", i64(3, 1)), init("stp", i64(-1, 2)),
+             init("epads", i64(0, 0, 1, 2, 0, 0, 3, 0))]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 5])
+    outs = [helper.make_tensor_value_info("edge", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)]
+    model = make_model(nodes, [x], outs, inits)
+    xv = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    ref = run_ort(model, {"x": xv})
+    with torch.no_grad():
+        ours = OnnxModule(model)(torch.from_numpy(xv))
+    assert [tuple(o.shape) for o in ours] == [r.shape for r in ref]
+    assert all(np.abs(o.numpy() - r).max() <= 1e-6 for o, r in zip(ours, ref))
+
+
+def test_runs_the_librarys_own_export_of_dlib_resnet(tmp_path):
+    """Any exporter-made face model: the TorchScript export of dlib-resnet (Shape/Gather/Concat/Pad
+    shape arithmetic around zero-padded residual adds) runs and matches the torch model."""
+    pytest.importorskip("dlib")
+    from advface_fast.onnx_export import export_onnx
+
+    model = create_model("dlib-resnet", cache_dir=tmp_path)
+    path = export_onnx(model, tmp_path / "dlib.onnx")
+    net = create_model(f"onnx:{path}", mean=0.0, std=255.0)  # the graph takes [0, 1] images itself
+    assert net.spec.input_size == (150, 150) and net.spec.embedding_dim == 128
+    x = torch.rand(3, 3, 150, 150, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (net(x) - model(x)).abs().max() <= 1e-5
+    fast = create_model(f"onnx:{path}", mean=0.0, std=255.0, fast=True)
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max() <= 1e-5

@@ -32,10 +32,8 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 def _to_torch(array: np.ndarray) -> torch.Tensor:
-    array = np.asarray(array)
-    if array.dtype == np.float64:  # keep doubles: a Cast or an explicit double graph asks for them
-        return torch.from_numpy(array.copy())
-    return torch.from_numpy(np.ascontiguousarray(array).copy())
+    # np.array (not np.ascontiguousarray, which turns a 0-d array into 1-d) copies and keeps the rank.
+    return torch.from_numpy(np.array(array, copy=True, order="C"))
 
 
 _ONNX_TO_TORCH_DTYPE = {
@@ -171,15 +169,18 @@ def op_slice(a, x, starts=None, ends=None, axes=None, steps=None):
         steps = None if steps is None else steps.tolist()
     axes = list(range(len(starts))) if axes is None else axes
     steps = [1] * len(starts) if steps is None else steps
-    index = [slice(None)] * x.dim()
     for s, e, ax, st in zip(starts, ends, axes, steps):
-        if st != 1:
-            raise UnsupportedOnnxOpError(f"Slice with step {st} is not supported")
-        dim = x.shape[ax]
-        s = max(0, min(dim, s + dim if s < 0 else s))
-        e = max(0, min(dim, e + dim if e < 0 else e))
-        index[ax] = slice(s, e)
-    return x[tuple(index)]
+        ax, dim = ax % x.dim(), x.shape[ax]
+        s, e = (s + dim if s < 0 else s), (e + dim if e < 0 else e)
+        if st > 0:
+            s, e = max(0, min(dim, s)), max(0, min(dim, e))
+            x = x.narrow(ax, s, max(e - s, 0)) if st == 1 else x.index_select(ax, torch.arange(s, e, st, device=x.device))
+        elif st < 0:
+            s, e = max(0, min(dim - 1, s)), max(-1, min(dim - 1, e))
+            x = x.index_select(ax, torch.arange(s, e, st, device=x.device))
+        else:
+            raise UnsupportedOnnxOpError("Slice with step 0")
+    return x
 
 
 def op_gather(a, x, idx):
@@ -270,6 +271,40 @@ def op_dequantize(a, x, scale, zero_point=None):
     return (y * scale).to(scale.dtype)
 
 
+def op_constant_of_shape(a, shape):
+    value = a.get("value")
+    value = np.zeros(1, np.float32) if value is None else np.asarray(value).reshape(-1)
+    return torch.full([int(v) for v in shape.tolist()], value[0].item(), dtype=_to_torch(value).dtype,
+                      device=shape.device)
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+def op_pad(a, x, pads=None, value=None, axes=None):
+    """ONNX Pad: ``pads`` = [begin of each axis..., end of each axis...] (negative = crop)."""
+    mode = a.get("mode", "constant")
+    if mode not in _PAD_MODES:
+        raise UnsupportedOnnxOpError(f"Pad mode {mode!r}")
+    pads = [int(v) for v in (a["pads"] if pads is None else pads.tolist())]
+    axes = list(range(x.dim())) if axes is None else [int(v) % x.dim() for v in axes.tolist()]
+    n = len(axes)
+    begins, ends = [0] * x.dim(), [0] * x.dim()
+    for i, ax in enumerate(axes):
+        begins[ax], ends[ax] = pads[i], pads[n + i]
+    spec = []
+    for b, e in zip(reversed(begins), reversed(ends)):
+        spec += [b, e]
+    if mode == "constant":
+        fill = a.get("value", 0.0) if value is None else value.reshape(()).item()
+        return F.pad(x, spec, value=float(fill))
+    used = [i for i in range(x.dim()) if begins[i] or ends[i]]
+    if not 3 <= x.dim() <= 5 or (used and used[0] < 2) or any(v < 0 for v in begins + ends):
+        raise UnsupportedOnnxOpError(f"Pad mode {mode!r} on axes {used} of a {x.dim()}-d tensor "
+                                     "(only the spatial axes of N x C x ... tensors) or with negative pads")
+    return F.pad(x, spec[:2 * (x.dim() - 2)], mode=_PAD_MODES[mode])
+
+
 def op_cast(a, x):
     to = a["to"]
     if to not in _ONNX_TO_TORCH_DTYPE:
@@ -330,6 +365,8 @@ OPS = {
     "ReduceSum": op_reduce("sum"),
     "ReduceL2": op_reduce("l2"),
     "Constant": op_constant,
+    "ConstantOfShape": op_constant_of_shape,
+    "Pad": op_pad,
     "DequantizeLinear": op_dequantize,
 }
 SUPPORTED_OPS = tuple(sorted(OPS))

@@ -122,6 +122,9 @@ class OnnxModule(nn.Module):
             out = step.fn(step.attrs, *args)
         except UnsupportedOnnxOpError as e:
             raise UnsupportedOnnxOpError(f"node '{step.name}' ({step.op}): {e}") from None
+        except (RuntimeError, ValueError, IndexError, TypeError) as e:
+            shapes = [None if t is None else tuple(t.shape) for t in args]
+            raise RuntimeError(f"ONNX node '{step.name}' ({step.op}) failed on inputs of shapes {shapes}: {e}") from e
         return out if isinstance(out, tuple) else (out,)
 
     def forward(self, *inputs):
