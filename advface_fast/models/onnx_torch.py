@@ -6,12 +6,13 @@ arithmetic on constants) into float buffers at load time, and runs the remaining
 plain torch ops in ``forward``. Gradients flow to the inputs, so attacks work on any supported
 model; the constants are buffers, moved by ``.to(device)``.
 
-The op implementations live in ``onnx_ops``. Supported ops (``SUPPORTED_OPS``): Conv, BatchNormalization, PRelu, Relu, LeakyRelu, Sigmoid,
-Tanh, Clip, Softmax, Add, Sub, Mul, Div, Pow, Sqrt, Neg, Exp, Gemm, MatMul, Flatten, Reshape,
-Transpose, Squeeze, Unsqueeze, Concat, Slice, Gather, Shape, Cast, Identity, Dropout (inference),
-MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceSum, ReduceL2,
-Constant, DequantizeLinear (per tensor, per axis and blocked, opset 21 ``block_size``). Any
-other op raises ``UnsupportedOnnxOpError`` at load time naming the first one and its node.
+The op implementations live in ``onnx_ops``. Supported ops (``SUPPORTED_OPS``): Conv,
+BatchNormalization, PRelu, Relu, LeakyRelu, Sigmoid, Tanh, Clip, Softmax, Add, Sub, Mul, Div,
+Pow, Sqrt, Neg, Exp, Gemm, MatMul, Flatten, Reshape, Transpose, Squeeze, Unsqueeze, Concat,
+Slice, Gather, Shape, ConstantOfShape, Pad, Cast, Identity, Dropout (inference), MaxPool,
+AveragePool, GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceSum, ReduceL2, Constant,
+DequantizeLinear (per tensor, per axis and blocked, opset 21 ``block_size``). Any other op raises
+``UnsupportedOnnxOpError`` at load time naming the first one and its node.
 
 ``fold_batchnorm(net)`` is the fast copy's rewrite: each Conv -> BatchNormalization pair becomes
 one Conv (W' = W * k, b' = (b - mean) * k + beta, k = gamma / sqrt(var + eps), computed in float64).
