@@ -133,3 +133,14 @@ def test_fast_copy_matches_the_plain_model(model, images):
     assert (g_fast.double() - g_exact).norm() <= 1.5 * (g_plain.double() - g_exact).norm() + 1e-9
     g_layout = input_gradient(make_fast(model, fold_bn=False), x)  # same arithmetic, other layout
     assert (g_layout - g_plain).norm() <= 1e-5 * g_plain.norm()
+
+
+def test_the_librarys_onnx_export_runs_sface_with_any_batch(model, images, tmp_path):
+    """The onnxruntime embedding engine exports registry models with a dynamic batch axis."""
+    from advface_fast.onnx_export import export_onnx
+
+    session = ort_session(__import__("onnx").load(str(export_onnx(model, tmp_path / "sface.onnx"))))
+    for n in (1, 3):
+        ref = session.run(None, {"images": images[:n].numpy()})[0]
+        with torch.no_grad():
+            assert np.abs(model(images[:n]).numpy() - ref).max() <= 1e-5

@@ -127,7 +127,11 @@ def op_gemm(a, A, B, C=None):
 def op_flatten(a, x):
     axis = a.get("axis", 1)
     axis = axis + x.dim() if axis < 0 else axis
-    return x.reshape(math.prod(x.shape[:axis]), -1)
+    if axis == 0:
+        return x.reshape(1, -1)
+    # flatten() rather than reshape(prod(shape[:axis]), -1): a traced export keeps the batch dynamic
+    y = x.flatten(axis) if axis < x.dim() else x.unsqueeze(-1)
+    return y.flatten(0, axis - 1)
 
 
 def op_reshape(a, x, shape):
