@@ -96,8 +96,8 @@ def _int_list(text: str) -> tuple:
 
 def cmd_attack(args) -> int:
     from .attacks import list_attacks
-    from .tables.render import table1_markdown
-    from .tables.table1 import Table1Config, run_table1
+    from .experiments.render import table1_markdown
+    from .experiments.table1 import Table1Config, run_table1
 
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
     unknown = [a for a in attacks if a not in list_attacks()]
@@ -133,8 +133,50 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def cmd_cache(args) -> int:
+    from .cache import cache_info, cache_prune
+
+    if args.action == "prune":
+        result = cache_prune(args.root, dry_run=args.dry_run)
+        if args.json:
+            print(json.dumps(result, indent=2))
+            return 0
+        verb = "would remove" if result["dry_run"] else "removed"
+        for r in result["removed"]:
+            print(f"{verb}: {r['path']}  ({_bytes(r['bytes'])}; {r['why']})")
+        print(f"{verb} {len(result['removed'])} item(s), {_bytes(result['bytes'])} under {result['root']}")
+        return 0
+    info = cache_info(args.root)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"cache root: {info['root']}")
+    for name, c in info["caches"].items():
+        stale = [e for e in c["entries"] if e["status"] not in ("ok", "partial (resumable)")]
+        print(f"\n{name}: {len(c['entries'])} entries, {_bytes(c['bytes'])}"
+              + (f"; {len(stale)} unusable (old key scheme / damaged)" if stale else "")
+              + (f"; {len(c['leftovers'])} leftover temp/damaged files" if c["leftovers"] else ""))
+        print(f"  key: {c['key_scheme']}")
+        for e in c["entries"]:
+            what = ", ".join(f"{k}={v}" for k, v in e.items() if k not in ("path", "bytes", "status") and v is not None)
+            print(f"  {Path(e['path']).name:<42} {_bytes(e['bytes']):>10}  {e['status']}" + (f"  ({what})" if what else ""))
+    for u in info["unknown"]:
+        print(f"\nunknown: {u['path']} ({_bytes(u['bytes'])})")
+    print("\n`advface cache prune` removes the unusable entries and leftovers (add --dry-run to see them first).")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .precision import PRECISIONS
+    from .verify import METRICS
 
     parser = argparse.ArgumentParser(
         prog="advface",
@@ -185,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_int_list, metavar="LIST", help="PGD / C&W step counts, e.g. 10,40 (default: 40)")
     p.add_argument("--pairs", type=int, metavar="N", help="attack only the first N pairs of the folds, half matched")
     p.add_argument("--all-folds", action="store_true", help="attack all folds (default without --folds: fold 1)")
-    p.add_argument("--metric", choices=("cosine", "l2"), default="cosine", help="similarity (default: %(default)s)")
+    p.add_argument("--metric", choices=tuple(METRICS), default="cosine", help="similarity (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="run seed; per-pair seeds derive from it (default: 0)")
     p.add_argument("--no-noise", action="store_true", help="skip the uniform-noise baseline rows")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
@@ -203,19 +245,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", metavar="DIR", help="target folder (default: $ADVFACE_HOME/lfw_home)")
     p.set_defaults(func=cmd_download)
 
-    from . import bench
+    from .bench.cli import add_subparser as add_bench_parser
+
+    add_bench_parser(sub)
 
     p = sub.add_parser(
-        "bench", help="speed benchmarks: ours vs baselines, side by side in one process",
+        "cache", help="show what the caches hold, or prune entries no current code can use",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Time the fused update kernels, PGD (ours fp32 / bf16 vs torchattacks on the same weights, "
-                    "objective, pairs and batch, with both success rates), embedding engines, and the "
-                    "forward+backward FLOP rate against the GEMM rates of this machine. Prints one table of "
-                    "ratios (medians after warm-up) and writes benchmarks/results/<host>.json.",
-        epilog="examples:\n  advface bench --quick\n  advface bench --lfw data/lfw --out benchmarks/results\n\n"
-               "torchattacks is optional: pip install --no-deps torchattacks==3.5.1")
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.cmd_bench)
+        description="info: every cache under $ADVFACE_HOME (chips, attacked queries, ONNX exports, converted "
+                    "weights) with its entries, sizes and key scheme. prune: remove entries of old key schemes, "
+                    "damaged entries, temporary files of killed runs and partial checkpoints beside a complete "
+                    "entry. Resumable partial runs and downloaded data are kept.",
+        epilog="examples:\n  advface cache info\n  advface cache prune --dry-run\n  advface cache prune")
+    p.add_argument("action", choices=("info", "prune"), help="what to do")
+    p.add_argument("--root", metavar="DIR", help="cache root (default: $ADVFACE_HOME or ~/.cache/advface-fast)")
+    p.add_argument("--dry-run", action="store_true", help="prune: list what would be removed, remove nothing")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=cmd_models)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .precision import model_device
+
 
 def chips_to_tensor(chips: np.ndarray, device=None) -> torch.Tensor:
     """N x H x W x 3 uint8 RGB -> N x 3 x H x W float32 in [0, 1]."""
@@ -23,10 +25,6 @@ def chips_to_tensor(chips: np.ndarray, device=None) -> torch.Tensor:
     # A copy: chips may be a read-only memory map of the chip cache.
     x = torch.from_numpy(np.array(chips, copy=True)).to(device)
     return x.permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 @torch.inference_mode()

@@ -13,8 +13,6 @@ any batch size (the tests check batch sizes 1, 3 and 8 against torch).
 from __future__ import annotations
 
 import copy
-import hashlib
-import os
 import warnings
 from pathlib import Path
 
@@ -22,6 +20,8 @@ import torch
 from torch import nn
 
 from .cache import config_key, default_cache_root
+from .fileio import atomic_write
+from .models.identity import weights_id
 
 DEFAULT_OPSET = 17
 INPUT_NAME = "images"
@@ -37,18 +37,6 @@ def _resolve(model: str | nn.Module, model_kwargs: dict) -> tuple[str, nn.Module
         return model, create_model(model, **model_kwargs)
     spec = getattr(model, "spec", None)
     return (spec.name if spec is not None else type(model).__name__), model
-
-
-def weights_id(model: nn.Module) -> str:
-    """The model's weight identity: dlib's .dat sha256 when known, else a hash of its state dict."""
-    digest = getattr(model, "dat_sha256", None)
-    if digest:
-        return digest
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def onnx_cache_key(model_name: str, model: nn.Module, opset: int = DEFAULT_OPSET) -> str:
@@ -142,9 +130,7 @@ def export_onnx(model: str | nn.Module, path: str | Path | None = None, opset: i
     # Batch 2, not 1: a size-1 batch could let the tracer treat the batch axis as broadcastable.
     dummy = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0))
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_write(path) as tmp:
         with warnings.catch_warnings():
             # Shape comparisons in the model are traced as constants; that is right here because
             # only the batch axis varies and no shape test involves it.
@@ -164,9 +150,6 @@ def export_onnx(model: str | nn.Module, path: str | Path | None = None, opset: i
             proto.metadata_props.add(key=k, value=v)
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -21,9 +21,8 @@ from .align import ALIGN_PATHS, AlignConfig, AlignedChips, align_images
 from .data import PairDataset, load_lfw
 from .engine import make_engine
 from .models import get_model_spec
-from .verify import VerificationResult, evaluate_embeddings, plot_roc
+from .verify import METRICS, VerificationResult, evaluate_embeddings, plot_roc
 
-METRICS = ("cosine", "l2")
 CHIP_CACHE_SCHEME = "content-sha256-v1"  # chip cache entries hold chips by image-content hash
 
 

@@ -6,17 +6,12 @@ that report bf16 support (Ampere and later). Elsewhere bf16 is emulated and slow
 so ``"auto"`` keeps fp32 there. The image being optimised, the update and the projection stay
 in fp32; every number that decides a result (scores, thresholds, accuracy) is computed in fp32
 by the caller.
-
-``best_attack_batch`` measures which batch size gives the most image-steps per second for a
-model on this device and precision, and remembers the answer on disk.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import platform
-import time
 import warnings
 from pathlib import Path
 
@@ -132,92 +127,20 @@ def autocast(precision: str, device=None):
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
-# ---------------------------------------------------------------------------------------------
-# Batch size per device
-
-
-def _model_id(model: torch.nn.Module) -> dict:
-    spec = getattr(model, "spec", None)
-    return {"class": type(model).__name__, "name": getattr(spec, "name", None),
-            "weights": getattr(model, "dat_sha256", None)}
-
-
-def _input_size(model: torch.nn.Module) -> tuple[int, int]:
-    spec = getattr(model, "spec", None)
-    size = getattr(spec, "input_size", None) or getattr(model, "input_size", None)
-    if size is None:
-        raise ValueError("the model declares no input_size (spec.input_size or model.input_size)")
-    return tuple(size)
-
-
-def attack_steps_per_second(model: torch.nn.Module, batch_size: int, precision: str = "fp32", device=None,
-                            steps: int = 3, warmup: int = 1, seed: int = 0) -> float:
-    """Image-steps per second of one attack step (forward + input gradient) at ``batch_size``;
-    the median over ``steps`` timed steps after ``warmup`` untimed ones."""
-    device = torch.device(device if device is not None else next(model.parameters()).device)
-    h, w = _input_size(model)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.rand((batch_size, 3, h, w), generator=gen).to(device)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        xg = x.detach().requires_grad_(True)
-        with autocast(precision, device):
-            emb = model(xg)
-        (grad,) = torch.autograd.grad(emb.float().square().sum(), xg)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return batch_size / times[len(times) // 2]
-
-
-def best_attack_batch(model: torch.nn.Module, device=None, precision: str = "fp32", candidates=(16, 32, 64), *,
-                      cache_dir: str | Path | None = None, refresh: bool = False, steps: int = 3) -> int:
-    """The batch size among ``candidates`` with the most attack image-steps per second.
-
-    Measured once (a few forward + input-gradient steps per candidate) and cached as JSON under
-    ``default_cache_root()/"tuning"`` (or ``cache_dir``), keyed by the device's features, the
-    model, the resolved precision, the thread count and the torch version; ``refresh`` measures
-    again. The measurement runs on whatever else the machine is doing: on a busy machine it is
-    a rough answer.
-    """
-    from .cache import config_key, default_cache_root
-
-    device = torch.device(device if device is not None else next(model.parameters()).device)
-    precision = resolve_precision(precision, device)
-    candidates = tuple(sorted({int(c) for c in candidates}))
-    if not candidates or candidates[0] < 1:
-        raise ValueError(f"candidates must be positive batch sizes, got {candidates}")
-    key = config_key(device=device_features(device), model=_model_id(model), precision=precision,
-                     torch=torch.__version__, candidates=candidates)
-    path = Path(cache_dir if cache_dir is not None else default_cache_root() / "tuning") / f"attack-batch-{key}.json"
-    if path.exists() and not refresh:
-        try:
-            best = int(json.loads(path.read_text())["best"])
-            if best in candidates:
-                return best
-        except (ValueError, KeyError, TypeError):  # a damaged entry is measured again
-            pass
-    rates = {b: attack_steps_per_second(model, b, precision, device, steps=steps) for b in candidates}
-    best = max(candidates, key=lambda b: rates[b])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"best": best, "image_steps_per_s": {str(b): r for b, r in rates.items()},
-                               "precision": precision, "model": _model_id(model),
-                               "device": device_features(device), "torch": torch.__version__}, indent=2) + "\n")
-    tmp.replace(path)
-    return best
+def model_device(model: torch.nn.Module, fallback=None) -> torch.device:
+    """The device of ``model``'s first parameter (``fallback``, default CPU, when it has none)."""
+    param = next(model.parameters(), None)
+    if param is not None:
+        return param.device
+    return torch.device(fallback if fallback is not None else "cpu")
 
 
 __all__ = [
     "PRECISIONS",
-    "attack_steps_per_second",
     "autocast",
-    "best_attack_batch",
     "cpu_features",
     "device_features",
+    "model_device",
     "native_bf16",
     "resolve_precision",
 ]

@@ -5,6 +5,7 @@
 
 The callables are advface_fast.bench.pgd_variants, the ones `benchmarks/run_all.py` (and
 `advface bench`) time side by side; see benchmarks/common.py for the environment variables.
+Without --benchmark-enable every test here skips (benchmarks/conftest.py).
 Each benchmark's extra_info holds the success rate of its delivered images (fixed cosine
 threshold, fp32 model), so equal strength can be checked next to the speed.
 """

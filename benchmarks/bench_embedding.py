@@ -3,8 +3,9 @@
     python -m pytest benchmarks/bench_embedding.py --benchmark-enable -q
     ADVFACE_BENCH_QUICK=1 ADVFACE_BENCH_THREADS=1 python -m pytest benchmarks/bench_embedding.py --benchmark-enable -q
 
-The callables are advface_fast.bench.embedding_variants (and fwd_bwd_variants for one forward +
-input-gradient step), the ones `benchmarks/run_all.py` times side by side. extra_info holds
+The callables are advface_fast.bench.embedding_variants (and fwd_bwd_variants for one attack step:
+one step of the PGD class, forward + input gradient + update), the ones `benchmarks/run_all.py`
+times side by side. Without --benchmark-enable every test here skips (benchmarks/conftest.py). extra_info holds
 images/s and the max-abs difference of each engine's embeddings from torch fp32.
 """
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, write_json  # noqa: E402
 
 from advface_fast.attacks import VerificationObjective, make_attack
-from advface_fast.cache import derive_seed
+from advface_fast.seeds import derive_seed
 from advface_fast.engine import chips_to_tensor, embed_chips
 from advface_fast.models import create_model
 from advface_fast.models.fast import make_fast

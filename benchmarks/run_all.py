@@ -5,8 +5,9 @@
     python benchmarks/run_all.py --table1             # adds end-to-end Table 1 (tens of minutes)
     python benchmarks/run_all.py --synthetic          # random on-grid pairs instead of LFW
 
-Writes benchmarks/results/<host>.json. The measurements live in advface_fast.bench (the same code
-runs as `advface bench`); this script only supplies the checkout's defaults.
+Writes benchmarks/results/bench_<host>.json (or --out FILE.json, or --out DIR: DIR/bench_<host>.json).
+The measurements live in advface_fast.bench (the same code runs as `advface bench`); this script only
+supplies the checkout's defaults.
 """
 
 from __future__ import annotations

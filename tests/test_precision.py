@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
@@ -99,7 +98,7 @@ def test_autocast_contexts():
         prec.autocast("auto", "cpu")
 
 
-# ----------------------------------------------------------------------------- batch size tuning
+# ----------------------------------------------------------------------------- a tiny model
 
 
 class Tiny(nn.Module):
@@ -117,34 +116,11 @@ class Tiny(nn.Module):
         return self.net(x - 0.5)
 
 
-def test_best_attack_batch_measures_once_and_caches(tmp_path, monkeypatch):
-    model = Tiny().eval().requires_grad_(False)
-    calls = []
-
-    def fake_rate(model, batch, precision, device, steps=3):
-        calls.append((batch, precision))
-        return {2: 10.0, 4: 30.0, 8: 20.0}[batch]
-
-    monkeypatch.setattr(prec, "attack_steps_per_second", fake_rate)
-    assert prec.best_attack_batch(model, "cpu", "fp32", (8, 2, 4), cache_dir=tmp_path) == 4
-    assert sorted(calls) == [(2, "fp32"), (4, "fp32"), (8, "fp32")]
-    (entry,) = tmp_path.glob("*.json")
-    assert json.loads(entry.read_text())["image_steps_per_s"] == {"2": 10.0, "4": 30.0, "8": 20.0}
-    calls.clear()
-    assert prec.best_attack_batch(model, "cpu", "fp32", (2, 4, 8), cache_dir=tmp_path) == 4
-    assert calls == []  # read from the cache
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # bf16 may be emulated on the test machine
-        prec.best_attack_batch(model, "cpu", "bf16", (2, 4, 8), cache_dir=tmp_path)
-    assert len(list(tmp_path.glob("*.json"))) == 2 and calls  # another precision, another entry
-    calls.clear()
-    prec.best_attack_batch(model, "cpu", "fp32", (2, 4, 8), cache_dir=tmp_path, refresh=True)
-    assert len(calls) == 3
-
-
-def test_attack_steps_per_second_runs_a_real_step():
-    rate = prec.attack_steps_per_second(Tiny().eval().requires_grad_(False), 2, "fp32", "cpu", steps=1)
-    assert rate > 0
+def test_model_device_reads_the_first_parameter_and_falls_back():
+    assert prec.model_device(Tiny()) == torch.device("cpu")
+    assert prec.model_device(nn.Identity()) == torch.device("cpu")
+    assert prec.model_device(nn.Identity(), "meta") == torch.device("meta")
+    assert prec.model_device(nn.Linear(2, 2, device="meta")) == torch.device("meta")
 
 
 # ----------------------------------------------------------------------------- fast model

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from advface_fast.cli import main
-from advface_fast.tables.table1 import Table1Config, run_table1
+from advface_fast.experiments.table1 import Table1Config, run_table1
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_attacks_hurt_noise_does_not(report):
 
 def test_rerun_resumes_from_the_row_cache(report, lfw_ci, home, small_cfg, monkeypatch):
     monkeypatch.setenv("ADVFACE_HOME", str(home))
-    import advface_fast.tables.table1 as table1
+    import advface_fast.experiments.table1 as table1
 
     def no_attacks(*args, **kwargs):
         attack = real_make_attack(*args, **kwargs)
@@ -84,3 +84,49 @@ def test_rerun_resumes_from_the_row_cache(report, lfw_ci, home, small_cfg, monke
 def test_cli_attack_rejects_unknown_attack(lfw_ci, capsys):
     assert main(["attack", "--lfw", str(lfw_ci), "--attacks", "pgd,bogus", "--quiet"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_rows_equal_a_plain_reference_computation(report, lfw_ci, home, small_cfg, monkeypatch):
+    """The runner (store, selection, thresholds, judging) against the simplest loop that computes
+    the same thing: clean k-fold thresholds, every selected pair attacked in one batch, fp32 scores."""
+    import numpy as np
+    import torch
+
+    from advface_fast.attacks import make_attack
+    from advface_fast.engine import chips_to_tensor, embed_chips
+    from advface_fast.models import create_model
+    from advface_fast.pipeline import prepare_pairs
+    from advface_fast.seeds import derive_seed
+    from advface_fast.verify import accuracy_with_thresholds, evaluate_embeddings
+
+    monkeypatch.setenv("ADVFACE_HOME", str(home))
+    pairs = prepare_pairs(lfw_ci, workers=1, progress=False)
+    net = create_model("dlib-resnet")
+    emb = embed_chips(net, pairs.chips.chips)
+    thr = evaluate_embeddings(emb[pairs.a], emb[pairs.b], pairs.same, pairs.folds).threshold_map()
+    chosen = [i for i in range(len(pairs)) if pairs.folds[i] in small_cfg.folds]
+    sel = sorted([i for i in chosen if pairs.same[i]][:4] + [i for i in chosen if not pairs.same[i]][:4])
+    same, folds = pairs.same[sel], pairs.folds[sel]
+    gallery = torch.from_numpy(emb[pairs.b[sel]])
+    seeds = [derive_seed(small_cfg.seed, f"{pairs.dataset.pairs[i].a}|{pairs.dataset.pairs[i].b}") for i in sel]
+
+    def cosine(q):
+        return torch.nn.functional.cosine_similarity(q, gallery, dim=1).double().numpy()
+
+    clean = cosine(torch.from_numpy(emb[pairs.a[sel]]))
+    goal = np.where(same, -1.0, 1.0)
+    rows = rows_by(report)
+    for name, eps in [("fgsm", 2), ("fgsm", 8), ("pgd", 2), ("pgd", 8), ("noise", 8)]:
+        options = {"steps": 3} if name == "pgd" else {}
+        if name != "noise":
+            options["precision"] = "fp32"
+        attack = make_attack(name, net, eps=eps, seed=small_cfg.seed, **options)
+        x = attack(chips_to_tensor(pairs.chips.chips[pairs.a[sel]]), gallery, torch.from_numpy(same),
+                   torch.tensor([thr[f] for f in folds], dtype=torch.float32), sample_seeds=seeds)
+        with torch.no_grad():
+            sim = cosine(net(x).float())
+        acc = accuracy_with_thresholds(sim, same, folds, thr)
+        row = rows[(name, eps)]
+        assert row["fold_accuracies"] == list(acc.fold_accuracies), name
+        assert row["accuracy_mean"] == acc.accuracy_mean
+        assert row["mean_shift"] == pytest.approx(float(np.mean(goal * (sim - clean))), abs=1e-6)

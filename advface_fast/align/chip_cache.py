@@ -16,9 +16,7 @@ its metadata matches and `chips.npy` has the recorded size and sha256; anything 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import time
 import uuid
@@ -32,6 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from advface_fast.cache import config_key
+from advface_fast.fileio import atomic_write, sha256_file, write_json_atomic
 
 # How an image got its face box: HOG detector, CNN (MMOD) detector, or the fixed centre box.
 ALIGN_PATHS = ("hog", "cnn", "center")
@@ -94,25 +93,6 @@ def concat_chips(parts: Sequence[AlignedChips]) -> AlignedChips:
     )
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _tmp_name(target: Path) -> Path:
-    # Unique per process and call, so concurrent writers never share a temporary file.
-    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-
-
-def _replace_atomically(tmp: Path, target: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-
-
 def _normalised(meta: dict) -> dict:
     # What the metadata looks like after a JSON round trip (tuples become lists, ...).
     return json.loads(json.dumps(meta, sort_keys=True, default=str))
@@ -147,7 +127,7 @@ class ChipCache:
             ids, paths = list(index["ids"]), list(index["paths"])
             if self.chips_path.stat().st_size != index["npy_bytes"]:
                 raise ValueError("chips.npy has the wrong size (partial write?)")
-            if verify and _sha256_file(self.chips_path) != index["npy_sha256"]:
+            if verify and sha256_file(self.chips_path) != index["npy_sha256"]:
                 raise ValueError("chips.npy sha256 mismatch")
             chips = np.load(self.chips_path, mmap_mode="r", allow_pickle=False)
             if list(chips.shape) != [len(ids)] + list(index["chip_shape"]):
@@ -171,8 +151,7 @@ class ChipCache:
         if any(p.chips.shape[1:] != chip_shape for p in parts):
             raise ValueError("parts have different chip shapes")
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(self.chips_path)
-        try:
+        with atomic_write(self.chips_path) as tmp:
             # Fill the file row block by row block: the full set never has to sit in memory twice.
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(ids),) + chip_shape)
             row = 0
@@ -188,24 +167,12 @@ class ChipCache:
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "chip_shape": list(chip_shape),
                 "npy_bytes": tmp.stat().st_size,
-                "npy_sha256": _sha256_file(tmp),
+                "npy_sha256": sha256_file(tmp),
                 "path_counts": dict(Counter(s for p in parts for s in p.paths)),
                 "ids": ids,
                 "paths": [s for p in parts for s in p.paths],
             }
-            _replace_atomically(tmp, self.chips_path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        self._write_json(self.index_path, index)
-
-    @staticmethod
-    def _write_json(target: Path, obj: dict) -> None:
-        tmp = _tmp_name(target)
-        try:
-            tmp.write_text(json.dumps(obj, indent=1))
-            _replace_atomically(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_json_atomic(self.index_path, index)
 
     # -- checkpoints of an unfinished run ---------------------------------------------------------
 
@@ -214,14 +181,9 @@ class ChipCache:
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         # Time-ordered names, so resumed chunks are merged in the order they were aligned.
         target = self.partial_dir / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.npz"
-        tmp = _tmp_name(target)
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, key=np.array(self.key), chips=np.asarray(part.chips),
-                         ids=np.array(part.ids, dtype=str), paths=np.array(part.paths, dtype=str))
-            _replace_atomically(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_write(target) as tmp, open(tmp, "wb") as f:
+            np.savez(f, key=np.array(self.key), chips=np.asarray(part.chips),
+                     ids=np.array(part.ids, dtype=str), paths=np.array(part.paths, dtype=str))
 
     def load_checkpoints(self) -> list[AlignedChips]:
         """Valid checkpoints left by unfinished runs (unreadable ones are skipped with a warning)."""

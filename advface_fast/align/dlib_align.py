@@ -21,7 +21,6 @@ every 7th of the 7,701 full-LFW pair images). On the full LFW pairs no image nee
 from __future__ import annotations
 
 import functools
-import hashlib
 import multiprocessing
 import os
 import sys
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 
 from advface_fast.align.chip_cache import ALIGN_PATHS, AlignedChips, ChipCache, concat_chips, unique_in_order
 from advface_fast.cache import default_cache_root
+from advface_fast.fileio import sha256_file
 from advface_fast.models.assets import model_file
 
 SHAPE_PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
@@ -249,11 +249,7 @@ def _align_all(
 
 @functools.lru_cache(maxsize=None)
 def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path)  # size and mtime_ns only key the memo
 
 
 def model_identity(config: AlignConfig) -> dict[str, str]:

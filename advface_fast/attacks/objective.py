@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-METRICS = ("cosine", "l2")
+from ..verify import METRICS  # the one list of metric names
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class VerificationObjective:
 
     def __post_init__(self):
         if self.metric not in METRICS:
-            raise ValueError(f"unknown metric '{self.metric}'; expected one of {METRICS}")
+            raise ValueError(f"unknown metric '{self.metric}'; expected one of {tuple(METRICS)}")
 
     def similarity(self, query_emb: torch.Tensor, gallery_emb: torch.Tensor) -> torch.Tensor:
         """N x D, N x D -> N similarities (higher = same)."""

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
+from ..fileio import sha256_file, write_text_atomic
 from .errors import DataError
 
 # SHA-256 of the LFW protocol files as published in scikit-learn's LFW fetcher (the same bytes as
@@ -24,14 +25,6 @@ _SUMS_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def normalize_relpath(text: str) -> str:
@@ -76,9 +69,7 @@ def write_sha256sums(root: str | os.PathLike, rel_paths: Iterable[str], out: str
     root = Path(root)
     out = Path(out) if out is not None else root / SUMS_NAME
     lines = [f"{sha256_file(root / rel)}  ./{normalize_relpath(rel)}\n" for rel in sorted(set(rel_paths))]
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, out)  # never leave a half-written checksum file behind
+    write_text_atomic(out, "".join(lines))  # never leave a half-written checksum file behind
     return out
 
 

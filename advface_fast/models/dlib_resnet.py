@@ -19,7 +19,6 @@ of L2-normalised embeddings works as well and is the library's default score.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -179,14 +178,6 @@ def state_dict_from_dat(path: str | Path) -> tuple[dict, dict]:
     return model.state_dict(), meta
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_dlib_resnet(dat_path: str | Path | None = None, cache_dir: str | Path | None = None) -> DlibResNet:
     """Build the model from dlib's .dat, converting once and caching the weights as safetensors.
 
@@ -195,10 +186,11 @@ def load_dlib_resnet(dat_path: str | Path | None = None, cache_dir: str | Path |
     from safetensors.torch import load_file, save_file
 
     from ..cache import default_cache_root
+    from ..fileio import atomic_write, sha256_file
     from .assets import model_file
 
     dat_path = Path(dat_path) if dat_path is not None else model_file(DAT_NAME)
-    digest = file_sha256(dat_path)
+    digest = sha256_file(dat_path)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_root() / "models"
     cached = cache_dir / f"dlib-resnet-{digest[:16]}.safetensors"
     if cached.exists():
@@ -211,11 +203,9 @@ def load_dlib_resnet(dat_path: str | Path | None = None, cache_dir: str | Path |
             pass
     state, meta = state_dict_from_dat(dat_path)
     meta["dat_sha256"] = digest
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
     blob = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
-    save_file({**{k: v.contiguous() for k, v in state.items()}, "__meta__": blob}, str(tmp))
-    tmp.replace(cached)
+    with atomic_write(cached) as tmp:
+        save_file({**{k: v.contiguous() for k, v in state.items()}, "__meta__": blob}, str(tmp))
     return _build(state, meta)
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from ..fileio import write_json_atomic, write_text_atomic
 
 
 def _pct(x) -> str:
@@ -117,8 +118,8 @@ def example_grid(clean: np.ndarray, attacked: dict, path: Path, eps: float) -> N
 
 def write_table1(report: dict, out: Path, clean_chips: np.ndarray, example_images: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table1.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    (out / "table1.md").write_text(table1_markdown(report))
+    write_json_atomic(out / "table1.json", report, indent=2)
+    write_text_atomic(out / "table1.md", table1_markdown(report))
     plot_accuracy_vs_eps(report, out / "accuracy_vs_eps.png")
     if len(clean_chips) and example_images:
         example_grid(clean_chips, example_images, out / "examples.png", max(report["config"]["eps"]))

@@ -1,0 +1,188 @@
+"""The paper's Table 1: verification accuracy after FGSM / PGD / C&W at several eps.
+
+Protocol (fixed before any number is seen):
+
+1. Clean thresholds: every pair of the dataset is embedded and the LFW k-fold protocol fits
+   one threshold per fold on the OTHER folds. These thresholds judge every attacked pair and
+   are never refitted on attacked data.
+2. The attacked pairs are those of ``folds`` (optionally the first ``max_pairs``, half matched
+   and half mismatched). The attacker perturbs the query (the pair's first image); the
+   gallery (second image) keeps its clean embedding. Matched pairs are attacked by dodging,
+   mismatched pairs by impersonation.
+3. Accuracy after attack = the fraction of pairs still decided correctly, per fold, reported as
+   mean ± std over the folds used, with matched / mismatched accuracy pooled.
+
+A declaration on :class:`advface_fast.experiments.runner.Runner`: one verifier (the plain
+model), query conditions clean + one attack per row, all crafted against and judged by that
+model. Attacked queries are cached per pair id (see the runner), so an interrupted run resumes
+where it stopped and results never depend on batching or on which other pairs were selected.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..attacks import make_attack
+from ..models import create_model, get_model_spec
+from ..pipeline import environment, prepare_pairs
+from ..precision import device_features, model_device, resolve_precision
+from .runner import ModelVerifier, Runner
+
+# The paper's Table 1 (CosFace on LFW, accuracy %): (attack, eps) -> accuracy after attack.
+PAPER_TABLE1 = {("clean", 0): 99.3, ("fgsm", 4): 7.5, ("fgsm", 8): 2.9, ("pgd", 4): 0.0, ("cw", 4): 0.0}
+
+DEFAULT_STEPS = {"fgsm": 1, "noise": 0, "pgd": 40, "cw": 40}
+
+
+@dataclass
+class Table1Config:
+    model: str = "dlib-resnet"
+    attacks: tuple = ("fgsm", "pgd", "cw")
+    eps: tuple = (2, 4, 8)
+    steps: tuple | None = None  # PGD / C&W step counts (None: 40)
+    folds: tuple | None = (1,)  # 1-based folds to attack (None: all)
+    max_pairs: int | None = None
+    metric: str = "cosine"
+    batch_size: int = 32
+    seed: int = 0
+    noise_baseline: bool = True
+    precision: str = "fp32"  # gradients: fp32 | bf16 | auto (decisions are always fp32)
+    fast_model: bool = False  # attack through the fast copy (affine folded, channels_last)
+    early_stop: bool = False  # PGD: pairs past the threshold by a margin leave the batch
+    attack_options: dict = field(default_factory=dict)  # per attack name: extra constructor kwargs
+
+
+@dataclass
+class Table1Row:
+    attack: str
+    eps: float
+    params: dict
+    n_pairs: int
+    n_folds: int
+    accuracy_mean: float
+    accuracy_std: float
+    matched_accuracy: float
+    mismatched_accuracy: float
+    fold_accuracies: list
+    mean_shift: float  # mean of (s_adv - s_clean) toward the attacker's goal (down for matched, up for mismatched)
+    time_s: float
+    image_steps_per_s: float | None
+    image_steps: int = 0  # forward+backward image passes computed
+    image_steps_full: int = 0  # what the run would cost without early exits
+    paper_accuracy: float | None = None
+
+
+def _row_specs(cfg: Table1Config):
+    """(attack name, eps, steps) for every row, noise baseline last."""
+    specs = []
+    for name in cfg.attacks:
+        if name in ("pgd", "cw", "cw-l2"):
+            for steps in cfg.steps or (DEFAULT_STEPS.get(name, 40),):
+                for eps in cfg.eps:
+                    specs.append((name, eps, steps))
+        else:
+            for eps in cfg.eps:
+                specs.append((name, eps, None))
+    if cfg.noise_baseline and "noise" not in cfg.attacks:
+        specs += [("noise", eps, None) for eps in cfg.eps]
+    return specs
+
+
+def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=None, workers=None,
+               progress: bool = True, example_pairs: int = 4) -> dict:
+    """Run the grid and return the report (also written to out_dir: JSON, Markdown, plots)."""
+    cfg = cfg or Table1Config()
+    t_start = time.perf_counter()
+    pairs = prepare_pairs(lfw, cfg.model, on_bad="error", workers=workers, progress=progress)
+    net = create_model(cfg.model)  # decisions: the plain model in fp32
+    attacked_net = get_model_spec(cfg.model).make_fast(net) if cfg.fast_model else net
+    device = model_device(net)
+    runner = Runner(pairs, metric=cfg.metric, seed=cfg.seed, model=cfg.model, cache_dir=cache_dir,
+                    batch_size=cfg.batch_size, progress=progress)
+
+    # 1. The verifier (the plain model) and its thresholds, fitted on clean pairs of every fold.
+    model = runner.calibrate(ModelVerifier(net, cfg.model, batch_size=64, progress=progress and "clean embeddings"))
+    # 2. The attacked pairs.
+    sel = runner.select(cfg.folds, cfg.max_pairs)
+    clean_sim = runner.similarity(model, sel, runner.query_embeddings(model, sel, None))
+    examples = _example_positions(sel.same, sel.query_rows, example_pairs)
+    goal = np.where(sel.same, -1.0, 1.0)  # the direction each pair's attacker pushes the similarity
+
+    def shift(sim: np.ndarray) -> float:
+        return float(np.mean(goal * (sim - clean_sim)))
+
+    # 3. Rows: clean, then one attack per row, crafted against the model and judged by it.
+    rows = [_make_row("clean", 0, {}, runner.judge(model, sel, clean_sim), 0.0)]
+    example_images: dict[str, np.ndarray] = {}
+    clean_examples = pairs.chips.chips[sel.query_rows[examples]]
+    extra_key = {"fast_model": True} if cfg.fast_model else None
+    for name, eps, steps in tqdm(_row_specs(cfg), desc="table 1", unit="row", disable=not progress):
+        options = dict(cfg.attack_options.get(name, {}))
+        if steps is not None:
+            options["steps"] = steps
+        if cfg.early_stop and name == "pgd":
+            options.setdefault("early_stop", True)
+        if name != "noise":
+            options.setdefault("precision", cfg.precision)
+        attack = make_attack(name, attacked_net, metric=cfg.metric, eps=eps, seed=cfg.seed, **options)
+        params = {k: v for k, v in attack.config().items() if k not in ("name", "eps", "metric", "seed")}
+        queries = runner.attack_queries(attack, model, sel, net, extra_key=extra_key)
+        sim = runner.similarity(model, sel, runner.query_embeddings(model, sel, queries))
+        rows.append(_make_row(name, eps, params, runner.judge(model, sel, sim), shift(sim),
+                              queries.seconds, queries.image_steps, queries.image_steps_full))
+        if eps == max(cfg.eps) and name != "noise" and examples:
+            example_images[name + (f"-{steps}" if steps is not None else "")] = (
+                clean_examples.astype(np.int16) + queries.delta[examples]).astype(np.uint8)
+
+    thr_native = model.thresholds
+    report = {
+        "table": "Table 1: verification accuracy after attack",
+        "model": cfg.model,
+        "config": {**asdict(cfg), "attacks": list(cfg.attacks), "eps": list(cfg.eps)},
+        "dataset": {"name": pairs.dataset.name, "layout": pairs.dataset.layout},
+        "dataset_fingerprint": pairs.dataset.fingerprint,
+        "n_pairs": int(len(sel)),
+        "folds": sorted(int(f) for f in np.unique(sel.folds)),
+        "thresholds": {"metric": cfg.metric, "fitted_on": "clean data, other folds (k-fold)",
+                       "per_fold": {str(k): v for k, v in thr_native.items()}},
+        "clean_all_folds": model.clean.to_dict(),
+        "eps_units": "0-255 pixel levels, L-inf, holds after rounding to uint8",
+        "precision": {"gradients": resolve_precision(cfg.precision, device), "requested": cfg.precision,
+                      "decisions": "fp32", "fast_model": cfg.fast_model,
+                      "features": device_features(device)},
+        "early_stop": cfg.early_stop,
+        "rows": [asdict(r) for r in rows],
+        "time_s": round(time.perf_counter() - t_start, 1),
+        "environment": environment(),
+    }
+    if out_dir is not None:
+        from .render import write_table1
+
+        write_table1(report, Path(out_dir), clean_examples, example_images)
+    return report
+
+
+def _example_positions(same: np.ndarray, query_rows: np.ndarray, k: int) -> list[int]:
+    """The first pairs with distinct query images, about half matched and half mismatched."""
+    seen, chosen = set(), {True: [], False: []}
+    quota = {True: (k + 1) // 2, False: k // 2}
+    for i, (s, q) in enumerate(zip(same.tolist(), query_rows.tolist())):
+        if q not in seen and len(chosen[s]) < quota[s]:
+            seen.add(q)
+            chosen[s].append(i)
+    return sorted(chosen[True] + chosen[False])
+
+
+def _make_row(name, eps, params, acc, mean_shift, seconds=0.0, steps=0, steps_full=0) -> Table1Row:
+    rate = steps / seconds if seconds > 0 and steps > 0 else None
+    return Table1Row(attack=name, eps=eps, params=params, n_pairs=acc.n_pairs, n_folds=len(acc.fold_ids),
+               accuracy_mean=acc.accuracy_mean, accuracy_std=acc.accuracy_std,
+               matched_accuracy=acc.matched_accuracy, mismatched_accuracy=acc.mismatched_accuracy,
+               fold_accuracies=list(acc.fold_accuracies), mean_shift=mean_shift,
+               time_s=round(seconds, 2), image_steps_per_s=None if rate is None else round(rate, 1),
+               image_steps=steps, image_steps_full=steps_full, paper_accuracy=PAPER_TABLE1.get((name, eps)))
