@@ -130,10 +130,10 @@ def weights_dir() -> Path:
 
 def weights_identity(folder=None) -> dict[str, str]:
     """sha256 of each MTCNN weight file, keyed by file name (for cache keys)."""
-    from advface_fast.models.dlib_resnet import file_sha256
+    from advface_fast.fileio import sha256_file
 
     folder = Path(folder) if folder is not None else weights_dir()
-    return {f"{n}.pt": file_sha256(folder / f"{n}.pt") for n in ("pnet", "rnet", "onet")}
+    return {f"{n}.pt": sha256_file(folder / f"{n}.pt") for n in ("pnet", "rnet", "onet")}
 
 
 # -- boxes ----------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ the graph with ``OnnxModule`` (differentiable, see ``onnx_torch``) after the pre
 model was trained with: pixels scaled to 0..255, ``(x - mean) / std`` per channel, channels
 reversed for BGR models. Settings not given are read from the model's metadata
 (``metadata_props`` keys ``input_size`` "112,112", ``channel_order`` rgb|bgr, ``mean``, ``std``,
-``aligner``) and otherwise take the defaults above. The weights' identity is the sha256 of the file.
+``aligner``) and otherwise take the defaults above. ``weights_sha256`` is the sha256 of the
+file (``models.identity.weights_id`` hashes the dequantised state dict, like every model's).
 
 Example::
 
@@ -21,7 +22,7 @@ import onnx
 import torch
 from torch import nn
 
-from .dlib_resnet import file_sha256
+from ..fileio import sha256_file
 from .onnx_torch import OnnxModule, fold_batchnorm, graph_input_shape
 
 
@@ -82,8 +83,7 @@ class OnnxFaceModel(nn.Module):
         self.register_buffer("scale", torch.tensor([255.0 / s for s in std]).view(1, 3, 1, 1))
         self.register_buffer("shift", torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1))
         self.aligner = meta.get("aligner")
-        self.weights_sha256 = file_sha256(path)
-        self.dat_sha256 = self.weights_sha256  # the name the Table 1 cache keys read today
+        self.weights_sha256 = sha256_file(path)  # the file's identity; caches use weights_id(model)
         self.onnx_path = str(path)
         self.memory_format = torch.contiguous_format
         with torch.no_grad():
