@@ -220,3 +220,13 @@ def test_facenet_crop_and_no_face(aligner, lfw_images):
     assert (facenet.align(image)[0] == chip).all()
     with pytest.raises(NoFaceFound):
         aligner.align(np.full((120, 120, 3), 128, np.uint8))
+
+
+def test_registry_alignment_entries_build_an_mtcnn_config():
+    """Models name their chip in ``spec.alignment``; the MTCNN settings in it build a config."""
+    from advface_fast.models import get_model_spec
+
+    alignment = dict(get_model_spec("sface").alignment)
+    assert alignment.pop("aligner") == "mtcnn"
+    config = MtcnnConfig(**alignment)
+    assert (config.size, config.template) == (112, "arcface")
