@@ -230,3 +230,14 @@ def test_registry_alignment_entries_build_an_mtcnn_config():
     assert alignment.pop("aligner") == "mtcnn"
     config = MtcnnConfig(**alignment)
     assert (config.size, config.template) == (112, "arcface")
+
+
+def test_grey_and_rgba_images_are_accepted_and_bad_ones_refused(aligner, lfw_images):
+    image = lfw_images[2]
+    grey = image.mean(axis=2).round().astype(np.uint8)
+    rgba = np.concatenate([image, np.full(image.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    _, marks = aligner.locate(image)
+    assert np.abs(aligner.locate(rgba)[1] - marks).max() == 0
+    assert aligner.align(grey)[0].shape == (112, 112, 3)
+    with pytest.raises(ValueError, match="uint8"):
+        aligner.align(image.astype(np.float32))

@@ -159,17 +159,15 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, mode: str =
     if len(boxes) == 0:
         return torch.zeros(0, dtype=torch.long)
     order = torch.sort(scores, descending=True, stable=True).indices
-    overlap = box_iou(boxes[order], boxes[order], mode) > threshold
-    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    overlap = (box_iou(boxes[order], boxes[order], mode) > threshold).cpu().numpy()
+    suppressed = np.zeros(len(order), dtype=bool)
     keep = []
-    overlap_rows = overlap.numpy()
-    flags = suppressed.numpy()
     for i in range(len(order)):
-        if flags[i]:
+        if suppressed[i]:
             continue
         keep.append(i)
-        flags |= overlap_rows[i]
-    return order[torch.tensor(keep, dtype=torch.long)]
+        suppressed |= overlap[i]
+    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
 
 
 def _square(boxes: torch.Tensor) -> torch.Tensor:
@@ -205,6 +203,18 @@ def _crops(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
             patch[:, :, sy1 - y1:sy2 - y1 + 1, sx1 - x1:sx2 - x1 + 1] = image[:, :, sy1:sy2 + 1, sx1:sx2 + 1]
         out.append(F.interpolate(patch, size=(size, size), mode="area"))
     return torch.cat(out) if out else image.new_zeros(0, 3, size, size)
+
+
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """H x W x 3 uint8 RGB from a grey (H x W), RGB or RGBA (alpha dropped) uint8 image."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = image[:, :, :3]
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an H x W x 3 uint8 RGB image, got shape {image.shape} {image.dtype}")
+    return image
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -253,10 +263,9 @@ class MTCNN(nn.Module):
 
     @torch.no_grad()
     def detect(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected an H x W x 3 RGB image, got shape {image.shape}")
-        img = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None]
+        image = as_rgb(image)
+        device = self.pnet.conv1.weight.device
+        img = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1)[None].to(device)
         boxes = self._stage1(img)
         if len(boxes):
             reg, prob = self.rnet(_normalise(_crops(img, boxes, 24)))
@@ -276,7 +285,7 @@ class MTCNN(nn.Module):
             boxes = _regress(boxes, reg)
             keep = nms(boxes[:, :4], boxes[:, 4], 0.7, mode="min")
             boxes, points = boxes[keep], points[keep]
-        return boxes.numpy().astype(np.float64), points.numpy().astype(np.float64)
+        return boxes.cpu().numpy().astype(np.float64), points.cpu().numpy().astype(np.float64)
 
 
 def load_mtcnn(folder=None, **kwargs) -> MTCNN:
@@ -406,12 +415,13 @@ class MtcnnAligner:
         return boxes[best], points[best]
 
     def align(self, image: np.ndarray) -> tuple[np.ndarray, str]:
+        image = as_rgb(image)
         box, points = self.locate(image)
         if self.config.template == "facenet":
             return crop_box(image, box, self.config.size, self.config.margin), "mtcnn"
         return align_to_template(image, points, self.config.size), "mtcnn"
 
 
-__all__ = ["ARCFACE_112", "MTCNN", "MtcnnAligner", "MtcnnConfig", "NoFaceFound", "ONet", "PNet", "RNet",
+__all__ = ["ARCFACE_112", "MTCNN", "as_rgb", "MtcnnAligner", "MtcnnConfig", "NoFaceFound", "ONet", "PNet", "RNet",
            "align_to_template", "box_iou", "crop_box", "load_mtcnn", "nms", "template_points", "umeyama",
            "warp_affine", "weights_dir", "weights_identity"]
