@@ -294,3 +294,16 @@ def test_runs_the_librarys_own_export_of_dlib_resnet(tmp_path):
     fast = create_model(f"onnx:{path}", mean=0.0, std=255.0, fast=True)
     with torch.no_grad():
         assert (fast(x) - model(x)).abs().max() <= 1e-5
+
+
+def test_input_size_from_metadata_when_the_graph_does_not_fix_it(tmp_path):
+    path, model = tiny_face_onnx(tmp_path, {"input_size": "8,8"})
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "H", "W"  # symbolic H, W: only the metadata tells
+    path.write_bytes(model.SerializeToString())
+    assert create_model(f"onnx:{path}").spec.input_size == (8, 8)
+    del model.metadata_props[:]
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ValueError, match="input_size"):
+        create_model(f"onnx:{path}")
+    assert create_model(f"onnx:{path}", input_size=(8, 8)).input_size == (8, 8)
