@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from conftest import missing, need_module  # in CI mode a missing library fails
 import torch
 
 from advface_fast.align.mtcnn import (ARCFACE_112, MtcnnAligner, MtcnnConfig, NoFaceFound, ONet, PNet, RNet,
@@ -133,7 +135,7 @@ def test_networks_take_the_shipped_state_dicts():
     try:
         folder = weights_dir()
     except ModuleNotFoundError as e:
-        pytest.skip(str(e))
+        missing(str(e))
     for net, name in ((PNet(), "pnet"), (RNet(), "rnet"), (ONet(), "onet")):
         net.load_state_dict(torch.load(folder / f"{name}.pt", weights_only=True))  # strict: every key and shape
     reg, prob = PNet()(torch.zeros(1, 3, 12, 12))
@@ -154,7 +156,7 @@ def aligner():
     try:
         return MtcnnAligner()
     except ModuleNotFoundError as e:
-        pytest.skip(str(e))
+        missing(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +168,7 @@ def lfw_images(lfw_ci):
 
 
 def dlib_reference_points(image):
-    dlib = pytest.importorskip("dlib")
+    dlib = need_module("dlib")
     from advface_fast.models.assets import model_file
 
     det = dlib.get_frontal_face_detector()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from conftest import missing, need_module  # in CI mode a missing library fails
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -12,7 +14,7 @@ from advface_fast.models import create_model, get_model_spec
 from advface_fast.models.onnx_torch import (OnnxModule, UnsupportedOnnxOpError, dequantize_onnx,
                                             prune_graph_inputs)
 
-ort = pytest.importorskip("onnxruntime")
+ort = need_module("onnxruntime")
 
 
 def run_ort(model, feeds):
@@ -281,7 +283,7 @@ def test_shape_arithmetic_slice_and_pad_match_onnxruntime():
 def test_runs_the_librarys_own_export_of_dlib_resnet(tmp_path):
     """Any exporter-made face model: the TorchScript export of dlib-resnet (Shape/Gather/Concat/Pad
     shape arithmetic around zero-padded residual adds) runs and matches the torch model."""
-    pytest.importorskip("dlib")
+    need_module("dlib")
     from advface_fast.onnx_export import export_onnx
 
     model = create_model("dlib-resnet", cache_dir=tmp_path)

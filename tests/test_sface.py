@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from conftest import missing, need_module  # in CI mode a missing library fails
 import torch
 
 from advface_fast.models import create_model, get_model_spec
 from advface_fast.models.onnx_torch import dequantize_onnx, prune_graph_inputs
 
-ort = pytest.importorskip("onnxruntime")
-sface = pytest.importorskip("advface_fast.models.sface")
+ort = need_module("onnxruntime")
+sface = need_module("advface_fast.models.sface")
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +20,7 @@ def onnx_path():
     try:
         return sface.sface_onnx_path()
     except (ModuleNotFoundError, FileNotFoundError) as e:
-        pytest.skip(str(e))
+        missing(str(e))
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +160,7 @@ def test_mtcnn_chips_verify_lfw_ci(model, lfw_ci):
         aligner = MtcnnAligner(MtcnnConfig(**{k: v for k, v in get_model_spec("sface").alignment.items()
                                               if k != "aligner"}))
     except ModuleNotFoundError as e:
-        pytest.skip(str(e))
+        missing(str(e))
     lines = [ln.split() for ln in (lfw_ci / "pairs.txt").read_text().splitlines()[1:]]
     path = lambda name, i: lfw_ci / "lfw-deepfunneled" / name / f"{name}_{int(i):04d}.jpg"  # noqa: E731
     pairs = [(path(ln[0], ln[1]), path(ln[0], ln[2]), 1) if len(ln) == 3 else
