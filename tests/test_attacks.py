@@ -272,8 +272,9 @@ def test_registry_and_config_round_trip(tiny):
     assert set(ATTACKS) == {"fgsm", "pgd", "cw", "cw-l2", "noise"}
     pgd = make_attack("pgd", tiny, eps=4, metric="cosine")
     config = pgd.config()
-    assert {k: config[k] for k in ("name", "eps", "alpha", "steps", "restarts", "metric")} == \
-        {"name": "pgd", "eps": 4, "alpha": 1.0, "steps": 40, "restarts": 1, "metric": "cosine"}
+    assert {k: config[k] for k in ("name", "eps", "alpha", "steps", "restarts", "objective")} == \
+        {"name": "pgd", "eps": 4, "alpha": 1.0, "steps": 40, "restarts": 1,
+         "objective": {"name": "verification", "metric": "cosine"}}
     for name in ATTACKS:
         attack = make_attack(name, tiny, metric="l2")
         rebuilt = make_attack(model=tiny, **attack.config())

@@ -20,13 +20,14 @@ class FGSM(Attack):
     Arguments:
         model (nn.Module): embedding model, N x 3 x H x W in [0, 1] -> N x D.
         eps (float): L-inf budget and step size, 0-255 pixel units. (Default: 4)
-        objective (VerificationObjective): what to ascend. (Default: cosine)
+        objective (Objective | str | dict): what to ascend. (Default: verification, cosine)
         seed (int | None): unused, kept for a uniform signature. (Default: 0)
         round_output (bool): deliver the uint8-grid image. (Default: True)
 
     Shape:
         - queries: (N, 3, H, W) in [0, 1], on the uint8 grid when rounding.
-        - gallery_embeddings: (N, D), is_same: (N,) bool, thresholds: (N,) or None (unused).
+        - target: (N, D) gallery embeddings (verification) or None (label-free objectives),
+          is_same: (N,) bool (verification), thresholds: (N,) or None (unused).
         - output: (N, 3, H, W) float32.
 
     Examples::
@@ -40,9 +41,9 @@ class FGSM(Attack):
                  precision: str = "fp32"):
         super().__init__(model, eps, objective, seed, round_output, precision)
 
-    def perturb(self, x0, gallery, is_same, thresholds, noise):
+    def perturb(self, x0, target, is_same, thresholds, noise):
         lo, hi = self._eps_box(x0)
-        grad, _ = self._ascent_gradient(x0, gallery, is_same)
+        grad, _ = self._ascent_gradient(x0, target, is_same)
         # Forward + backward image passes computed, and what the full attack costs (the same).
         self.last_stats = {"image_steps": x0.shape[0], "image_steps_full": x0.shape[0]}
         x = x0.clone()
