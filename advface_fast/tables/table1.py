@@ -197,7 +197,7 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
         if name != "noise":
             options.setdefault("precision", cfg.precision)
         attack = make_attack(name, attacked_net, metric=cfg.metric, eps=eps, seed=cfg.seed, **options)
-        params = {k: v for k, v in attack.config().items() if k not in ("name", "eps", "metric", "seed")}
+        params = {k: v for k, v in attack.config().items() if k not in ("name", "eps", "objective", "seed")}
         cache = RowCache(cache_root, config_key(**key_base, attack=attack.config()))
         todo = [i for i in range(len(sel)) if i not in cache.sim]
         bar = tqdm(total=len(todo), desc=f"{name} eps={eps:g}", unit="pair", leave=False,
