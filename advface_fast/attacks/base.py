@@ -156,7 +156,8 @@ def eval_mode(model: nn.Module):
             m.training = training
 
 
-def _check_record_steps(record_steps, steps: int) -> tuple[int, ...]:
+def check_record_steps(record_steps, steps: int) -> tuple[int, ...]:
+    """The sorted distinct step counts to record, each in [0, steps]."""
     if record_steps is None:
         return ()
     if isinstance(record_steps, int):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from advface_fast.attacks.active_set import select_rows, split_finished
-from advface_fast.attacks.base import Attack, _check_record_steps
+from advface_fast.attacks.base import Attack, check_record_steps
 from advface_fast.kernels import cw_step
 
 # Box for the tanh-space variable w: tanh(±10) is ±1 in float32, so the clamp never binds in
@@ -94,7 +94,7 @@ class CW(Attack):
         self.steps = int(steps)
         self.lr = eps / 4 if lr is None else lr
         self.kappa = float(kappa)
-        self.record_steps = _check_record_steps(record_steps, self.steps)
+        self.record_steps = check_record_steps(record_steps, self.steps)
 
     def _config(self) -> dict:
         return {"steps": self.steps, "lr": self.lr, "kappa": self.kappa}

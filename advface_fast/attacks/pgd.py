@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from advface_fast.attacks.active_set import select_rows, split_finished
-from advface_fast.attacks.base import Attack, _check_record_steps
+from advface_fast.attacks.base import Attack, check_record_steps
 from advface_fast.kernels import pgd_step
 
 
@@ -116,7 +116,7 @@ class PGD(Attack):
         self.steps = int(steps)
         self.restarts = int(restarts)
         self.random_start = bool(random_start)
-        self.record_steps = _check_record_steps(record_steps, self.steps)
+        self.record_steps = check_record_steps(record_steps, self.steps)
         if self.record_steps and self.early_stop:
             raise ValueError("record_steps cannot be combined with early_stop (early-stopped iterates "
                              "are not the iterates of a fixed step count)")

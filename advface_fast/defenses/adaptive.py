@@ -59,13 +59,16 @@ class DefendedModel(nn.Module):
         defense (AttackAsDefense): the defense D (its model f is the embedder).
         samples (int): EOT samples S of D's randomness per gradient. (Default: 1)
         steps (int | None): K of the attacker's copy of D; None = D's largest. (Default: None)
+        embedder (nn.Module | None): the model the attacker differentiates at D(x) (e.g. a fast
+            copy of f); None = D's model f. (Default: None)
     """
 
-    def __init__(self, defense: AttackAsDefense, samples: int = 1, steps: int | None = None):
+    def __init__(self, defense: AttackAsDefense, samples: int = 1, steps: int | None = None,
+                 embedder: nn.Module | None = None):
         super().__init__()
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
-        self.embedder = defense.model
+        self.embedder = defense.model if embedder is None else embedder
         self.defense = defense
         self.samples = int(samples)
         self.steps = max(defense.steps) if steps is None else int(steps)
@@ -90,13 +93,15 @@ class DefendedModel(nn.Module):
 
     def config(self) -> dict:
         return {"bpda": "identity", "eot_samples": self.samples, "copy_steps": self.steps,
+                **({} if self.embedder is self.defense.model else {"embedder": type(self.embedder).__name__}),
                 "defense": self.defense.step_config(max(self.defense.steps)) | {"copy": self.copy.config()}}
 
 
 def adaptive_attack(attack: str, defense: AttackAsDefense, eps: float = 4, samples: int = 1,
-                    copy_steps: int | None = None, seed: int = 0, precision: str = "fp32", **options) -> Attack:
+                    copy_steps: int | None = None, seed: int = 0, precision: str = "fp32",
+                    embedder: nn.Module | None = None, **options) -> Attack:
     """An attack ("fgsm", "pgd", "cw", "cw-l2") on :class:`DefendedModel` (BPDA + EOT), verification
     objective: call it with the defended gallery embeddings and the defended thresholds.
     ``config()`` records the wrapper under ``"defended_model"``."""
-    return make_attack(attack, DefendedModel(defense, samples=samples, steps=copy_steps), eps=eps, seed=seed,
-                       precision=precision, **options)
+    model = DefendedModel(defense, samples=samples, steps=copy_steps, embedder=embedder)
+    return make_attack(attack, model, eps=eps, seed=seed, precision=precision, **options)
