@@ -77,10 +77,12 @@ class AttackAsDefense:
     Batches. D's result for an image must not depend on which other images share its batch.
     Each image has its own seed, and every batch is padded to exactly ``batch_size`` images (the
     last one repeated, its results dropped), because a model's float results can depend on the
-    batch SIZE (oneDNN picks other kernels; measured on the tiny test net: batch 1 vs 6 changes
-    gradients by ~2e-8) and C&W's Adam turns such differences into different pixels. So D(image)
-    is identical in any batch, order or shard for a given ``batch_size``, which the config
-    records. The padding is counted in ``last_stats["image_steps"]`` (computed, not useful).
+    batch SIZE (oneDNN picks other kernels; on the tiny test net batch 1 vs 6 changes gradients
+    by ~2e-8), and D turns such differences into different pixels: on dlib-resnet with lfw_ci
+    chips, D = PGD or C&W at eps 4, 2 steps, batch size 1 vs 4 changed pixels by up to 4 and 2
+    levels, while the same batch size with other batch mates and another order gave identical
+    images. So D(image) is identical in any batch, order or shard for a given ``batch_size``,
+    which the config records. The padding is counted in ``last_stats["image_steps"]`` (computed, not useful).
 
     Shape:
         - images: (N, 3, H, W) float on the uint8 grid (or uint8 N x H x W x 3), ids: N strings.
