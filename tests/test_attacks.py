@@ -524,3 +524,17 @@ def test_pgd_kappa_stops_pushing_past_the_margin(tiny):
     assert PGD(tiny, kappa=0.1).config()["kappa"] == 0.1 and "kappa" not in PGD(tiny).config()
     with pytest.raises(ValueError, match="kappa"):
         PGD(tiny, kappa=0.1, steps=1)(queries, gallery, is_same)
+
+
+@pytest.mark.parametrize("cls", [FGSM, CW])
+def test_random_start_is_seeded_and_within_budget(tiny, cls):
+    queries, gallery, is_same = pairs_for(tiny, n=4)
+    thresholds = torch.zeros(4)
+    kwargs = {"steps": 3} if cls is CW else {}
+    a = cls(tiny, eps=3, random_start=True, seed=1, **kwargs)(queries, gallery, is_same, thresholds)
+    b = cls(tiny, eps=3, random_start=True, seed=1, **kwargs)(queries, gallery, is_same, thresholds)
+    c = cls(tiny, eps=3, random_start=True, seed=2, **kwargs)(queries, gallery, is_same, thresholds)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert np.abs(as_int(a) - as_int(queries)).max() <= 3
+    assert cls(tiny, random_start=True).config()["random_start"] is True
+    assert "random_start" not in cls(tiny).config()  # default configs unchanged

@@ -34,10 +34,9 @@ def test_defended_image_does_not_depend_on_batch_or_order(tiny, attack):
         assert torch.equal(part[k], whole[k][order]), k
         assert torch.equal(single[k], whole[k][2:3]), k
         assert not torch.equal(whole[k], images)  # D did change the images
-    # Another run seed changes PGD's random start, hence the result.
-    if attack == "pgd":
-        other = AttackAsDefense(tiny, attack=attack, eps=8, steps=(2, 4), seed=6).defend(images, IDS)
-        assert not torch.equal(other[4], whole[4])
+    # Another run seed changes D's random start, hence the result.
+    other = AttackAsDefense(tiny, attack=attack, eps=8, steps=(2, 4), seed=6).defend(images, IDS)
+    assert not torch.equal(other[4], whole[4])
 
 
 def test_defended_images_stay_in_d_budget_on_the_grid(tiny):
@@ -77,12 +76,33 @@ def test_fgsm_defense_is_one_step_at_every_count(tiny):
 
 def test_away_from_self_lowers_similarity_to_the_clean_embedding(tiny):
     images = uint8_images(6)
-    d = AttackAsDefense(tiny, eps=8, steps=(1, 5))
-    emb = d.embed(images, IDS)
     with torch.no_grad():
         clean = tiny(images)
-    cos = {k: F.cosine_similarity(e, clean) for k, e in emb.items()}
-    assert (cos[1] < 1).all() and (cos[5] < cos[1]).all()
+    for attack in ("pgd", "cw"):
+        d = AttackAsDefense(tiny, attack=attack, eps=8, steps=(1, 5))
+        cos = {k: F.cosine_similarity(e, clean) for k, e in d.embed(images, IDS).items()}
+        assert (cos[1] < 1).all() and (cos[5] < cos[1]).all(), attack
+    fgsm = AttackAsDefense(tiny, attack="fgsm", eps=8, steps=(1,)).embed(images, IDS)[1]
+    noise = AttackAsDefense(tiny, attack="pgd", eps=8, steps=(1,), alpha=0).embed(images, IDS)[1]  # start only
+    assert (F.cosine_similarity(fgsm, clean) < F.cosine_similarity(noise, clean)).all()
+
+
+def test_away_from_self_gradient_vanishes_at_the_clean_image(tiny):
+    # Why every D starts at a random point of its box: at x0 the gradient is float noise.
+    images = uint8_images(4)
+    with torch.no_grad():
+        clean = tiny(images)
+
+    def grad_at(x):
+        x = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cosine_similarity(tiny(x), clean).sum(), x)
+        return g.abs().flatten(1).sum(1)
+
+    start = (images + (torch.rand(images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 4 / 255)
+    assert (grad_at(images) < 1e-4 * grad_at(start.clamp(0, 1))).all()
+    for attack in ("pgd", "cw", "fgsm"):
+        assert AttackAsDefense(tiny, attack=attack).config()["attack"]["random_start"] is True
+    assert "random_start" not in AttackAsDefense(tiny, attack="cw", random_start=False).config()["attack"]
 
 
 def test_random_direction_moves_towards_a_per_image_direction(tiny):

@@ -361,6 +361,14 @@ class Attack:
                              f"with the {self.objective.name} objective")
         return x0, is_same, thresholds
 
+    def _start(self, x0, lo, hi, noise):
+        """The first iterate: x0, or with ``self.random_start`` a uniform draw in the eps-box
+        (clamped to the image box), from the attack's seeded noise."""
+        if not getattr(self, "random_start", False):
+            return x0.clone()
+        uniform = noise.rand(x0.shape[1:]).mul_(2.0).sub_(1.0)  # U[-1, 1)
+        return torch.minimum(torch.maximum(x0 + uniform * (self.eps / 255.0), lo), hi)
+
     def _eps_box(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """lo = max(x0 - eps, 0), hi = min(x0 + eps, 1), in [0, 1] units."""
         return linf_bounds(x0, self.eps / 255.0)

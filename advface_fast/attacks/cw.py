@@ -55,7 +55,10 @@ class CW(Attack):
 
     Label-free objectives (a defense's C&W). Without thresholds their margin loss is the
     distance still to go (away-from-self: ``1 + s``), never zero: C&W is then Adam minimising the
-    similarity to the clean embedding within the budget for all ``steps`` steps.
+    similarity to the clean embedding within the budget for all ``steps`` steps. The
+    away-from-self gradient vanishes at the clean image (it is float noise there, which Adam
+    would normalise into full-size steps), so such a C&W wants ``random_start=True``: start
+    uniformly in the eps-box, seeded like PGD's start (the start then counts as iterate 0).
 
     Arguments:
         model (nn.Module): embedding model, N x 3 x H x W in [0, 1] -> N x D.
@@ -64,9 +67,10 @@ class CW(Attack):
         lr (float): Adam step size in 0-255 units. (Default: eps / 4)
         kappa (float): required margin past the threshold, in similarity units. (Default: 0.02)
         objective (Objective | str | dict): similarity and margin. (Default: verification, cosine)
-        seed (int | None): unused (no random start), kept for a uniform signature. (Default: 0)
+        seed (int | None): seed of the random start (unused without it). (Default: 0)
         round_output (bool): deliver the uint8-grid image. (Default: True)
         record_steps (tuple[int]): step counts whose results to keep (see above). (Default: ())
+        random_start (bool): start uniformly in the eps-box, not at x0. (Default: False)
 
     Shape:
         - queries: (N, 3, H, W) in [0, 1], on the uint8 grid when rounding.
@@ -87,8 +91,9 @@ class CW(Attack):
 
     def __init__(self, model, eps: float = 4, steps: int = 40, lr: float | None = None, kappa: float = 0.02,
                  objective=None, seed: int | None = 0, round_output: bool = True, precision: str = "fp32",
-                 record_steps=()):
+                 record_steps=(), random_start: bool = False):
         super().__init__(model, eps, objective, seed, round_output, precision)
+        self.random_start = bool(random_start)
         if steps < 0 or kappa < 0:
             raise ValueError(f"need steps >= 0 and kappa >= 0, got steps={steps}, kappa={kappa}")
         self.steps = int(steps)
@@ -97,15 +102,18 @@ class CW(Attack):
         self.record_steps = check_record_steps(record_steps, self.steps)
 
     def _config(self) -> dict:
-        return {"steps": self.steps, "lr": self.lr, "kappa": self.kappa}
+        config = {"steps": self.steps, "lr": self.lr, "kappa": self.kappa}
+        if self.random_start:  # only when on, so default configs are unchanged
+            config["random_start"] = True
+        return config
 
     def perturb(self, x0, target, is_same, thresholds, noise):
         n = x0.shape[0]
         lo, hi = self._eps_box(x0)
         lr = self.lr / 255.0
-        x = x0.clone()
+        x = self._start(x0, lo, hi, noise)
         m, v = torch.zeros_like(x), torch.zeros_like(x)
-        best_x = x0.clone()
+        best_x = x.clone()
         best_loss = torch.full((n,), float("inf"), device=x0.device)
         done = torch.zeros(n, dtype=torch.bool, device=x0.device)
         out = x0.clone()  # the full-size result: rows that left the batch are written here

@@ -228,9 +228,3 @@ class PGD(Attack):
             active = rows.index_select(0, keep)
         self.last_stats = {"image_steps": image_steps, "image_steps_full": n * self.steps * self.restarts}
         return out
-
-    def _start(self, x0, lo, hi, noise):
-        if not self.random_start:
-            return x0.clone()
-        uniform = noise.rand(x0.shape[1:]).mul_(2.0).sub_(1.0)  # U[-1, 1)
-        return torch.minimum(torch.maximum(x0 + uniform * (self.eps / 255.0), lo), hi)

@@ -16,8 +16,8 @@ impersonation for mismatched. The defended gallery embedding ``f(D(g))`` is give
   x. D is itself sign-gradient (PGD / FGSM) or clipped (all: projection), so unrolling D would
   give a zero or near-zero gradient through its steps; the identity is the standard choice
   (Athalye et al., 2018);
-* EOT over ``samples`` draws of D's random start (PGD's; C&W and FGSM are deterministic, so
-  their samples coincide): sample s of image i uses the seed
+* EOT over ``samples`` draws of D's random start (every D starts at a seeded random point by
+  default; with ``random_start=False`` C&W and FGSM are deterministic and the samples coincide): sample s of image i uses the seed
   ``derive_seed(attacker_seed_i, "eot/s")``, where ``attacker_seed_i`` is the attack's
   per-sample seed (or one derived from its seed and the row). These never equal the defender's
   seeds (``derive_seed(defense_seed, image_id)``): evaluate the attacked queries against the

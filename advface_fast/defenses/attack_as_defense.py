@@ -11,6 +11,13 @@ and to the gallery image, and compares the two re-attacked images:
 Per-image randomness. D's random start (and a random-direction target) for an image comes from
 ``derive_seed(seed, image_id)``, so D(image) is the same in any batch, pair, fold or shard.
 
+Random start. The away-from-self similarity is maximal at the clean image, so its gradient
+there is float noise (dlib-resnet, lfw_ci chips: L1 norm ~1e-6 per image at x0 vs ~1 at a
+uniform start within eps 4). D therefore starts at a seeded uniform point of its eps-box
+whatever its attack: PGD's own default, and ``random_start=True`` for C&W and FGSM (FGSM with
+random init, Wong et al. 2020), so a started-at-x0 D does not follow rounding errors. Pass
+``random_start=False`` for the literal start at the clean image; the config records it.
+
 Step counts. ONE run of ``max(steps)`` steps delivers the image at every requested step count
 (the attack's ``record_steps``); the image at k is exactly what a separate k-step run of D with
 the same seed delivers (D's step size does not depend on its step count), so
@@ -72,7 +79,8 @@ class AttackAsDefense:
         batch_size (int): images per D batch (every batch padded to it, see below). (Default: 32)
         attack_model (nn.Module | None): the model D attacks through (e.g. a fast copy of
             ``model``); None = ``model``. (Default: None)
-        **attack_options: further options of D's attack (e.g. ``alpha``, ``lr``, ``kappa``).
+        **attack_options: further options of D's attack (e.g. ``alpha``, ``lr``, ``kappa``;
+            ``random_start`` defaults to True, see above).
 
     Batches. D's result for an image must not depend on which other images share its batch.
     Each image has its own seed, and every batch is padded to exactly ``batch_size`` images (the
@@ -109,7 +117,7 @@ class AttackAsDefense:
             raise ValueError(f"the defense knows no labels: its objective must be label-free, not '{self.objective.name}'")
         self.seed = int(seed)
         self.batch_size = int(batch_size)
-        self.attack_options = dict(attack_options)
+        self.attack_options = {"random_start": True, **attack_options}  # see "Random start" above
         self._precision_requested = precision
         self.attack = self.attack_at(max(self.steps), record_steps=self.steps)
         self.precision = self.attack.precision
