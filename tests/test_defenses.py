@@ -173,3 +173,33 @@ def test_make_objective_specs():
         make_objective("bogus")
     with pytest.raises(ValueError, match="cosine"):
         make_objective({"name": "away-from-self", "metric": "l2"})
+
+
+def test_verifiers_per_step_count_share_one_run(tiny):
+    images = uint8_images(4)
+    chips = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    d = AttackAsDefense(tiny, eps=4, steps=(2, 5), batch_size=4)
+    calls = []
+    d.attack = _Counting(d.attack, calls)
+    v2, v5 = d.verifier(2), d.verifier(5)
+    e2, e5 = v2.embed(chips, IDS[:4]), v5.embed(chips, IDS[:4])
+    assert len(calls) == 1  # one run of D served both step counts
+    want = AttackAsDefense(tiny, eps=4, steps=(2, 5), batch_size=4).embed(images, IDS[:4])
+    assert e2.dtype == np.float32 and np.array_equal(e2, want[2].numpy()) and np.array_equal(e5, want[5].numpy())
+    v2.embed(chips[::-1].copy(), IDS[:4])  # other images under the same ids: computed again
+    assert len(calls) == 2
+    assert v2.config()["steps"] == 2 and v2.config()["kind"] == "attack-as-defense" and v2.config() != v5.config()
+
+
+class _Counting:
+    """Wraps D's attack and counts its calls (D runs)."""
+
+    def __init__(self, attack, calls):
+        self.attack, self.calls = attack, calls
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(1)
+        return self.attack(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.attack, name)

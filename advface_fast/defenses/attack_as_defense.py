@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -122,6 +123,7 @@ class AttackAsDefense:
         self.attack = self.attack_at(max(self.steps), record_steps=self.steps)
         self.precision = self.attack.precision
         self.last_stats: dict | None = None
+        self._memo = None  # (key, embeddings) of the last embed_memo call
 
     def attack_at(self, steps: int, record_steps: Sequence[int] = ()) -> Attack:
         """D's attack with ``steps`` steps (a fresh object; FGSM: one step whatever ``steps``)."""
@@ -182,6 +184,20 @@ class AttackAsDefense:
         return (f"AttackAsDefense(attack={self.attack_name!r}, eps={self.eps}, steps={list(self.steps)}, "
                 f"objective={self.objective.name!r}, seed={self.seed}, precision={self.precision!r})")
 
+    def verifier(self, steps: int) -> DefendedVerifier:
+        """D at one step count as a verifier for the experiment runner: ``embed(chips, ids) -> N x D``."""
+        self.step_config(steps)  # checks steps
+        return DefendedVerifier(self, int(steps))
+
+    def embed_memo(self, images, ids: Sequence[str]) -> dict[int, torch.Tensor]:
+        """:meth:`embed`, remembering the last call: the verifiers of the other step counts then
+        reuse the same single run (same ids and same image bytes), in memory only."""
+        x = as_image_batch(images)
+        key = (tuple(str(i) for i in ids), hashlib.blake2b(x.cpu().numpy().tobytes(), digest_size=16).hexdigest())
+        if self._memo is None or self._memo[0] != key:
+            self._memo = (key, self.embed(x, ids))
+        return self._memo[1]
+
     # ------------------------------------------------------------------ helpers
 
     def _model_note(self) -> dict:
@@ -214,3 +230,19 @@ class AttackAsDefense:
             else:
                 yield {k: self.attack.last_iterates[k][:n] for k in self.steps}
         self.last_stats = {"image_steps": image_steps, "images": x.shape[0]}  # image_steps includes padding
+
+
+class DefendedVerifier:
+    """``AttackAsDefense`` at one step count, in the experiment runner's verifier shape:
+    ``embed(chips uint8 N x H x W x 3, ids) -> float32 N x D`` (numpy) and ``config()``.
+    Verifiers of one defense share its runs: asking two step counts for the same images runs D
+    once (see :meth:`AttackAsDefense.embed_memo`)."""
+
+    def __init__(self, defense: AttackAsDefense, steps: int):
+        self.defense, self.steps = defense, steps
+
+    def embed(self, chips, ids) -> np.ndarray:
+        return self.defense.embed_memo(chips, ids)[self.steps].numpy().astype(np.float32)
+
+    def config(self) -> dict:
+        return {"kind": "attack-as-defense", **self.defense.step_config(self.steps)}
