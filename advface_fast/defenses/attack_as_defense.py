@@ -39,6 +39,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from advface_fast.attacks import FGSM, Attack, make_attack, make_objective
 from advface_fast.attacks.base import eval_mode, model_device
@@ -80,6 +81,7 @@ class AttackAsDefense:
         batch_size (int): images per D batch (every batch padded to it, see below). (Default: 32)
         attack_model (nn.Module | None): the model D attacks through (e.g. a fast copy of
             ``model``); None = ``model``. (Default: None)
+        progress (bool | str): a progress bar (images/s, ETA) over D's batches; a string names it. (Default: False)
         **attack_options: further options of D's attack (e.g. ``alpha``, ``lr``, ``kappa``;
             ``random_start`` defaults to True, see above).
 
@@ -100,7 +102,7 @@ class AttackAsDefense:
 
     def __init__(self, model: nn.Module, attack: str = "pgd", eps: float = 4, steps: int | Sequence[int] = (10, 20, 40),
                  objective="away-from-self", seed: int = 0, precision: str = "fp32", batch_size: int = 32,
-                 attack_model: nn.Module | None = None, **attack_options):
+                 attack_model: nn.Module | None = None, progress: bool | str = False, **attack_options):
         if attack not in DEFENSE_ATTACKS:
             raise ValueError(f"unknown defense attack '{attack}'; expected one of {', '.join(DEFENSE_ATTACKS)}")
         steps = (steps,) if isinstance(steps, int) else tuple(steps)
@@ -118,6 +120,7 @@ class AttackAsDefense:
             raise ValueError(f"the defense knows no labels: its objective must be label-free, not '{self.objective.name}'")
         self.seed = int(seed)
         self.batch_size = int(batch_size)
+        self.progress = progress
         self.attack_options = {"random_start": True, **attack_options}  # see "Random start" above
         self._precision_requested = precision
         self.attack = self.attack_at(max(self.steps), record_steps=self.steps)
@@ -216,6 +219,8 @@ class AttackAsDefense:
         if len(ids) != x.shape[0]:
             raise ValueError(f"got {x.shape[0]} images but {len(ids)} ids")
         image_steps = 0
+        desc = self.progress if isinstance(self.progress, str) else f"defense {self.attack_name} eps={self.eps:g}"
+        bar = tqdm(total=x.shape[0], desc=desc, unit="img", leave=False, disable=not self.progress)
         for start in range(0, x.shape[0], self.batch_size):
             chunk, chunk_ids = x[start : start + self.batch_size], ids[start : start + self.batch_size]
             n = chunk.shape[0]
@@ -225,10 +230,13 @@ class AttackAsDefense:
                 chunk_ids = chunk_ids + chunk_ids[-1:] * pad
             final = self.attack(chunk, sample_seeds=self.seeds(chunk_ids))
             image_steps += self.attack.last_stats["image_steps"]
+            bar.update(n)
+            bar.set_postfix_str(f"{image_steps / max(bar.format_dict['elapsed'], 1e-9):.1f} image-steps/s", refresh=False)
             if self.attack_name == "fgsm":
                 yield {k: final[:n] for k in self.steps}
             else:
                 yield {k: self.attack.last_iterates[k][:n] for k in self.steps}
+        bar.close()
         self.last_stats = {"image_steps": image_steps, "images": x.shape[0]}  # image_steps includes padding
 
 
