@@ -203,6 +203,7 @@ class Attack:
         # "auto" is resolved here, once, so config() records what actually ran.
         self.precision = resolve_precision(precision, model_device(model, torch.device("cpu")))
         self._row_seeds: list[int] | None = None
+        self._recorded: dict[int, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- public
 
@@ -211,13 +212,15 @@ class Attack:
         x0, is_same, thresholds = self._check_inputs(queries, is_same, thresholds)
         noise = SeededNoise(x0.shape[0], x0.device, self.seed, sample_seeds)
         self._row_seeds = noise.row_seeds() if hasattr(self.model, "views") else None
+        self._recorded = {}
         with eval_mode(self.model):
             target = self._prepare_target(target, x0, noise)
             # Attacks need input gradients even when the caller runs under torch.no_grad().
             with torch.enable_grad():
                 result = self.perturb(x0, target, is_same, thresholds, noise)
         self._row_seeds = None
-        iterates = result if isinstance(result, dict) else {self._final_steps(): result}
+        iterates = {**self._recorded, self._final_steps(): result}
+        self._recorded = {}
         iterates = {k: self._deliver(v.detach(), x0) for k, v in sorted(iterates.items())}
         self.last_iterates = iterates
         scale = getattr(self.model, "step_cost", 1)
@@ -235,9 +238,10 @@ class Attack:
                 # An attack through a defended model (BPDA / EOT) says so.
                 **({"defended_model": self.model.config()} if hasattr(self.model, "views") else {})}
 
-    def perturb(self, x0, target, is_same, thresholds, noise: SeededNoise):
-        """Return float adversarial queries (in the image box; in the eps-box if eps-bounded), or
-        a dict step count -> such queries for attacks that record iterates."""
+    def perturb(self, x0, target, is_same, thresholds, noise: SeededNoise) -> torch.Tensor:
+        """Return float adversarial queries (in the image box; in the eps-box if eps-bounded).
+        Attacks that record iterates at other step counts put them in ``self._recorded``
+        ({step count: float queries}); ``__call__`` rounds them into ``last_iterates``."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

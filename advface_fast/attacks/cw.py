@@ -159,7 +159,8 @@ class CW(Attack):
             out.index_copy_(0, rows, best_x)
         self.last_stats = {"image_steps": image_steps, "image_steps_full": n * self.steps}
         # Counts not reached because every pair finished earlier: nothing changed after that.
-        return {**{k: out for k in self.record_steps}, **iterates, self.steps: out}
+        self._recorded = {**{k: out for k in self.record_steps if k != self.steps}, **iterates}
+        return out
 
 
 class CWL2(Attack):

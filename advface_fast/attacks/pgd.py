@@ -171,7 +171,8 @@ class PGD(Attack):
                 pgd_step(x, grad, lo, hi, alpha)  # in place: x <- clamp(x + alpha*sign(grad), lo, hi)
                 if step in record:
                     observe(step, x)
-        return {k: v[0] for k, v in best.items()}
+        self._recorded = {k: v[0] for k, v in best.items() if k != self.steps}
+        return best[self.steps][0]
 
     def _perturb_early_stop(self, x0, gallery, is_same, thresholds, noise):
         """PGD that drops pairs from the batch once they are past their threshold by the margin."""
