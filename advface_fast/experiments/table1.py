@@ -135,7 +135,7 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
         if name != "noise":
             options.setdefault("precision", cfg.precision)
         attack = make_attack(name, attacked_net, metric=cfg.metric, eps=eps, seed=cfg.seed, **options)
-        params = {k: v for k, v in attack.config().items() if k not in ("name", "eps", "metric", "seed")}
+        params = {k: v for k, v in attack.config().items() if k not in ("name", "eps", "objective", "seed")}
         queries = runner.attack_queries(attack, model, sel, net, extra_key=extra_key)
         sim = runner.similarity(model, sel, runner.query_embeddings(model, sel, queries))
         rows.append(_make_row(name, eps, params, runner.judge(model, sel, sim), shift(sim),
