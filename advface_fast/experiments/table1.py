@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from ..attacks import make_attack
 from ..data.policy import InputPolicy
 from ..models import create_model, get_model_spec
-from ..pipeline import environment, prepare_pairs
+from ..environment import environment
+from ..pair_chips import prepare_pairs
 from ..precision import device_features, model_device, resolve_precision
 from .runner import ModelVerifier, Runner
 
