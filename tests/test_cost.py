@@ -44,6 +44,15 @@ def test_training_cost_per_image_epoch_and_full_scale(runs):
     assert cost.attack_step_seconds(cost.load_training_runs(runs)) == pytest.approx(25.0 / 500)
 
 
+def test_free_at_full_scale_divides_the_epochs_by_the_replays(tmp_path):
+    free = fake_run(tmp_path / "free", "free", images=100, attack_steps=0, attack_s=0.0, update_s=30.0,
+                    clean=0.9, worst=0.1)
+    rep = cost.load_training_runs([free])[0]
+    rep["config"]["steps"] = 3
+    row = cost.training_row(rep, full_images=1000, full_epochs=30)
+    assert row["full_scale_epochs"] == 10 and row["full_scale_seconds"] == pytest.approx(0.3 * 1000 * 10)
+
+
 def test_cost_command_with_a_defense_report(tmp_path, runs, capsys):
     defend = {"rows": [
         {"defense": "pgd", "defense_eps": 4, "defense_steps": 10, "query": "clean", "accuracy": 0.9,

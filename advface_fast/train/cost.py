@@ -7,7 +7,7 @@ hardware-free one). Training is a one-off cost; the defense is a running cost pe
 image-steps: the defense re-attacks the query) plus a one-off cost per gallery image (cached).
 
 Training: measured seconds and image-steps per training image per epoch (from ``train.json``),
-the run's totals, and the extrapolation to CASIA-WebFace scale (494,414 images x ``epochs``;
+the run's totals, and the extrapolation to CASIA-WebFace scale (494,414 images x ``epochs``, divided by K for free AT;
 30 is assumed by default — face models are trained for tens of epochs on CASIA-WebFace, e.g.
 CosFace / SphereFace-style schedules — state yours with ``--epochs-full``). This extrapolates
 per-image cost measured in a fine-tune at this model's input size and this machine; it is not
@@ -60,11 +60,15 @@ def training_row(rep: dict, *, full_images: int = CASIA_WEBFACE_IMAGES, full_epo
         label = f"fgsm-rs eps={cfg['eps']:g}"
     if rep.get("epochs_done", 0) == 0:
         label = "pretrained (no training)"
-    full_items = full_images * full_epochs
+    # Free AT replays each batch K times, so Shafahi et al. divide the epochs by K to match a clean
+    # run's budget; the full-scale extrapolation does the same.
+    epochs_full = full_epochs / max(cfg["steps"], 1) if cfg["method"] == "free" else full_epochs
+    full_items = full_images * epochs_full
     row = {"approach": "adversarial training", "setting": label, "method": cfg["method"], "eps": cfg["eps"],
            "steps": cfg["steps"], "epochs": rep.get("epochs_done"), "images": rep.get("n_images"),
            "seconds_total": cost.get("seconds", 0.0), "image_steps_total": cost.get("image_steps", 0),
            "seconds_per_image_epoch": per.get("seconds"), "image_steps_per_image_epoch": per.get("image_steps"),
+           "full_scale_epochs": epochs_full,
            "full_scale_seconds": per["seconds"] * full_items if per else None,
            "full_scale_image_steps": per["image_steps"] * full_items if per else None,
            "clean_accuracy": ev.get("clean_accuracy"), "static_accuracy": ev.get("worst_attack_accuracy"),
@@ -163,8 +167,9 @@ def plot_cost(report: dict, path, queries: int = 10_000) -> Path:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     g = report["assumptions"]["gallery_images"]
-    at = sorted((t["image_steps_total"] or 1, t["static_accuracy"], t["setting"]) for t in report["training"]
-                if t["static_accuracy"] is not None)
+    at = sorted((t["image_steps_total"] or 1, t["static_accuracy"],
+                 t["setting"] + ("" if t["image_steps_total"] else " (0, drawn at 1)"))
+                for t in report["training"] if t["static_accuracy"] is not None)
     if at:
         ax.plot([a[0] for a in at], [100 * a[1] for a in at], "o-", label="adversarial training (measured run)")
         for x, y, s in at:
@@ -209,7 +214,7 @@ def cost_markdown(report: dict) -> str:
     a = report["assumptions"]
     lines = ["### Adversarial training (measured)", "",
              "| setting | epochs | images | s / image / epoch | image-steps / image / epoch | run: s | run: image-steps "
-             f"| {a['full_scale_images']:,} img x {a['full_scale_epochs']} ep: hours | clean % | worst attack % |",
+             f"| {a['full_scale_images']:,} img x {a['full_scale_epochs']} ep (free AT: ep / K): hours | clean % | worst attack % |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for t in report["training"]:
         hours = None if t["full_scale_seconds"] is None else t["full_scale_seconds"] / 3600
