@@ -202,6 +202,18 @@ def cmd_advtrain(args) -> int:
     from .train.run import run_advtrain
 
     apply_threads(args)
+    eval_attacks = tuple(a for a in args.eval_attacks.split(",") if a)
+    if args.eval_only:
+        from .train.run import evaluate_run
+
+        ev = evaluate_run(lfw_path(args), args.out, args.test_folds, model=args.model, eval_out=args.eval_out,
+                          eval_attacks=eval_attacks, eval_eps=args.eval_eps, eval_steps=args.eval_steps,
+                          eval_pairs=args.eval_pairs, eval_precision=args.precision, seed=args.seed,
+                          workers=args.workers, progress=not args.quiet)
+        rows = ", ".join(f"{k} {100 * v:.1f}%" for k, v in ev["rows"].items())
+        print(f"held-out folds {ev['held_out_folds']} ({ev['n_pairs']} pairs): clean {100 * ev['clean_accuracy']:.1f}%"
+              + (f", {rows}" if rows else "") + f"; wrote {ev['file']}")
+        return 0
     cfg = TrainConfig(method=args.method, eps=args.eps, steps=1 if args.method == "fgsm-rs" else args.steps,
                       alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                       lr=args.lr, weight_decay=args.weight_decay, scale=args.scale, margin=args.margin,
@@ -210,7 +222,7 @@ def cmd_advtrain(args) -> int:
                           people_file=args.people_file, max_identities=args.max_identities,
                           max_images_per_identity=args.max_images_per_identity, resume=args.resume,
                           checkpoint_every=args.checkpoint_every, evaluate=not args.no_eval,
-                          eval_attacks=tuple(a for a in args.eval_attacks.split(",") if a), eval_eps=args.eval_eps,
+                          eval_attacks=eval_attacks, eval_eps=args.eval_eps,
                           eval_steps=args.eval_steps, eval_pairs=args.eval_pairs, eval_precision=args.precision,
                           workers=args.workers, progress=not args.quiet)
     split = report["split"]
@@ -429,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N batches (default: end of each epoch)")
     p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("--eval-only", action="store_true",
+                   help="judge the finished run in --out again with the --eval-* settings (no training)")
+    p.add_argument("--eval-out", type=Path, metavar="DIR", help="with --eval-only: where the Table 1 files go "
+                   "(default: <out>/eval)")
     p.add_argument("--eval-attacks", default="pgd", metavar="LIST", help="attacks for the held-out table, e.g. "
                    "fgsm,pgd,cw; empty for clean only (default: %(default)s)")
     p.add_argument("--eval-eps", type=_float_list, default=(4.0,), metavar="LIST", help="(default: 4)")

@@ -266,3 +266,9 @@ def test_cli_advtrain_then_heldout_evaluation(lfw_ci, tmp_path, capsys):
     assert s["n_pairs"] == 4 and set(s["rows"]) == {"fgsm@4"} and 0 <= s["clean_accuracy"] <= 1
     with pytest.raises(ValueError, match="two held-out folds"):
         evaluate_heldout(lfw_ci, [2])
+    # --eval-only judges the finished run again and records it in train.json
+    assert main(["advtrain", "--lfw", str(lfw_ci), "--test-folds", "1,2", "--eval-only", "--eval-attacks", "fgsm",
+                 "--eval-eps", "2", "--eval-pairs", "4", "--eval-out", str(tmp_path / "ev2"), "--threads", "1",
+                 "--workers", "1", "--quiet", "--out", str(out)]) == 0
+    evals = json.loads((out / "train.json").read_text())["evaluations"]
+    assert len(evals) == 1 and set(evals[0]["rows"]) == {"fgsm@2"} and (tmp_path / "ev2" / "table1.json").exists()

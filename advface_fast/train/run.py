@@ -52,4 +52,27 @@ def run_advtrain(lfw, cfg: TrainConfig, out_dir, *, model: str = "dlib-resnet", 
     return report
 
 
-__all__ = ["run_advtrain"]
+def evaluate_run(lfw, out_dir, test_folds, *, model: str = "dlib-resnet", eval_out=None, eval_attacks=("pgd",),
+                 eval_eps=(4,), eval_steps=(10,), eval_pairs: int | None = None, eval_precision: str = "auto",
+                 seed: int = 0, workers=None, progress: bool = True) -> dict:
+    """Judge the weights of a finished run again (other attacks / eps / pairs): writes the Table 1 files
+    to ``eval_out`` (default ``<out_dir>/eval``) and adds the summary to train.json's ``evaluations``."""
+    import json
+
+    out = Path(out_dir)
+    weights = out / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"no finished run in {out} (no {WEIGHTS})")
+    eval_out = Path(eval_out) if eval_out is not None else out / "eval"
+    ev = evaluate_heldout(lfw, test_folds, weights=weights, model=model, attacks=eval_attacks, eps=eval_eps,
+                          steps=eval_steps, max_pairs=eval_pairs, precision=eval_precision, seed=seed,
+                          out_dir=eval_out, workers=workers, progress=progress)
+    summary = {**summarize(ev), "held_out_folds": ev["held_out_folds"], "threshold_rule": ev["thresholds"]["rule"],
+               "file": str(eval_out / "table1.json"), "precision": ev["precision"]["gradients"]}
+    report = json.loads((out / "train.json").read_text())
+    report.setdefault("evaluations", []).append(summary)
+    write_json_atomic(out / "train.json", report)
+    return summary
+
+
+__all__ = ["evaluate_run", "run_advtrain"]
