@@ -150,7 +150,7 @@ def test_training_attack_raises_the_head_loss_within_eps(tiny_data):
     with torch.no_grad():
         before, after = head.loss(model(x), y), head.loss(model(x_adv), y)
     assert after > before
-    assert HeadObjective(head).config()["objective"] == "cosface-head"
+    assert HeadObjective(head).config()["name"] == "cosface-head"
 
 
 def test_pgd_at_end_to_end_and_loss_decreases(tmp_path, tiny_data):

@@ -20,17 +20,35 @@ import torch
 from ..attacks import PGD
 from .head import CosFaceHead
 
+try:  # the objective contract with a base class (prepare_target, needs_labels, ...)
+    from ..attacks.objective import Objective as _ObjectiveBase
+except ImportError:  # the earlier duck-typed contract
+    _ObjectiveBase = object
 
-class HeadObjective:
-    """Attack objective for training: the per-image CosFace loss of the head (higher = more adversarial)."""
+
+class HeadObjective(_ObjectiveBase):
+    """Attack objective for training: the per-image CosFace loss of the head (higher = more adversarial).
+
+    The attack's target / gallery slot carries the labels (N x 1 float); no verification labels
+    (``is_same``) or thresholds are used."""
+
+    name = "cosface-head"
+    metric = "cosine"
+    needs_labels = False
+    margin_needs_thresholds = False
 
     def __init__(self, head: CosFaceHead):
         self.head = head
 
-    def similarity(self, query_emb: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
-        return self.head.loss(query_emb, gallery[:, 0].long(), reduction="none")
+    def prepare_target(self, target, clean_embed, noise):
+        if target is None:
+            raise ValueError("the training objective needs the labels (N x 1) as the target")
+        return target
 
-    def ascent_loss(self, sim: torch.Tensor, is_same: torch.Tensor) -> torch.Tensor:
+    def similarity(self, query_emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head.loss(query_emb, labels[:, 0].long(), reduction="none")
+
+    def ascent_loss(self, sim: torch.Tensor, is_same: torch.Tensor | None = None) -> torch.Tensor:
         return sim
 
     def margin_loss(self, sim, is_same, thresholds, kappa: float = 0.0):
@@ -40,7 +58,7 @@ class HeadObjective:
         raise NotImplementedError("the training objective has no verification threshold")
 
     def config(self) -> dict:
-        return {"objective": "cosface-head", "scale": self.head.scale, "margin": self.head.margin}
+        return {"name": self.name, "metric": self.metric, "scale": self.head.scale, "margin": self.head.margin}
 
 
 def training_attack(model, head: CosFaceHead, *, eps: float, steps: int, alpha: float, random_start: bool = True,
