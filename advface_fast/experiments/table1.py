@@ -60,6 +60,7 @@ class Table1Config:
     on_bad: str = "error"  # input rules (data.policy.InputPolicy): error | skip | convert
     no_face: str = "center"  # error | skip | center
     pairs_file: str | None = None  # your own pairs file instead of the dataset's pairs.txt
+    weights: str | None = None  # the model's weights from this safetensors file (create_model(weights=))
 
 
 @dataclass
@@ -105,7 +106,7 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
     t_start = time.perf_counter()
     pairs = prepare_pairs(lfw, cfg.model, policy=InputPolicy(cfg.on_bad, cfg.no_face), pairs_file=cfg.pairs_file,
                           workers=workers, progress=progress)
-    net = create_model(cfg.model)  # decisions: the plain model in fp32
+    net = create_model(cfg.model, **({"weights": cfg.weights} if cfg.weights else {}))  # decisions: fp32
     attacked_net = get_model_spec(cfg.model).make_fast(net) if cfg.fast_model else net
     device = model_device(net)
     runner = Runner(pairs, metric=cfg.metric, seed=cfg.seed, model=cfg.model, cache_dir=cache_dir,

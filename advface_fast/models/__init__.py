@@ -75,10 +75,17 @@ def create_model(name: str, device=None, frozen: bool = True, fast: bool = False
     return model
 
 
-def _build_dlib_resnet(dat_path=None, cache_dir=None):
+def _build_dlib_resnet(dat_path=None, cache_dir=None, weights=None):
+    """dlib's weights from the .dat file; ``weights=PATH``: your own safetensors (e.g. from
+    ``advface advtrain``) loaded over them, strict keys (see models/weights.py)."""
     from .dlib_resnet import load_dlib_resnet
 
-    return load_dlib_resnet(dat_path, cache_dir)
+    model = load_dlib_resnet(dat_path, cache_dir)
+    if weights is not None:
+        from .weights import load_weights_file
+
+        load_weights_file(model, weights)
+    return model
 
 
 def _fast_dlib_resnet(model):
