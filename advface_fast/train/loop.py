@@ -16,7 +16,6 @@ seconds, image-steps), ``weights.safetensors`` (the model's weights only, loadab
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..fileio import write_json_atomic
 from ..models import create_model
-from ..pipeline import environment
+from ..environment import environment
 from .evaluate import evaluate_heldout, summarize
 from .loop import WEIGHTS, TrainConfig, train
 from .split import load_train_chips, make_split

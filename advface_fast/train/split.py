@@ -132,7 +132,7 @@ def load_train_chips(lfw, split: TrainSplit, model: str = "dlib-resnet", *, cach
     from ..align import AlignConfig, align_images
     from ..data.checksums import sha256_bytes
     from ..models import get_model_spec
-    from ..pipeline import CHIP_CACHE_SCHEME
+    from ..pair_chips import CHIP_CACHE_SCHEME
 
     folder = image_folder(lfw)
     data = {}
