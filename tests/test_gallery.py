@@ -1,0 +1,349 @@
+"""Gallery jobs on a tiny model: kill -9 at random moments and resume equals an uninterrupted run
+(byte for byte per id, nothing lost, nothing twice, no temp files); 2 torchrun ranks and Ray equal
+one process; bad files get rows with reasons; a changed config is refused; match finds the right
+ids with faiss and with torch search alike.
+
+Run as a script (``python tests/test_gallery.py ARGS`` = ``advface gallery ARGS`` with the test-only
+model "tiny-test" registered), which is how the subprocess and torchrun tests start jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+
+from advface_fast.jobs import GalleryConfig, GalleryJob, GalleryStore, run_local, search  # noqa: E402
+from advface_fast.jobs.shard_store import read_shard  # noqa: E402
+from advface_fast.jobs.sharding import make_shards, shards_of_rank  # noqa: E402
+from advface_fast.jobs.sources import list_images  # noqa: E402
+
+TINY = "tiny-test"
+SIZE = 16
+
+
+class TinyFace(nn.Module):
+    """A fixed random conv net (seeded): N x 3 x 16 x 16 -> N x 8."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Tanh(),
+                                 nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Tanh(),
+                                 nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 8))
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x):
+        return self.net(x - 0.5)
+
+
+def register_tiny() -> None:
+    """The test-only registry entry (dlib alignment settings, so a job without --aligned works too)."""
+    from advface_fast.models import ModelSpec, list_models, register_model
+
+    if TINY not in list_models():
+        register_model(ModelSpec(name=TINY, build=TinyFace, input_size=(SIZE, SIZE), embedding_dim=8,
+                                 alignment={"size": SIZE, "padding": 0.25}, description="test-only tiny net"))
+
+
+register_tiny()
+
+
+def write_chips(folder: Path, n: int, seed: int = 0, size: int = SIZE) -> list[str]:
+    rng = np.random.default_rng(seed)
+    ids = []
+    for i in range(n):
+        rel = f"person_{i % 7}/img_{i:04d}.png"
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        ids.append(rel)
+    return ids
+
+
+def plant_bad_files(folder: Path) -> dict[str, str]:
+    """Bad inputs, each with a word its reason must contain."""
+    bad = folder / "bad"
+    bad.mkdir(parents=True, exist_ok=True)
+    (bad / "empty.jpg").write_bytes(b"")
+    good = folder / "person_0" / "img_0000.png"
+    (bad / "truncated.png").write_bytes(good.read_bytes()[:60])
+    (bad / "garbage.jpg").write_bytes(b"this is not an image at all" * 10)
+    (bad / "notes.txt").write_text("hello")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(bad / "wrong_size.png")
+    return {"bad/empty.jpg": "empty", "bad/truncated.png": "truncated", "bad/garbage.jpg": "not a recognised image",
+            "bad/notes.txt": "unsupported format", "bad/wrong_size.png": "expected 16x16"}
+
+
+def job_args(src: Path, out: Path, *extra) -> list[str]:
+    return ["--model", TINY, "--defense", "pgd", "--defense-eps", "8", "--defense-steps", "3", "--input", str(src),
+            "--out", str(out), "--aligned", "--shard-size", "4", "--batch-size", "4", "--threads", "1",
+            "--seed", "7", "--quiet", *extra]
+
+
+def run_cli(args) -> int:
+    from advface_fast.cli import main
+
+    return main(["gallery", *args])
+
+
+def content(out: Path) -> dict:
+    """Per id: (manifest row, embedding bytes or None)."""
+    store = GalleryStore(out)
+    rows = {r[0]: r for r in store.rows()}
+    ids, emb = store.embeddings()
+    embs = {i: emb[n].tobytes() for n, i in enumerate(ids)}
+    assert len(ids) == len(set(ids)), "an id is embedded twice"
+    return {i: (r, embs.get(i)) for i, r in rows.items()}
+
+
+def leftovers(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".damaged")
+            or p.name.endswith("-journal")]
+
+
+def script_cmd(*args) -> list[str]:
+    return [sys.executable, str(HERE), *args]
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+# -- units ------------------------------------------------------------------------------------------
+
+def test_shards_are_sorted_chunks_and_ranks_cover_each_once():
+    ids = [f"id{i:03d}" for i in range(23)][::-1]
+    shards = make_shards(ids, 5)
+    assert [len(s) for s in shards] == [5, 5, 5, 5, 3] and sum(shards, []) == sorted(ids)
+    for world in (1, 2, 3, 7):
+        owned = sorted(k for r in range(world) for k in shards_of_rank(len(shards), r, world))
+        assert owned == list(range(len(shards)))
+    with pytest.raises(ValueError):
+        make_shards(["a", "a"], 2)
+
+
+def test_sources_directory_csv_jsonl(tmp_path):
+    ids = write_chips(tmp_path / "g", 5)
+    assert [r.id for r in list_images(tmp_path / "g")] == sorted(ids)
+    (tmp_path / "m.csv").write_text("id,path\nb,g/" + ids[1] + "\na,g/" + ids[0] + "\n")
+    refs = list_images(tmp_path / "m.csv")
+    assert [r.id for r in refs] == ["a", "b"] and Path(refs[0].path).exists()
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "x", "path": "g/" + ids[2]}) + "\n")
+    assert [r.id for r in list_images(tmp_path / "m.jsonl")] == ["x"]
+    (tmp_path / "dup.csv").write_text("id,path\na,1.png\na,2.png\n")
+    with pytest.raises(ValueError, match="repeats line 2"):
+        list_images(tmp_path / "dup.csv")
+
+
+def test_faiss_and_torch_search_agree():
+    rng = np.random.default_rng(0)
+    g, q = rng.standard_normal((1000, 16)).astype(np.float32), rng.standard_normal((7, 16)).astype(np.float32)
+    s_t, r_t = search(g, q, 5, backend="torch", chunk=96)  # chunked: several merges
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    ref = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ gn.T
+    assert np.array_equal(r_t, np.argsort(-ref, axis=1)[:, :5])
+    np.testing.assert_allclose(s_t, np.sort(ref, axis=1)[:, ::-1][:, :5], atol=1e-5)
+    pytest.importorskip("faiss")
+    s_f, r_f = search(g, q, 5, backend="faiss")
+    assert np.array_equal(r_f, r_t)
+    np.testing.assert_allclose(s_f, s_t, atol=1e-5)
+
+
+# -- the job ------------------------------------------------------------------------------------------
+
+def test_bad_files_are_listed_good_files_embedded_changed_config_refused(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "store"
+    good = write_chips(src, 10)
+    bad = plant_bad_files(src)
+    assert run_cli(job_args(src, out)) == 0
+    printed = capsys.readouterr().out
+    rows = {r[0]: r for r in GalleryStore(out).rows()}
+    assert set(rows) == set(good) | set(bad)
+    for image_id, word in bad.items():
+        assert rows[image_id][3] == "bad" and word in rows[image_id][4], rows[image_id]
+        assert image_id in printed
+    assert all(rows[i][3] == "ok" for i in good)
+    ids, emb = GalleryStore(out).embeddings()
+    assert sorted(ids) == sorted(good) and emb.shape == (10, 8) and np.isfinite(emb).all()
+    assert "bad input" in printed and str(len(bad)) in printed
+    # The store's embeddings are D's: equal to a direct AttackAsDefense run on those chips.
+    from advface_fast.defenses import AttackAsDefense
+
+    x = torch.stack([torch.from_numpy(np.array(Image.open(src / i))).permute(2, 0, 1) for i in ids]).float() / 255
+    d = AttackAsDefense(TinyFace().eval().requires_grad_(False), eps=8, steps=(3,), seed=7, batch_size=4)
+    defended = d.defend(x, ids)[3]
+    with torch.no_grad():
+        direct = TinyFace()(defended)
+    np.testing.assert_allclose(emb, direct.numpy(), atol=1e-5)
+    assert not np.allclose(emb, TinyFace()(x).detach().numpy(), atol=1e-3)  # D did something
+
+    # A rerun of the same command does nothing new; a changed config is refused, naming the change.
+    before = content(out)
+    assert run_cli(job_args(src, out)) == 0
+    assert content(out) == before
+    capsys.readouterr()
+    for change, word in ((["--seed", "8"], "--seed"), (["--defense-eps", "4"], "--defense-eps"),
+                         (["--defense-steps", "2"], "--defense-steps")):
+        args = job_args(src, out)
+        i = args.index(change[0])
+        args[i + 1] = change[1]
+        assert run_cli(args) == 2
+        err = capsys.readouterr().err
+        assert "another config" in err and word in err, err
+    (src / "person_0" / "extra.png").write_bytes((src / good[0]).read_bytes())
+    assert run_cli(job_args(src, out)) == 2
+    assert "set of input images" in capsys.readouterr().err
+    assert content(out) == before
+
+
+def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
+    src = tmp_path / "src"
+    write_chips(src, 96, seed=1)
+    plant_bad_files(src)
+    env = subprocess_env()
+    ref = tmp_path / "ref"
+    t0 = time.perf_counter()
+    subprocess.run(script_cmd(*job_args(src, ref, "--defense-steps", "12")), env=env, check=True,
+                   capture_output=True)
+    t_ref = time.perf_counter() - t0
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(40):
+        proc = subprocess.Popen(script_cmd(*job_args(src, out, "--defense-steps", "12")), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.3, t_ref))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            if kills >= 6:
+                break
+        else:
+            assert proc.returncode == 0
+            break
+    assert kills >= 5, f"only {kills} kills landed while the job ran ({t_ref:.1f} s uninterrupted)"
+    done_before = len(GalleryStore(out).done_shards()) if (out / "manifest.sqlite").exists() else 0
+    subprocess.run(script_cmd(*job_args(src, out, "--defense-steps", "12")), env=env, check=True,
+                   capture_output=True)
+    a, b = content(ref), content(out)
+    assert set(a) == set(b) and len(a) == 101
+    assert a == b  # manifest rows and embedding bytes per id
+    for k in range(len(list((ref / "shards").iterdir()))):  # the shard files themselves too
+        name = f"shard-{k:06d}.safetensors"
+        assert (ref / "shards" / name).read_bytes() == (out / "shards" / name).read_bytes()
+    assert leftovers(out) == []
+    con = sqlite3.connect(out / "manifest.sqlite")
+    assert con.execute("SELECT COUNT(*), COUNT(DISTINCT id) FROM images").fetchone() == (101, 101)
+    print(f"{kills} kills, {done_before} shards done before the last run")
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path):
+    pytest.importorskip("torch.distributed")
+    src = tmp_path / "src"
+    write_chips(src, 30, seed=2)
+    plant_bad_files(src)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli(job_args(src, one)) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000), str(HERE), *job_args(src, two)]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert content(one) == content(two)
+    runs = sqlite3.connect(two / "manifest.sqlite").execute("SELECT executor, rank, world_size FROM runs").fetchall()
+    assert sorted(runs) == [("torchrun", 0, 2), ("torchrun", 1, 2)]
+    workers = {w for (w,) in sqlite3.connect(two / "manifest.sqlite").execute("SELECT worker FROM shards")}
+    assert workers == {"rank 0/2", "rank 1/2"}
+
+
+def test_ray_local_equals_one_process(tmp_path):
+    from conftest import need_module
+
+    ray = need_module("ray", "pip install 'advface-fast[ray]'")
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    src = tmp_path / "src"
+    write_chips(src, 20, seed=3)
+    plant_bad_files(src)
+    one, viaray = tmp_path / "one", tmp_path / "ray"
+    cfg = GalleryConfig(model=TINY, eps=8, steps=3, seed=7, aligned=True, shard_size=4, batch_size=4)
+    run_local(GalleryJob(cfg, str(src), str(one), progress=False, model_factory=TinyFace))
+    from advface_fast.jobs import run_ray
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}})
+    try:
+        summary = run_ray(GalleryJob(cfg, str(src), str(viaray), progress=False, model_factory=TinyFace))
+    finally:
+        ray.shutdown()
+    assert summary["ok"] == 20 and summary["bad"] == 5
+    assert content(one) == content(viaray)
+
+
+def test_match_defends_queries_and_finds_them(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "store"
+    ids = write_chips(src, 12, seed=4)
+    assert run_cli(job_args(src, out)) == 0
+    from advface_fast.cli import main
+
+    capsys.readouterr()
+    queries = [str(src / ids[3]), str(src / ids[8])]
+    assert main(["match", "--gallery", str(out), "--query", *queries, "--top-k", "3", "--search", "torch",
+                 "--out", str(tmp_path / "m.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "no calibrated threshold" in printed
+    report = json.loads((tmp_path / "m.json").read_text())
+    # A query is a gallery image under another id, so D starts elsewhere: still its nearest match.
+    assert [r["matches"][0]["id"] for r in report["results"]] == [ids[3], ids[8]]
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps({"calibration": {"thresholds": [0.5, 0.7]}}))
+    assert main(["match", "--gallery", str(out), "--query", *queries, "--threshold-from", str(calib),
+                 "--out", str(tmp_path / "m2.json")]) == 0
+    report2 = json.loads((tmp_path / "m2.json").read_text())
+    assert report2["threshold"] == pytest.approx(0.6) and "mean of 2" in report2["threshold_source"]
+    for r, r2 in zip(report["results"], report2["results"]):
+        assert [m["id"] for m in r2["matches"][:3]] == [m["id"] for m in r["matches"]]
+        assert all(m["accept"] == (m["score"] >= 0.6) for m in r2["matches"])
+
+
+def test_images_without_a_face_get_a_no_face_row(tmp_path, lfw_ci):
+    pytest.importorskip("dlib")
+    src = tmp_path / "src"
+    src.mkdir()
+    faces = sorted((lfw_ci / "lfw-deepfunneled").glob("*/*.jpg"))[:2]
+    for p in faces:
+        (src / p.name).write_bytes(p.read_bytes())
+    Image.fromarray(np.full((120, 120, 3), 128, np.uint8)).save(src / "blank.jpg")
+    out = tmp_path / "store"
+    args = [a for a in job_args(src, out) if a != "--aligned"]
+    assert run_cli(args) == 0
+    rows = {r[0]: r for r in GalleryStore(out).rows()}
+    assert rows["blank.jpg"][3:5] == ("no_face", "no face detected")
+    assert [rows[p.name][3] for p in faces] == ["ok", "ok"]
+
+
+if __name__ == "__main__":  # `advface gallery` with the test-only model registered (subprocess / torchrun tests)
+    from advface_fast.gallery import main
+
+    sys.exit(main())
