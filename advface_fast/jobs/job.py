@@ -87,7 +87,7 @@ def run_shards(worker: ShardWorker, plan: Plan, store: GalleryStore, shard_ids: 
             stats["model_seconds"] += s["seconds"]
             bar.update(s["images"])
             elapsed = max(bar.format_dict["elapsed"], 1e-9)
-            bar.set_postfix_str(f"{stats['images'] / elapsed:.1f} img/s, "
+            bar.set_postfix_str(
                                 f"{stats['useful_image_steps'] / elapsed:.1f} image-steps/s", refresh=False)
     finally:
         con.close()
