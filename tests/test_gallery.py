@@ -332,14 +332,28 @@ def test_match_defends_queries_and_finds_them(tmp_path, capsys):
     from advface_fast.cli import main
 
     capsys.readouterr()
-    queries = [str(src / ids[3]), str(src / ids[8])]
+    # Queries under their gallery ids: D (seeded by id) makes the same defended image, so each
+    # query's best match is itself at cosine 1.
+    (tmp_path / "q.csv").write_text(f"id,path\n{ids[3]},{src / ids[3]}\n{ids[8]},{src / ids[8]}\n")
+    queries = [str(tmp_path / "q.csv"), str(src / ids[5])]
     assert main(["match", "--gallery", str(out), "--query", *queries, "--top-k", "3", "--search", "torch",
                  "--out", str(tmp_path / "m.json")]) == 0
     printed = capsys.readouterr().out
     assert "no calibrated threshold" in printed
     report = json.loads((tmp_path / "m.json").read_text())
-    # A query is a gallery image under another id, so D starts elsewhere: still its nearest match.
-    assert [r["matches"][0]["id"] for r in report["results"]] == [ids[3], ids[8]]
+    by_query = {r["query"]: r for r in report["results"]}
+    assert sorted(by_query) == sorted([ids[3], ids[8], str(src / ids[5])])
+    for want in (ids[3], ids[8]):
+        r = by_query[want]
+        assert r["matches"][0]["id"] == want and r["matches"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+        assert len(r["matches"]) == 3 and r["matches"][1]["score"] < 0.9999
+    if pytest.importorskip("faiss"):
+        assert main(["match", "--gallery", str(out), "--query", *queries, "--top-k", "3", "--search", "faiss",
+                     "--out", str(tmp_path / "mf.json")]) == 0
+        via_faiss = json.loads((tmp_path / "mf.json").read_text())
+        for a, b in zip(report["results"], via_faiss["results"]):
+            assert [m["id"] for m in a["matches"]] == [m["id"] for m in b["matches"]]
+            np.testing.assert_allclose([m["score"] for m in a["matches"]], [m["score"] for m in b["matches"]], atol=1e-5)
     calib = tmp_path / "calib.json"
     calib.write_text(json.dumps({"calibration": {"thresholds": [0.5, 0.7]}}))
     assert main(["match", "--gallery", str(out), "--query", *queries, "--threshold-from", str(calib),
