@@ -30,6 +30,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))
 
 from advface_fast.jobs import GalleryConfig, GalleryJob, GalleryStore, run_local, search  # noqa: E402
+from advface_fast.jobs.match import faiss_available  # noqa: E402
 from advface_fast.jobs.shard_store import read_shard  # noqa: E402
 from advface_fast.jobs.sharding import make_shards, shards_of_rank  # noqa: E402
 from advface_fast.jobs.sources import list_images  # noqa: E402
@@ -55,13 +56,26 @@ class TinyFace(nn.Module):
         return self.net(x - 0.5)
 
 
+def tiny_spec():
+    from advface_fast.models import ModelSpec
+
+    return ModelSpec(name=TINY, build=TinyFace, input_size=(SIZE, SIZE), embedding_dim=8,
+                     alignment={"size": SIZE, "padding": 0.25}, description="test-only tiny net")
+
+
+def tiny_model() -> nn.Module:
+    """The tiny net with its spec: a model factory for processes where "tiny-test" is not registered (Ray)."""
+    model = TinyFace()
+    model.spec = tiny_spec()
+    return model
+
+
 def register_tiny() -> None:
     """The test-only registry entry (dlib alignment settings, so a job without --aligned works too)."""
-    from advface_fast.models import ModelSpec, list_models, register_model
+    from advface_fast.models import list_models, register_model
 
     if TINY not in list_models():
-        register_model(ModelSpec(name=TINY, build=TinyFace, input_size=(SIZE, SIZE), embedding_dim=8,
-                                 alignment={"size": SIZE, "padding": 0.25}, description="test-only tiny net"))
+        register_model(tiny_spec())
 
 
 register_tiny()
@@ -178,7 +192,9 @@ def test_faiss_and_torch_search_agree():
     ref = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ gn.T
     assert np.array_equal(r_t, np.argsort(-ref, axis=1)[:, :5])
     np.testing.assert_allclose(s_t, np.sort(ref, axis=1)[:, ::-1][:, :5], atol=1e-5)
-    pytest.importorskip("faiss")
+    from conftest import need_module
+
+    need_module("faiss", "pip install 'advface-fast[faiss]'")
     s_f, r_f = search(g, q, 5, backend="faiss")
     assert np.array_equal(r_f, r_t)
     np.testing.assert_allclose(s_f, s_t, atol=1e-5)
@@ -303,7 +319,7 @@ def test_ray_local_equals_one_process(tmp_path):
     from conftest import need_module
 
     ray = need_module("ray", "pip install 'advface-fast[ray]'")
-    import cloudpickle
+    from ray import cloudpickle  # Ray's own copy: ship this module's tiny model by value
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     src = tmp_path / "src"
@@ -311,14 +327,13 @@ def test_ray_local_equals_one_process(tmp_path):
     plant_bad_files(src)
     one, viaray = tmp_path / "one", tmp_path / "ray"
     cfg = GalleryConfig(model=TINY, eps=8, steps=3, seed=7, aligned=True, shard_size=4, batch_size=4)
-    run_local(GalleryJob(cfg, str(src), str(one), progress=False, model_factory=TinyFace))
+    run_local(GalleryJob(cfg, str(src), str(one), progress=False, model_factory=tiny_model))
     from advface_fast.jobs import run_ray
 
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}})
     try:
-        summary = run_ray(GalleryJob(cfg, str(src), str(viaray), progress=False, model_factory=TinyFace))
+        summary = run_ray(GalleryJob(cfg, str(src), str(viaray), progress=False, model_factory=tiny_model))
     finally:
         ray.shutdown()
     assert summary["ok"] == 20 and summary["bad"] == 5
@@ -347,7 +362,7 @@ def test_match_defends_queries_and_finds_them(tmp_path, capsys):
         r = by_query[want]
         assert r["matches"][0]["id"] == want and r["matches"][0]["score"] == pytest.approx(1.0, abs=1e-5)
         assert len(r["matches"]) == 3 and r["matches"][1]["score"] < 0.9999
-    if pytest.importorskip("faiss"):
+    if faiss_available():  # the test extra installs it; the two searches must agree
         assert main(["match", "--gallery", str(out), "--query", *queries, "--top-k", "3", "--search", "faiss",
                      "--out", str(tmp_path / "mf.json")]) == 0
         via_faiss = json.loads((tmp_path / "mf.json").read_text())

@@ -79,15 +79,19 @@ class ShardWorker:
         self.model = (model_factory() if model_factory else create_model(c.model)).to(self.device).eval()
         self.model.requires_grad_(False)
         spec = getattr(self.model, "spec", None)
-        self.input_size = tuple(spec.input_size) if spec is not None else None
+        if spec is None and model_factory is None:
+            from ..models import get_model_spec
+
+            spec = get_model_spec(c.model)
+        if spec is None:
+            raise ValueError("the model needs a .spec (a ModelSpec: its input size and aligner)")
+        self.input_size = tuple(spec.input_size)
         self.defense = AttackAsDefense(self.model, attack=c.defense, eps=c.eps, steps=(c.steps,),
                                        objective=c.objective, seed=c.seed, precision=c.precision,
                                        batch_size=c.batch_size)
         if c.aligned:
             self.align_key, self._make_aligner = "aligned chips (--aligned)", None
         else:
-            if spec is None:
-                raise ValueError("a model without a registry spec needs --aligned (its aligner is unknown)")
             self.align_key, self._make_aligner = _aligner_of(spec)
         self._local = threading.local()
         self.weights_sha256 = weights_id(self.model)
@@ -114,7 +118,7 @@ class ShardWorker:
         except Exception as err:  # noqa: BLE001 - bad input must never stop the job
             return None, "bad", f"cannot decode ({type(err).__name__}: {err})"
         if self._make_aligner is None:
-            if self.input_size and image.shape[:2] != self.input_size:
+            if image.shape[:2] != self.input_size:
                 h, w = self.input_size
                 return None, "bad", f"chip is {image.shape[0]}x{image.shape[1]}, expected {h}x{w} (--aligned)"
             return image, "ok", None
