@@ -247,6 +247,30 @@ def test_bad_files_are_listed_good_files_embedded_changed_config_refused(tmp_pat
     assert content(out) == before
 
 
+def test_a_shard_written_but_not_committed_is_adopted_and_a_damaged_one_redone(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "store"
+    write_chips(src, 12, seed=5)
+    assert run_cli(job_args(src, out)) == 0
+    full = content(out)
+    shard1 = (out / "shards" / "shard-000001.safetensors").read_bytes()
+    # A crash after the rename and before the commit: the file is there, the manifest lacks it.
+    con = sqlite3.connect(out / "manifest.sqlite")
+    with con:
+        con.execute("DELETE FROM images WHERE shard IN (1, 2)")
+        con.execute("DELETE FROM shards WHERE shard IN (1, 2)")
+    con.close()
+    damaged = out / "shards" / "shard-000002.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-7])  # cannot happen with atomic writes; still never trusted
+    (out / "shards" / ".shard-000003.safetensors.123.deadbeef.tmp").write_bytes(b"half a shard")
+    assert run_cli(job_args(src, out)) == 0
+    assert content(out) == full
+    assert (out / "shards" / "shard-000001.safetensors").read_bytes() == shard1
+    workers = dict(sqlite3.connect(out / "manifest.sqlite").execute("SELECT shard, worker FROM shards"))
+    assert workers[1] == "adopted" and workers[2] == "local"
+    assert (out / "shards" / "shard-000002.safetensors.damaged").exists()
+    assert not (out / "shards" / ".shard-000003.safetensors.123.deadbeef.tmp").exists()
+
+
 def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     src = tmp_path / "src"
     write_chips(src, 160, seed=1)

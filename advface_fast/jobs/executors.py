@@ -18,6 +18,7 @@ each executor writes the same bytes per id.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from .job import GalleryJob, make_plan, prepare_store, run_record, run_shards, started_now, summary
@@ -57,6 +58,7 @@ def run_torchrun(job: GalleryJob) -> dict | None:
     else:
         device = job.device or "cpu"
     dist.init_process_group(backend="nccl" if cuda else "gloo")
+    hold = contextlib.ExitStack()
     try:
         store = GalleryStore(job.out)
         worker = ShardWorker(job.config, device, job.model_factory)
@@ -65,6 +67,7 @@ def run_torchrun(job: GalleryJob) -> dict | None:
         error = [None]
         if rank == 0:
             try:
+                hold.enter_context(store.lock())  # one job per store, held by rank 0 for the whole run
                 prep = prepare_store(store, plan)
             except Exception as err:  # noqa: BLE001 - re-raised on every rank below
                 error = [f"{type(err).__name__}: {err}"]
@@ -87,6 +90,7 @@ def run_torchrun(job: GalleryJob) -> dict | None:
         dist.barrier()
         return summary(store, plan, records) if rank == 0 else None
     finally:
+        hold.close()
         dist.destroy_process_group()
 
 
