@@ -184,6 +184,12 @@ def test_sources_directory_csv_jsonl(tmp_path):
         list_images(tmp_path / "dup.csv")
 
 
+def test_an_lfw_root_lists_its_image_folder(lfw_ci):
+    refs = list_images(lfw_ci)
+    assert refs and all(r.id.count("/") == 1 and r.id.endswith(".jpg") for r in refs)
+    assert all(Path(r.path).is_absolute() and Path(r.path).exists() for r in refs[:5])
+
+
 def test_faiss_and_torch_search_agree():
     rng = np.random.default_rng(0)
     g, q = rng.standard_normal((1000, 16)).astype(np.float32), rng.standard_normal((7, 16)).astype(np.float32)

@@ -91,7 +91,7 @@ def _manifest(path: Path) -> list[ImageRef]:
 
 def list_images(source: str | Path) -> list[ImageRef]:
     """Every image reference of ``source`` (a folder, an LFW root or a .csv / .jsonl manifest), by id."""
-    source = Path(source)
+    source = Path(source).expanduser().absolute()  # paths in the manifest must not depend on the cwd
     if source.is_file():
         if source.suffix.lower() not in (".csv", ".jsonl"):
             raise DataError("a manifest must be a .csv (id,path) or .jsonl file", file=source)
