@@ -103,6 +103,7 @@ def plant_bad_files(folder: Path) -> dict[str, str]:
     (bad / "garbage.jpg").write_bytes(b"this is not an image at all" * 10)
     (bad / "notes.txt").write_text("hello")
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(bad / "wrong_size.png")
+    Image.fromarray(np.full((SIZE, SIZE), 77, np.uint8)).save(folder / "gray.png")  # converted, embedded
     return {"bad/empty.jpg": "empty", "bad/truncated.png": "truncated", "bad/garbage.jpg": "not a recognised image",
             "bad/notes.txt": "unsupported format", "bad/wrong_size.png": "expected 16x16"}
 
@@ -215,18 +216,21 @@ def test_bad_files_are_listed_good_files_embedded_changed_config_refused(tmp_pat
     assert run_cli(job_args(src, out)) == 0
     printed = capsys.readouterr().out
     rows = {r[0]: r for r in GalleryStore(out).rows()}
-    assert set(rows) == set(good) | set(bad)
+    assert set(rows) == set(good) | set(bad) | {"gray.png"}
     for image_id, word in bad.items():
         assert rows[image_id][3] == "bad" and word in rows[image_id][4], rows[image_id]
         assert image_id in printed
-    assert all(rows[i][3] == "ok" for i in good)
+    assert all(rows[i][3] == "ok" and rows[i][4] is None for i in good)
+    assert rows["gray.png"][3:5] == ("ok", "converted from mode L to RGB")
+    good = good + ["gray.png"]
     ids, emb = GalleryStore(out).embeddings()
-    assert sorted(ids) == sorted(good) and emb.shape == (10, 8) and np.isfinite(emb).all()
+    assert sorted(ids) == sorted(good) and emb.shape == (11, 8) and np.isfinite(emb).all()
     assert "bad input" in printed and str(len(bad)) in printed
     # The store's embeddings are D's: equal to a direct AttackAsDefense run on those chips.
     from advface_fast.defenses import AttackAsDefense
 
-    x = torch.stack([torch.from_numpy(np.array(Image.open(src / i))).permute(2, 0, 1) for i in ids]).float() / 255
+    x = torch.stack([torch.from_numpy(np.array(Image.open(src / i).convert("RGB"))).permute(2, 0, 1)
+                     for i in ids]).float() / 255
     d = AttackAsDefense(TinyFace().eval().requires_grad_(False), eps=8, steps=(3,), seed=7, batch_size=4)
     defended = d.defend(x, ids)[3]
     with torch.no_grad():
@@ -277,6 +281,12 @@ def test_a_shard_written_but_not_committed_is_adopted_and_a_damaged_one_redone(t
     assert not (out / "shards" / ".shard-000003.safetensors.123.deadbeef.tmp").exists()
 
 
+def test_module_entry_point_is_the_gallery_command():
+    r = subprocess.run([sys.executable, "-m", "advface_fast.gallery", "--help"], env=subprocess_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--shard-size" in r.stdout and "torchrun" in r.stdout
+
+
 def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     src = tmp_path / "src"
     write_chips(src, 160, seed=1)
@@ -314,7 +324,7 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     subprocess.run(script_cmd(*job_args(src, out, "--defense-steps", "12")), env=env, check=True,
                    capture_output=True)
     a, b = content(ref), content(out)
-    assert set(a) == set(b) and len(a) == 165
+    assert set(a) == set(b) and len(a) == 166
     assert a == b  # manifest rows and embedding bytes per id
     for k in range(len(list((ref / "shards").iterdir()))):  # the shard files' content too (safetensors
         name = f"shard-{k:06d}.safetensors"                  # writes its metadata in a random key order)
@@ -323,7 +333,7 @@ def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
         assert all(t1[n].tobytes() == t2[n].tobytes() for n in t1)
     assert leftovers(out) == []
     con = sqlite3.connect(out / "manifest.sqlite")
-    assert con.execute("SELECT COUNT(*), COUNT(DISTINCT id) FROM images").fetchone() == (165, 165)
+    assert con.execute("SELECT COUNT(*), COUNT(DISTINCT id) FROM images").fetchone() == (166, 166)
     print(f"{kills} kills, {done_before} shards done before the last run")
 
 
@@ -366,7 +376,7 @@ def test_ray_local_equals_one_process(tmp_path):
         summary = run_ray(GalleryJob(cfg, str(src), str(viaray), progress=False, model_factory=tiny_model))
     finally:
         ray.shutdown()
-    assert summary["ok"] == 20 and summary["bad"] == 5
+    assert summary["ok"] == 21 and summary["bad"] == 5
     assert content(one) == content(viaray)
 
 

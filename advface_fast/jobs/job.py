@@ -151,7 +151,7 @@ def format_summary(s: dict, limit: int = 10, bad_rows: list | None = None) -> st
 
 
 def bad_rows(store: GalleryStore) -> list[tuple]:
-    return [(i, status, err) for i, _, _, status, err, _ in store.rows() if status != "ok"]
+    return [(i, status, err) for i, _, _, status, err, _ in store.rows() if status != "ok" or err]
 
 
 def started_now() -> str:

@@ -7,6 +7,8 @@ rebuild the worker); ``store_config()`` is what the store records and checks on 
 Bad input never stops a shard: every image gets a row. Statuses: ``ok`` (embedded), ``bad``
 (missing, 0-byte, truncated or undecodable file, unsupported format, a chip of the wrong size with
 ``--aligned``), ``no_face`` (no detector found a face; the centre box is never used for a gallery).
+Grayscale, palette, CMYK or alpha images are converted to RGB (alpha onto white) and embedded; their
+row says so in its error column.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from ..data.errors import DataError
-from ..data.images import read_rgb
+from ..data.images import read_image
 from .shard_store import config_sha256, encode_shard
 from .sources import ImageRef, is_image_name
 
@@ -112,7 +114,7 @@ class ShardWorker:
         if not is_image_name(ref.path):
             return None, "bad", f"unsupported format ({ref.path.rsplit('.', 1)[-1] if '.' in ref.path else 'no suffix'})"
         try:
-            image = read_rgb(ref.path, convert=True)
+            image, mode = read_image(ref.path, convert=True)
         except DataError as err:
             return None, "bad", err.reason
         except Exception as err:  # noqa: BLE001 - bad input must never stop the job
@@ -121,7 +123,7 @@ class ShardWorker:
             if image.shape[:2] != self.input_size:
                 h, w = self.input_size
                 return None, "bad", f"chip is {image.shape[0]}x{image.shape[1]}, expected {h}x{w} (--aligned)"
-            return image, "ok", None
+            return image, "ok", self._note(mode)
         aligner = getattr(self._local, "aligner", None)
         if aligner is None:
             aligner = self._local.aligner = self._make_aligner()
@@ -133,7 +135,12 @@ class ShardWorker:
             return None, "no_face", "no face detected"
         except Exception as err:  # noqa: BLE001
             return None, "bad", f"alignment failed ({type(err).__name__}: {err})"
-        return chip, "ok", None
+        return chip, "ok", self._note(mode)
+
+    @staticmethod
+    def _note(mode: str) -> str | None:
+        """An ok row's error column says when the image was converted to RGB (grayscale, CMYK, ...)."""
+        return None if mode == "RGB" else f"converted from mode {mode} to RGB"
 
     # -- the model side --------------------------------------------------------------------------
 
@@ -143,7 +150,7 @@ class ShardWorker:
         rows, chips, ids = [], [], []
         for ref, (chip, status, error) in zip(refs, loaded):
             if status == "ok":
-                rows.append([ref.id, len(chips), "ok", None])
+                rows.append([ref.id, len(chips), "ok", error])
                 chips.append(chip)
                 ids.append(ref.id)
             else:
