@@ -7,7 +7,7 @@ The job is tests/test_gallery.py's (the test-only tiny model, synthetic 16x16 ch
 planted bad files, PGD-12 at eps 8, shard size 4), so a run takes seconds. A kill lands either
 during start-up (imports, planning: a third of them) or while shards are being computed and
 committed (after the job took the store's lock, uniformly within an eighth of the job's own work
-time, so 20 kills never finish the job). Checked at the end: every id present once, manifest rows
+time divided by 1.2 x the number of kills, so the kills never finish the job). Checked at the end: every id present once, manifest rows
 and embedding bytes per id equal to the uninterrupted run, shard contents equal, no temporary or
 journal files left.
 """
@@ -40,7 +40,7 @@ from advface_fast.jobs.shard_store import read_shard  # noqa: E402
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=20, help="kill -9 this many times (default: %(default)s)")
-    ap.add_argument("--images", type=int, default=400, help="good synthetic chips (default: %(default)s)")
+    ap.add_argument("--images", type=int, default=2000, help="good synthetic chips (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=2026, help="seed of the kill moments (default: %(default)s)")
     ap.add_argument("--out", type=Path, help="write the JSON here")
     args = ap.parse_args(argv)
@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         src = tmp / "src"
         write_chips(src, args.images, seed=1)
-        n_bad = len(plant_bad_files(src))
+        n_bad = len(plant_bad_files(src)) + 1  # and a grayscale image, converted and embedded
         extra = ("--defense-steps", "12")
         t0 = time.perf_counter()
         r = subprocess.run(script_cmd(*job_args(src, tmp / "ref", *extra, "--json")), env=env, check=True,
@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
                 time.sleep(delay)
             else:
                 wait_for_lock(out / ".lock", proc)
-                phase, delay = "working", rng.uniform(0.0, work / 8)
+                phase, delay = "working", rng.uniform(0.0, work / (1.2 * args.kills))
                 time.sleep(delay)
             attempts += 1
             if proc.poll() is not None:
@@ -86,6 +86,7 @@ def main(argv=None) -> dict:
             print(log[-1], flush=True)
         subprocess.run(script_cmd(*job_args(src, out, *extra)), env=env, check=True, capture_output=True)
         a, b = content(tmp / "ref"), content(out)
+        n_shards = len(list((tmp / "ref" / "shards").iterdir()))
         shards_equal = True
         for path in sorted((tmp / "ref" / "shards").iterdir()):
             (m1, t1), (m2, t2) = read_shard(path), read_shard(out / "shards" / path.name)
@@ -94,10 +95,11 @@ def main(argv=None) -> dict:
             "what": "kill -9 at random moments, resume, compare with an uninterrupted run",
             "command": "python benchmarks/gallery_kill_resume.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "load_average": load_average(), "images": args.images + n_bad, "planted_bad": n_bad,
+            "load_average": load_average(), "images": len(b), "planted_bad_or_grayscale": n_bad,
             "shards": len(list((tmp / "ref" / "shards").iterdir())),
             "uninterrupted_seconds": round(t_ref, 2), "job_work_seconds": round(work, 2),
             "kills": kills, "kills_requested": args.kills,
+            "kills_with_shards_pending": sum(1 for e in log if "kill" in e and e["shards_done"] < n_shards),
             "ids_equal": set(a) == set(b), "ids": len(b),
             "rows_and_embeddings_equal_per_id": a == b, "shard_contents_equal": shards_equal,
             "leftover_files": [str(p.relative_to(out)) for p in leftovers(out)],
