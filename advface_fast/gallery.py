@@ -31,6 +31,9 @@ MATCH_EPILOG = """\
 examples:
   advface match --gallery gallery-store --query probe.jpg --top-k 5
   advface match --gallery gallery-store --query probes/ --threshold-from defend.json --out matches.json
+
+threshold: --threshold T, else --threshold-from FILE, else the one recorded in the store
+(advface gallery --threshold-from FILE); without any, scores only (no accept / reject).
 """
 
 
@@ -67,6 +70,9 @@ def add_gallery_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to join (e.g. auto, ray://head:10001); "
                                                          "default: start a local one")
     p.add_argument("--device", help="torch device (default: cpu; under torchrun with CUDA: cuda:LOCAL_RANK)")
+    p.add_argument("--threshold-from", type=Path, metavar="FILE",
+                   help='record the defense\'s calibrated threshold (JSON with "threshold", or per-fold '
+                        '"thresholds") in the store; `advface match` then decides with it')
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_threads_option(p)
@@ -79,6 +85,12 @@ def cmd_gallery(args) -> int:
     from .jobs.shard_store import GalleryStore
 
     apply_threads(args)
+    calibration = None
+    if args.threshold_from is not None:
+        from .fileio import sha256_file
+        from .jobs.match import read_threshold
+
+        calibration = (*read_threshold(args.threshold_from), sha256_file(args.threshold_from))
     for name in ("shard_size", "batch_size", "defense_steps", "decode_threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -91,6 +103,9 @@ def cmd_gallery(args) -> int:
     result = run(job, executor=args.executor, ray_address=args.ray_address)
     if result is None:  # a torchrun rank other than 0
         return 0
+    if calibration is not None:
+        GalleryStore(args.out).record_calibration(*calibration)
+        print(f"recorded the threshold {calibration[0]:.4f} from {calibration[1]} in the store")
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -142,6 +157,12 @@ def cmd_match(args) -> int:
     threshold, source = args.threshold, ("--threshold" if args.threshold is not None else None)
     if args.threshold_from is not None:
         threshold, source = read_threshold(args.threshold_from)
+    elif threshold is None:  # the one recorded with the gallery, if any
+        from .jobs.shard_store import GalleryStore
+
+        recorded = GalleryStore(args.gallery).calibration()
+        if recorded is not None:
+            threshold, source = recorded["threshold"], f"the store's calibration.json ({recorded['source']})"
     report = match(args.gallery, query_refs(args.query), top_k=args.top_k, threshold=threshold,
                    threshold_source=source, backend=args.search, device=args.device)
     print(format_matches(report))

@@ -418,6 +418,13 @@ def test_match_defends_queries_and_finds_them(tmp_path, capsys):
     for r, r2 in zip(report["results"], report2["results"]):
         assert [m["id"] for m in r2["matches"][:3]] == [m["id"] for m in r["matches"]]
         assert all(m["accept"] == (m["score"] >= 0.6) for m in r2["matches"])
+    # Recorded with the gallery (a rerun of the finished job adds it), match decides with it.
+    calib.write_text(json.dumps({"threshold": 0.8}))
+    assert run_cli(job_args(src, out, "--threshold-from", str(calib))) == 0
+    assert main(["match", "--gallery", str(out), "--query", *queries, "--out", str(tmp_path / "m3.json")]) == 0
+    report3 = json.loads((tmp_path / "m3.json").read_text())
+    assert report3["threshold"] == 0.8 and "calibration.json" in report3["threshold_source"]
+    assert any(m["accept"] for r in report3["results"] for m in r["matches"])
 
 
 def test_images_without_a_face_get_a_no_face_row(tmp_path, lfw_ci):

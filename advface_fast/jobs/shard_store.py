@@ -11,6 +11,8 @@ Layout of ``DIR``::
                   "ids"   JSON list: the id of each row of "embeddings"
                   "rows"  JSON list of [id, row or null, status, error] for EVERY id of the shard,
                           so the manifest can always be rebuilt from the shards alone
+    DIR/calibration.json              the defense's calibrated threshold, when one was given
+                                      (``advface gallery --threshold-from FILE``); match decides with it
     DIR/manifest.sqlite
         images(id PRIMARY KEY, shard, row, status, error, path)   status: ok | bad | no_face
         shards(shard PRIMARY KEY, file, sha256, n_images, n_ok, image_steps, seconds, worker, finished)
@@ -42,6 +44,7 @@ from .sharding import shard_name
 
 SHARD_FORMAT = "advface-gallery-shard-v1"
 CONFIG = "config.json"
+CALIBRATION = "calibration.json"
 MANIFEST = "manifest.sqlite"
 SHARDS = "shards"
 LOCK = ".lock"
@@ -177,6 +180,17 @@ class GalleryStore:
         elif old != config:
             raise ConfigChanged(f"the store {self.root} was made with another config: {describe_changes(old, config)}."
                                 " Rerun with the original options to resume, or write to a new --out")
+
+    def calibration(self) -> dict | None:
+        """The defense's calibrated threshold recorded with the store ({"threshold", "source", ...}), if any."""
+        path = self.root / CALIBRATION
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def record_calibration(self, threshold: float, source: str, file_sha256: str | None = None) -> None:
+        """Record the threshold ``advface match`` decides with (not part of the config: it never
+        changes a row)."""
+        write_json_atomic(self.root / CALIBRATION, {"threshold": float(threshold), "source": source,
+                                                    "file_sha256": file_sha256, "recorded": _now()})
 
     def remove_temp_files(self) -> list[Path]:
         """Temporary files of killed writers (never a complete shard)."""
