@@ -353,6 +353,13 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     assert sorted(runs) == [("torchrun", 0, 2), ("torchrun", 1, 2)]
     workers = {w for (w,) in sqlite3.connect(two / "manifest.sqlite").execute("SELECT worker FROM shards")}
     assert workers == {"rank 0/2", "rank 1/2"}
+    # Rank 0 refuses a changed config, and every rank stops with it.
+    args = job_args(src, two)
+    args[args.index("--seed") + 1] = "8"
+    r = subprocess.run(cmd[: cmd.index(str(HERE)) + 1] + args, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and r.stderr.count("another config") == 2, r.stderr[-3000:]
+    assert content(one) == content(two)
 
 
 def test_ray_local_equals_one_process(tmp_path):
