@@ -78,7 +78,14 @@ def register_tiny() -> None:
         register_model(tiny_spec())
 
 
-register_tiny()
+@pytest.fixture(autouse=True, scope="module")
+def tiny_registered():
+    """"tiny-test" in the registry for this module's tests only."""
+    from advface_fast.models import _REGISTRY
+
+    register_tiny()
+    yield
+    _REGISTRY.pop(TINY, None)
 
 
 def write_chips(folder: Path, n: int, seed: int = 0, size: int = SIZE) -> list[str]:
@@ -452,5 +459,7 @@ def test_images_without_a_face_get_a_no_face_row(tmp_path, lfw_ci):
 
 if __name__ == "__main__":  # `advface gallery` with the test-only model registered (subprocess / torchrun tests)
     from advface_fast.gallery import main
+
+    register_tiny()
 
     sys.exit(main())
