@@ -30,8 +30,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from common import load_average, write_json  # noqa: E402
-from test_gallery import (content, job_args, leftovers, plant_bad_files, script_cmd, subprocess_env,  # noqa: E402
-                          wait_for_lock, write_chips)
+from test_gallery import (  # noqa: E402
+    content,
+    job_args,
+    leftovers,
+    plant_bad_files,
+    script_cmd,
+    subprocess_env,
+    wait_for_lock,
+    write_chips,
+)
 
 from advface_fast.jobs import GalleryStore  # noqa: E402
 from advface_fast.jobs.shard_store import read_shard  # noqa: E402

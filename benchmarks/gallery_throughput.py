@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_lfw, load_average, write_json  # noqa: E402
 
 from advface_fast.environment import environment  # noqa: E402
-from advface_fast.jobs import GalleryConfig, GalleryJob, GalleryStore, run_local  # noqa: E402
+from advface_fast.jobs import GalleryConfig, GalleryJob, run_local  # noqa: E402
 from advface_fast.jobs.sources import list_images  # noqa: E402
 from advface_fast.jobs.worker import ShardWorker  # noqa: E402
 from advface_fast.threads import set_threads  # noqa: E402

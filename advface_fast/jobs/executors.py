@@ -21,7 +21,15 @@ from __future__ import annotations
 import contextlib
 import os
 
-from .job import GalleryJob, make_plan, prepare_store, run_record, run_shards, started_now, summary
+from .job import (
+    GalleryJob,
+    make_plan,
+    prepare_store,
+    run_record,
+    run_shards,
+    started_now,
+    summary,
+)
 from .shard_store import GalleryStore
 from .worker import ShardWorker
 

@@ -8,9 +8,8 @@ every one of them does with a shard: decode ahead (prefetch), defend and embed (
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
 from tqdm.auto import tqdm
 

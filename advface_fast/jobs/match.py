@@ -14,8 +14,8 @@ object with ``"threshold"`` (or ``{"calibration": {"threshold": ...}}``, or per-
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ..data.errors import DataError
 from ..data.images import read_image
-from .shard_store import config_sha256, encode_shard
+from .shard_store import encode_shard
 from .sources import ImageRef, is_image_name
 
 STORE_FORMAT = 1
@@ -189,8 +189,4 @@ class ShardWorker:
         return torch.cat(out)
 
 
-def config_digest(store_config: dict) -> str:
-    return config_sha256(store_config)
-
-
-__all__ = ["GalleryConfig", "ShardWorker", "config_digest"]
+__all__ = ["GalleryConfig", "ShardWorker"]
