@@ -70,6 +70,26 @@ def tiny_model() -> nn.Module:
     return model
 
 
+class CrashOnce(TinyFace):
+    """TinyFace whose first forward anywhere kills its process (a lost Ray worker / node)."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+
+    def forward(self, x):
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text("crashed once")
+            os._exit(1)
+        return super().forward(x)
+
+
+def crash_once_model(marker: str) -> nn.Module:
+    model = CrashOnce(marker)
+    model.spec = tiny_spec()
+    return model
+
+
 def register_tiny() -> None:
     """The test-only registry entry (dlib alignment settings, so a job without --aligned works too)."""
     from advface_fast.models import list_models, register_model
@@ -388,10 +408,19 @@ def test_ray_local_equals_one_process(tmp_path):
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}})
     try:
         summary = run_ray(GalleryJob(cfg, str(src), str(viaray), progress=False, model_factory=tiny_model))
+        # A worker that dies mid-task (as on a lost node): Ray reruns its task, the store is the same.
+        import functools
+
+        marker = tmp_path / "crashed"
+        crashy = GalleryJob(cfg, str(src), str(tmp_path / "ray-crash"), progress=False,
+                            model_factory=functools.partial(crash_once_model, str(marker)))
+        summary2 = run_ray(crashy)
     finally:
         ray.shutdown()
     assert summary["ok"] == 21 and summary["bad"] == 5
     assert content(one) == content(viaray)
+    assert marker.exists() and summary2["ok"] == 21
+    assert content(one) == content(tmp_path / "ray-crash")
 
 
 def test_match_defends_queries_and_finds_them(tmp_path, capsys):

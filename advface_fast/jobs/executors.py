@@ -107,12 +107,28 @@ def run_torchrun(job: GalleryJob) -> dict | None:
 _RAY_WORKERS: dict = {}
 
 
-def _ray_shard(job: GalleryJob, k: int, refs: list, config_sha: str) -> tuple[int, bytes, dict]:
-    """One Ray task: shard k's bytes (the worker's model is built once per Ray worker process)."""
-    key = repr(job.config)
+def _factory_key(factory) -> str | None:
+    if factory is None:
+        return None
+    import hashlib
+
+    from ray import cloudpickle
+
+    return hashlib.sha256(cloudpickle.dumps(factory)).hexdigest()
+
+
+def _ray_shard(job: GalleryJob, k: int, refs: list, config_sha: str, weights_sha256: str) -> tuple[int, bytes, dict]:
+    """One Ray task: shard k's bytes. The worker (model, D) is built once per Ray worker process and
+    kept while jobs with the same config, model factory and weights follow; a worker whose weights
+    differ from the driver's is refused (never a silently mixed store)."""
+    key = (repr(job.config), job.device, _factory_key(job.model_factory))
     worker = _RAY_WORKERS.get(key)
-    if worker is None:
+    if worker is None or worker.weights_sha256 != weights_sha256:
+        _RAY_WORKERS.clear()
         worker = _RAY_WORKERS[key] = ShardWorker(job.config, job.device, job.model_factory)
+    if worker.weights_sha256 != weights_sha256:
+        raise ValueError(f"this Ray worker's model weights (sha256 {worker.weights_sha256[:12]}) differ from the "
+                         f"driver's ({weights_sha256[:12]}): give every node the same model files")
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=max(1, job.decode_threads)) as pool:
@@ -141,7 +157,8 @@ def run_ray(job: GalleryJob, address: str | None = None, max_retries: int = 3, n
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         task = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(_ray_shard)
         remote_job = replace(job, progress=False)
-        pending = [task.remote(remote_job, k, plan.shard_refs(k), plan.config_sha) for k in todo]
+        pending = [task.remote(remote_job, k, plan.shard_refs(k), plan.config_sha, worker.weights_sha256)
+                   for k in todo]
         stats = {"shards": 0, "images": 0, "ok": 0, "image_steps": 0, "useful_image_steps": 0,
                  "model_seconds": 0.0}
         t0 = time.perf_counter()
