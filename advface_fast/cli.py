@@ -502,6 +502,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_cache)
 
+    from .gallery import GALLERY_EPILOG, MATCH_EPILOG, add_gallery_arguments, add_match_arguments, cmd_gallery, cmd_match
+
+    p = sub.add_parser(
+        "gallery", help="defend every gallery image once (attack-as-defense): sharded, resumable, torchrun / ray",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Re-attack every gallery image with the defender's attack D and store the defended "
+                    "embeddings: safetensors shards plus a SQLite manifest. Shards are the unit of work; "
+                    "per-image seeds come from (seed, image id), so the store is the same whatever the "
+                    "interruptions, the number of workers or the executor.",
+        epilog=GALLERY_EPILOG)
+    add_gallery_arguments(p)
+    p.set_defaults(func=cmd_gallery)
+
+    p = sub.add_parser(
+        "match", help="defend query images and search them in a defended gallery (top-k, accept decision)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Defend each query with the gallery's D (same model, budget, steps and seed rule), then "
+                    "find its top-k gallery images by cosine similarity (faiss when installed, else exact "
+                    "torch search: the same results). With a calibrated threshold each match is accepted "
+                    "or rejected; without one, scores only.",
+        epilog=MATCH_EPILOG)
+    add_match_arguments(p)
+    p.set_defaults(func=cmd_match)
+
     p = sub.add_parser("models", help="list the registered models")
     p.set_defaults(func=cmd_models)
     return parser

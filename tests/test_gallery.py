@@ -1,0 +1,494 @@
+"""Gallery jobs on a tiny model: kill -9 at random moments and resume equals an uninterrupted run
+(byte for byte per id, nothing lost, nothing twice, no temp files); 2 torchrun ranks and Ray equal
+one process; bad files get rows with reasons; a changed config is refused; match finds the right
+ids with faiss and with torch search alike.
+
+Run as a script (``python tests/test_gallery.py ARGS`` = ``advface gallery ARGS`` with the test-only
+model "tiny-test" registered), which is how the subprocess and torchrun tests start jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+HERE = Path(__file__).resolve()
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+
+from advface_fast.jobs import GalleryConfig, GalleryJob, GalleryStore, run_local, search  # noqa: E402
+from advface_fast.jobs.match import faiss_available  # noqa: E402
+from advface_fast.jobs.shard_store import read_shard  # noqa: E402
+from advface_fast.jobs.sharding import make_shards, shards_of_rank  # noqa: E402
+from advface_fast.jobs.sources import list_images  # noqa: E402
+
+TINY = "tiny-test"
+SIZE = 16
+
+
+class TinyFace(nn.Module):
+    """A fixed random conv net (seeded): N x 3 x 16 x 16 -> N x 8."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Tanh(),
+                                 nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.Tanh(),
+                                 nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 8))
+        with torch.no_grad():
+            for p in self.net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+    def forward(self, x):
+        return self.net(x - 0.5)
+
+
+def tiny_spec():
+    from advface_fast.models import ModelSpec
+
+    return ModelSpec(name=TINY, build=TinyFace, input_size=(SIZE, SIZE), embedding_dim=8,
+                     alignment={"size": SIZE, "padding": 0.25}, description="test-only tiny net")
+
+
+def tiny_model() -> nn.Module:
+    """The tiny net with its spec: a model factory for processes where "tiny-test" is not registered (Ray)."""
+    model = TinyFace()
+    model.spec = tiny_spec()
+    return model
+
+
+class CrashOnce(TinyFace):
+    """TinyFace whose first forward anywhere kills its process (a lost Ray worker / node)."""
+
+    def __init__(self, marker: str):
+        super().__init__()
+        self.marker = marker
+
+    def forward(self, x):
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text("crashed once")
+            os._exit(1)
+        return super().forward(x)
+
+
+def crash_once_model(marker: str) -> nn.Module:
+    model = CrashOnce(marker)
+    model.spec = tiny_spec()
+    return model
+
+
+def register_tiny() -> None:
+    """The test-only registry entry (dlib alignment settings, so a job without --aligned works too)."""
+    from advface_fast.models import list_models, register_model
+
+    if TINY not in list_models():
+        register_model(tiny_spec())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def tiny_registered():
+    """"tiny-test" in the registry for this module's tests only."""
+    from advface_fast.models import _REGISTRY
+
+    register_tiny()
+    yield
+    _REGISTRY.pop(TINY, None)
+
+
+def write_chips(folder: Path, n: int, seed: int = 0, size: int = SIZE) -> list[str]:
+    rng = np.random.default_rng(seed)
+    ids = []
+    for i in range(n):
+        rel = f"person_{i % 7}/img_{i:04d}.png"
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        ids.append(rel)
+    return ids
+
+
+def plant_bad_files(folder: Path) -> dict[str, str]:
+    """Bad inputs, each with a word its reason must contain."""
+    bad = folder / "bad"
+    bad.mkdir(parents=True, exist_ok=True)
+    (bad / "empty.jpg").write_bytes(b"")
+    good = folder / "person_0" / "img_0000.png"
+    (bad / "truncated.png").write_bytes(good.read_bytes()[:60])
+    (bad / "garbage.jpg").write_bytes(b"this is not an image at all" * 10)
+    (bad / "notes.txt").write_text("hello")
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(bad / "wrong_size.png")
+    Image.fromarray(np.full((SIZE, SIZE), 77, np.uint8)).save(folder / "gray.png")  # converted, embedded
+    return {"bad/empty.jpg": "empty", "bad/truncated.png": "truncated", "bad/garbage.jpg": "not a recognised image",
+            "bad/notes.txt": "unsupported format", "bad/wrong_size.png": "expected 16x16"}
+
+
+def job_args(src: Path, out: Path, *extra) -> list[str]:
+    return ["--model", TINY, "--defense", "pgd", "--defense-eps", "8", "--defense-steps", "3", "--input", str(src),
+            "--out", str(out), "--aligned", "--shard-size", "4", "--batch-size", "4", "--threads", "1",
+            "--seed", "7", "--quiet", *extra]
+
+
+def run_cli(args) -> int:
+    from advface_fast.cli import main
+
+    return main(["gallery", *args])
+
+
+def content(out: Path) -> dict:
+    """Per id: (manifest row, embedding bytes or None)."""
+    store = GalleryStore(out)
+    rows = {r[0]: r for r in store.rows()}
+    ids, emb = store.embeddings()
+    embs = {i: emb[n].tobytes() for n, i in enumerate(ids)}
+    assert len(ids) == len(set(ids)), "an id is embedded twice"
+    return {i: (r, embs.get(i)) for i, r in rows.items()}
+
+
+def leftovers(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".damaged")
+            or p.name.endswith("-journal")]
+
+
+def wait_for_lock(path: Path, proc, timeout: float = 60.0) -> None:
+    """Until the job holds the store's lock (it has started working) or has exited."""
+    import fcntl
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if path.exists():
+            with open(path) as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                except OSError:
+                    return
+        time.sleep(0.01)
+
+
+def script_cmd(*args) -> list[str]:
+    return [sys.executable, str(HERE), *args]
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+# -- units ------------------------------------------------------------------------------------------
+
+def test_shards_are_sorted_chunks_and_ranks_cover_each_once():
+    ids = [f"id{i:03d}" for i in range(23)][::-1]
+    shards = make_shards(ids, 5)
+    assert [len(s) for s in shards] == [5, 5, 5, 5, 3] and sum(shards, []) == sorted(ids)
+    for world in (1, 2, 3, 7):
+        owned = sorted(k for r in range(world) for k in shards_of_rank(len(shards), r, world))
+        assert owned == list(range(len(shards)))
+    with pytest.raises(ValueError):
+        make_shards(["a", "a"], 2)
+
+
+def test_sources_directory_csv_jsonl(tmp_path):
+    ids = write_chips(tmp_path / "g", 5)
+    assert [r.id for r in list_images(tmp_path / "g")] == sorted(ids)
+    (tmp_path / "m.csv").write_text("id,path\nb,g/" + ids[1] + "\na,g/" + ids[0] + "\n")
+    refs = list_images(tmp_path / "m.csv")
+    assert [r.id for r in refs] == ["a", "b"] and Path(refs[0].path).exists()
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "x", "path": "g/" + ids[2]}) + "\n")
+    assert [r.id for r in list_images(tmp_path / "m.jsonl")] == ["x"]
+    (tmp_path / "dup.csv").write_text("id,path\na,1.png\na,2.png\n")
+    with pytest.raises(ValueError, match="repeats line 2"):
+        list_images(tmp_path / "dup.csv")
+
+
+def test_an_lfw_root_lists_its_image_folder(lfw_ci):
+    refs = list_images(lfw_ci)
+    assert refs and all(r.id.count("/") == 1 and r.id.endswith(".jpg") for r in refs)
+    assert all(Path(r.path).is_absolute() and Path(r.path).exists() for r in refs[:5])
+
+
+def test_faiss_and_torch_search_agree():
+    rng = np.random.default_rng(0)
+    g, q = rng.standard_normal((1000, 16)).astype(np.float32), rng.standard_normal((7, 16)).astype(np.float32)
+    s_t, r_t = search(g, q, 5, backend="torch", chunk=96)  # chunked: several merges
+    gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+    ref = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ gn.T
+    assert np.array_equal(r_t, np.argsort(-ref, axis=1)[:, :5])
+    np.testing.assert_allclose(s_t, np.sort(ref, axis=1)[:, ::-1][:, :5], atol=1e-5)
+    from conftest import need_module
+
+    need_module("faiss", "pip install 'advface-fast[faiss]'")
+    s_f, r_f = search(g, q, 5, backend="faiss")
+    assert np.array_equal(r_f, r_t)
+    np.testing.assert_allclose(s_f, s_t, atol=1e-5)
+
+
+# -- the job ------------------------------------------------------------------------------------------
+
+def test_bad_files_are_listed_good_files_embedded_changed_config_refused(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "store"
+    good = write_chips(src, 10)
+    bad = plant_bad_files(src)
+    assert run_cli(job_args(src, out)) == 0
+    printed = capsys.readouterr().out
+    rows = {r[0]: r for r in GalleryStore(out).rows()}
+    assert set(rows) == set(good) | set(bad) | {"gray.png"}
+    for image_id, word in bad.items():
+        assert rows[image_id][3] == "bad" and word in rows[image_id][4], rows[image_id]
+        assert image_id in printed
+    assert all(rows[i][3] == "ok" and rows[i][4] is None for i in good)
+    assert rows["gray.png"][3:5] == ("ok", "converted from mode L to RGB")
+    good = good + ["gray.png"]
+    ids, emb = GalleryStore(out).embeddings()
+    assert sorted(ids) == sorted(good) and emb.shape == (11, 8) and np.isfinite(emb).all()
+    assert "bad input" in printed and str(len(bad)) in printed
+    # The store's embeddings are D's: equal to a direct AttackAsDefense run on those chips.
+    from advface_fast.defenses import AttackAsDefense
+
+    x = torch.stack([torch.from_numpy(np.array(Image.open(src / i).convert("RGB"))).permute(2, 0, 1)
+                     for i in ids]).float() / 255
+    d = AttackAsDefense(TinyFace().eval().requires_grad_(False), eps=8, steps=(3,), seed=7, batch_size=4)
+    defended = d.defend(x, ids)[3]
+    with torch.no_grad():
+        direct = TinyFace()(defended)
+    np.testing.assert_allclose(emb, direct.numpy(), atol=1e-5)
+    assert not np.allclose(emb, TinyFace()(x).detach().numpy(), atol=1e-3)  # D did something
+
+    # A rerun of the same command does nothing new; a changed config is refused, naming the change.
+    before = content(out)
+    assert run_cli(job_args(src, out)) == 0
+    assert content(out) == before
+    capsys.readouterr()
+    for change, word in ((["--seed", "8"], "--seed"), (["--defense-eps", "4"], "--defense-eps"),
+                         (["--defense-steps", "2"], "--defense-steps")):
+        args = job_args(src, out)
+        i = args.index(change[0])
+        args[i + 1] = change[1]
+        assert run_cli(args) == 2
+        err = capsys.readouterr().err
+        assert "another config" in err and word in err, err
+    (src / "person_0" / "extra.png").write_bytes((src / good[0]).read_bytes())
+    assert run_cli(job_args(src, out)) == 2
+    assert "set of input images" in capsys.readouterr().err
+    assert content(out) == before
+
+
+def test_a_shard_written_but_not_committed_is_adopted_and_a_damaged_one_redone(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "store"
+    write_chips(src, 12, seed=5)
+    assert run_cli(job_args(src, out)) == 0
+    full = content(out)
+    shard1 = (out / "shards" / "shard-000001.safetensors").read_bytes()
+    # A crash after the rename and before the commit: the file is there, the manifest lacks it.
+    con = sqlite3.connect(out / "manifest.sqlite")
+    with con:
+        con.execute("DELETE FROM images WHERE shard IN (1, 2)")
+        con.execute("DELETE FROM shards WHERE shard IN (1, 2)")
+    con.close()
+    damaged = out / "shards" / "shard-000002.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-7])  # cannot happen with atomic writes; still never trusted
+    (out / "shards" / ".shard-000003.safetensors.123.deadbeef.tmp").write_bytes(b"half a shard")
+    assert run_cli(job_args(src, out)) == 0
+    assert content(out) == full
+    assert (out / "shards" / "shard-000001.safetensors").read_bytes() == shard1
+    workers = dict(sqlite3.connect(out / "manifest.sqlite").execute("SELECT shard, worker FROM shards"))
+    assert workers[1] == "adopted" and workers[2] == "local"
+    assert (out / "shards" / "shard-000002.safetensors.damaged").exists()
+    assert not (out / "shards" / ".shard-000003.safetensors.123.deadbeef.tmp").exists()
+
+
+def test_module_entry_point_is_the_gallery_command():
+    r = subprocess.run([sys.executable, "-m", "advface_fast.gallery", "--help"], env=subprocess_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--shard-size" in r.stdout and "torchrun" in r.stdout
+
+
+def test_kill_9_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
+    src = tmp_path / "src"
+    write_chips(src, 160, seed=1)
+    plant_bad_files(src)
+    env = subprocess_env()
+    ref = tmp_path / "ref"
+    t0 = time.perf_counter()
+    r = subprocess.run(script_cmd(*job_args(src, ref, "--defense-steps", "12", "--json")), env=env, check=True,
+                       capture_output=True, text=True)
+    t_ref = time.perf_counter() - t0
+    work = json.loads(r.stdout)["this_run"]["seconds"]  # the job's own time, after imports and planning
+    startup = t_ref - work
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(40):
+        proc = subprocess.Popen(script_cmd(*job_args(src, out, "--defense-steps", "12")), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if attempt % 3 == 0:  # somewhere in the imports, planning or the first shards
+            time.sleep(rng.uniform(0.1, startup))
+        else:  # somewhere in the first eighth of the work (6 kills cannot finish the job)
+            wait_for_lock(out / ".lock", proc)
+            time.sleep(rng.uniform(0.0, work / 8))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            if kills >= 6:
+                break
+        else:
+            assert proc.returncode == 0
+            break
+    assert kills >= 5, f"only {kills} kills landed while the job ran ({startup:.1f} s start + {work:.1f} s work)"
+    done_before = len(GalleryStore(out).done_shards()) if (out / "manifest.sqlite").exists() else 0
+    subprocess.run(script_cmd(*job_args(src, out, "--defense-steps", "12")), env=env, check=True,
+                   capture_output=True)
+    a, b = content(ref), content(out)
+    assert set(a) == set(b) and len(a) == 166
+    assert a == b  # manifest rows and embedding bytes per id
+    for k in range(len(list((ref / "shards").iterdir()))):  # the shard files' content too (safetensors
+        name = f"shard-{k:06d}.safetensors"                  # writes its metadata in a random key order)
+        (m1, t1), (m2, t2) = read_shard(ref / "shards" / name), read_shard(out / "shards" / name)
+        assert m1 == m2 and t1.keys() == t2.keys()
+        assert all(t1[n].tobytes() == t2[n].tobytes() for n in t1)
+    assert leftovers(out) == []
+    con = sqlite3.connect(out / "manifest.sqlite")
+    assert con.execute("SELECT COUNT(*), COUNT(DISTINCT id) FROM images").fetchone() == (166, 166)
+    print(f"{kills} kills, {done_before} shards done before the last run")
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path):
+    pytest.importorskip("torch.distributed")
+    src = tmp_path / "src"
+    write_chips(src, 30, seed=2)
+    plant_bad_files(src)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert run_cli(job_args(src, one)) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(29500 + os.getpid() % 1000), str(HERE), *job_args(src, two)]
+    r = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert content(one) == content(two)
+    runs = sqlite3.connect(two / "manifest.sqlite").execute("SELECT executor, rank, world_size FROM runs").fetchall()
+    assert sorted(runs) == [("torchrun", 0, 2), ("torchrun", 1, 2)]
+    workers = {w for (w,) in sqlite3.connect(two / "manifest.sqlite").execute("SELECT worker FROM shards")}
+    assert workers == {"rank 0/2", "rank 1/2"}
+    # Rank 0 refuses a changed config, and every rank stops with it.
+    args = job_args(src, two)
+    args[args.index("--seed") + 1] = "8"
+    r = subprocess.run(cmd[: cmd.index(str(HERE)) + 1] + args, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and r.stderr.count("another config") == 2, r.stderr[-3000:]
+    assert content(one) == content(two)
+
+
+def test_ray_local_equals_one_process(tmp_path):
+    from conftest import need_module
+
+    ray = need_module("ray", "pip install 'advface-fast[ray]'")
+    from ray import cloudpickle  # Ray's own copy: ship this module's tiny model by value
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    src = tmp_path / "src"
+    write_chips(src, 20, seed=3)
+    plant_bad_files(src)
+    one, viaray = tmp_path / "one", tmp_path / "ray"
+    cfg = GalleryConfig(model=TINY, eps=8, steps=3, seed=7, aligned=True, shard_size=4, batch_size=4)
+    run_local(GalleryJob(cfg, str(src), str(one), progress=False, model_factory=tiny_model))
+    from advface_fast.jobs import run_ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}})
+    try:
+        summary = run_ray(GalleryJob(cfg, str(src), str(viaray), progress=False, model_factory=tiny_model))
+        # A worker that dies mid-task (as on a lost node): Ray reruns its task, the store is the same.
+        import functools
+
+        marker = tmp_path / "crashed"
+        crashy = GalleryJob(cfg, str(src), str(tmp_path / "ray-crash"), progress=False,
+                            model_factory=functools.partial(crash_once_model, str(marker)))
+        summary2 = run_ray(crashy)
+    finally:
+        ray.shutdown()
+    assert summary["ok"] == 21 and summary["bad"] == 5
+    assert content(one) == content(viaray)
+    assert marker.exists() and summary2["ok"] == 21
+    assert content(one) == content(tmp_path / "ray-crash")
+
+
+def test_match_defends_queries_and_finds_them(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "store"
+    ids = write_chips(src, 12, seed=4)
+    assert run_cli(job_args(src, out)) == 0
+    from advface_fast.cli import main
+
+    capsys.readouterr()
+    # Queries under their gallery ids: D (seeded by id) makes the same defended image, so each
+    # query's best match is itself at cosine 1.
+    (tmp_path / "q.csv").write_text(f"id,path\n{ids[3]},{src / ids[3]}\n{ids[8]},{src / ids[8]}\n")
+    queries = [str(tmp_path / "q.csv"), str(src / ids[5])]
+    assert main(["match", "--gallery", str(out), "--query", *queries, "--top-k", "3", "--search", "torch",
+                 "--out", str(tmp_path / "m.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "no calibrated threshold" in printed
+    report = json.loads((tmp_path / "m.json").read_text())
+    by_query = {r["query"]: r for r in report["results"]}
+    assert sorted(by_query) == sorted([ids[3], ids[8], str(src / ids[5])])
+    for want in (ids[3], ids[8]):
+        r = by_query[want]
+        assert r["matches"][0]["id"] == want and r["matches"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+        assert len(r["matches"]) == 3 and r["matches"][1]["score"] < 0.9999
+    if faiss_available():  # the test extra installs it; the two searches must agree
+        assert main(["match", "--gallery", str(out), "--query", *queries, "--top-k", "3", "--search", "faiss",
+                     "--out", str(tmp_path / "mf.json")]) == 0
+        via_faiss = json.loads((tmp_path / "mf.json").read_text())
+        for a, b in zip(report["results"], via_faiss["results"]):
+            assert [m["id"] for m in a["matches"]] == [m["id"] for m in b["matches"]]
+            np.testing.assert_allclose([m["score"] for m in a["matches"]], [m["score"] for m in b["matches"]], atol=1e-5)
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps({"calibration": {"thresholds": [0.5, 0.7]}}))
+    assert main(["match", "--gallery", str(out), "--query", *queries, "--threshold-from", str(calib),
+                 "--out", str(tmp_path / "m2.json")]) == 0
+    report2 = json.loads((tmp_path / "m2.json").read_text())
+    assert report2["threshold"] == pytest.approx(0.6) and "mean of 2" in report2["threshold_source"]
+    for r, r2 in zip(report["results"], report2["results"]):
+        assert [m["id"] for m in r2["matches"][:3]] == [m["id"] for m in r["matches"]]
+        assert all(m["accept"] == (m["score"] >= 0.6) for m in r2["matches"])
+    # Recorded with the gallery (a rerun of the finished job adds it), match decides with it.
+    calib.write_text(json.dumps({"threshold": 0.8}))
+    assert run_cli(job_args(src, out, "--threshold-from", str(calib))) == 0
+    assert main(["match", "--gallery", str(out), "--query", *queries, "--out", str(tmp_path / "m3.json")]) == 0
+    report3 = json.loads((tmp_path / "m3.json").read_text())
+    assert report3["threshold"] == 0.8 and "calibration.json" in report3["threshold_source"]
+    assert any(m["accept"] for r in report3["results"] for m in r["matches"])
+
+
+def test_images_without_a_face_get_a_no_face_row(tmp_path, lfw_ci):
+    pytest.importorskip("dlib")
+    src = tmp_path / "src"
+    src.mkdir()
+    faces = sorted((lfw_ci / "lfw-deepfunneled").glob("*/*.jpg"))[:2]
+    for p in faces:
+        (src / p.name).write_bytes(p.read_bytes())
+    Image.fromarray(np.full((120, 120, 3), 128, np.uint8)).save(src / "blank.jpg")
+    out = tmp_path / "store"
+    args = [a for a in job_args(src, out) if a != "--aligned"]
+    assert run_cli(args) == 0
+    rows = {r[0]: r for r in GalleryStore(out).rows()}
+    assert rows["blank.jpg"][3:5] == ("no_face", "no face detected")
+    assert [rows[p.name][3] for p in faces] == ["ok", "ok"]
+
+
+if __name__ == "__main__":  # `advface gallery` with the test-only model registered (subprocess / torchrun tests)
+    from advface_fast.gallery import main
+
+    register_tiny()
+
+    sys.exit(main())
