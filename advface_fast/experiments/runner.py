@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..align import AlignConfig
+from ..align import make_align_config
 from ..attacks import VerificationObjective
 from ..cache import default_cache_root
 from ..engine import chips_to_tensor, embed_chips
@@ -130,7 +130,7 @@ class Runner:
         self.batch_size, self.progress = batch_size, progress
         self.objective = VerificationObjective(metric)
         self.store = Store(Path(cache_dir) if cache_dir else default_cache_root() / "attacks", kind=ROWS_SCHEME)
-        self.align_key = AlignConfig(**get_model_spec(model).alignment).key()
+        self.align_key = make_align_config(get_model_spec(model).alignment).key()
 
     # -- 1. selection ---------------------------------------------------------------------------
 
