@@ -38,22 +38,32 @@ STAGES = (64, 128, 256, 512)
 BLOCKS = (1, 2, 4, 1)  # sphere20
 
 
+class PReLU(nn.PReLU):
+    """nn.PReLU (same parameter, same state-dict key) whose backward, when the slopes are frozen,
+    computes only the input gradient (``advface_fast.kernels.prelu``)."""
+
+    def forward(self, x):
+        from advface_fast.kernels.prelu import prelu
+
+        return prelu(x, self.weight)
+
+
 class Block(nn.Module):
     """x + PReLU(conv(PReLU(conv(x)))), 3 x 3 convs without bias."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.prelu1 = nn.PReLU(channels)
+        self.prelu1 = PReLU(channels)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.prelu2 = nn.PReLU(channels)
+        self.prelu2 = PReLU(channels)
 
     def forward(self, x):
         return x + self.prelu2(self.conv2(self.prelu1(self.conv1(x))))
 
 
 def _stage(cin: int, cout: int, blocks: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1), nn.PReLU(cout), *(Block(cout) for _ in range(blocks)))
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1), PReLU(cout), *(Block(cout) for _ in range(blocks)))
 
 
 class SphereFace20(nn.Module):
