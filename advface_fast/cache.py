@@ -70,7 +70,7 @@ def cache_info(root: str | Path | None = None) -> dict:
     """Every cache under ``root`` (default: :func:`default_cache_root`): its entries, sizes, key
     scheme and whether the current code can still use each entry."""
     from .fileio import is_temp_name
-    from .pipeline import CHIP_CACHE_SCHEME
+    from .pair_chips import CHIP_CACHE_SCHEME
     from .store import FORMAT, META, entry_dirs
 
     root = Path(root) if root is not None else default_cache_root()

@@ -125,7 +125,7 @@ def _check_pairs_file(args) -> None:
 
 
 def cmd_verify(args) -> int:
-    from .pipeline import format_report, run_verify
+    from .verification import format_report, run_verify
 
     _check_pairs_file(args)
     apply_threads(args)
@@ -170,7 +170,7 @@ def cmd_attack(args) -> int:
     from .attacks import list_attacks
     from .experiments.render import table1_markdown
     from .experiments.table1 import Table1Config, run_table1
-    from .pipeline import format_input_summary
+    from .pair_chips import format_input_summary
 
     _check_pairs_file(args)
     apply_threads(args)

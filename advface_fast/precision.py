@@ -10,7 +10,6 @@ by the caller.
 
 from __future__ import annotations
 
-import contextlib
 import platform
 import warnings
 from pathlib import Path
@@ -117,13 +116,15 @@ def autocast(precision: str, device=None):
     """A context manager that runs the enclosed model in ``precision`` ("fp32" or "bf16") on ``device``.
 
     bf16 is ``torch.autocast(device_type, dtype=torch.bfloat16)``: convolutions and matrix
-    products in bf16, reductions autocast keeps in fp32. fp32 is a no-op context.
+    products in bf16, reductions autocast keeps in fp32. fp32 is autocast explicitly DISABLED
+    (not a no-op), so fp32 code nested inside a bf16 region (an fp32 defense inside a bf16
+    attacker) still runs in fp32.
     """
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision != "bf16":
+    if precision not in ("fp32", "bf16"):
         raise ValueError(f"autocast takes a resolved precision, 'fp32' or 'bf16', got {precision!r}")
     device_type = torch.device(device if device is not None else "cpu").type
+    if precision == "fp32":
+        return torch.autocast(device_type, enabled=False)
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 

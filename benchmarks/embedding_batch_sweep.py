@@ -28,7 +28,7 @@ from advface_fast.bench import gemm_variants, time_side_by_side  # noqa: E402
 from advface_fast.engine import OrtEngine, TorchEngine, chips_to_tensor  # noqa: E402
 from advface_fast.models import create_model  # noqa: E402
 from advface_fast.onnx_export import export_onnx  # noqa: E402
-from advface_fast.pipeline import prepare_pairs  # noqa: E402
+from advface_fast.pair_chips import prepare_pairs  # noqa: E402
 from advface_fast.precision import autocast, device_features, resolve_precision  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     batches = [int(b) for b in args.batches.split(",")]
 
     pairs = prepare_pairs(args.lfw, "dlib-resnet", folds=[1], progress=False)
-    rows = np.unique(np.concatenate([pairs.a, pairs.b]))[: args.images]
+    rows = np.unique(np.concatenate([pairs.query, pairs.gallery]))[: args.images]
     chips = pairs.chips.chips[rows]
     plain = create_model("dlib-resnet")
     fast = create_model("dlib-resnet", fast=True)

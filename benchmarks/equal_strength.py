@@ -41,7 +41,7 @@ from advface_fast.seeds import derive_seed
 from advface_fast.engine import chips_to_tensor, embed_chips
 from advface_fast.models import create_model
 from advface_fast.models.fast import make_fast
-from advface_fast.pipeline import prepare_pairs
+from advface_fast.pair_chips import prepare_pairs
 from advface_fast.precision import device_features
 from advface_fast.verify import evaluate_embeddings
 
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     plain = create_model("dlib-resnet")
     fast = make_fast(plain)
     emb = embed_chips(plain, pairs.chips.chips, batch_size=64)
-    clean = evaluate_embeddings(emb[pairs.a], emb[pairs.b], pairs.same, pairs.folds, metric="cosine")
+    clean = evaluate_embeddings(emb[pairs.query], emb[pairs.gallery], pairs.same, pairs.folds, metric="cosine")
     threshold = float(clean.threshold_map()[args.fold])
     t_clean = time.perf_counter() - t_start
 
@@ -86,8 +86,8 @@ def main(argv=None) -> dict:
     pair_ids = [f"{p.a}|{p.b}" for p in (pairs.dataset.pairs[i] for i in sel)]
     seeds = [derive_seed(args.seed, pid) for pid in pair_ids]
     objective = VerificationObjective("cosine")
-    gallery = torch.from_numpy(emb[pairs.b[sel]])
-    clean_sim = objective.similarity(torch.from_numpy(emb[pairs.a[sel]]), gallery).double().numpy()
+    gallery = torch.from_numpy(emb[pairs.gallery[sel]])
+    clean_sim = objective.similarity(torch.from_numpy(emb[pairs.query[sel]]), gallery).double().numpy()
     goal = np.where(same, -1.0, 1.0)  # the direction each pair's attacker pushes the similarity
 
     def judge(sim: np.ndarray) -> dict:
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
             sims, seconds = [], 0.0
             for start in range(0, len(sel), args.batch_size):
                 rows = slice(start, start + args.batch_size)
-                queries = chips_to_tensor(pairs.chips.chips[pairs.a[sel[rows]]])
+                queries = chips_to_tensor(pairs.chips.chips[pairs.query[sel[rows]]])
                 t0 = time.perf_counter()
                 x_adv = attack(queries, gallery[rows], torch.from_numpy(same[rows]),
                                torch.full((len(queries),), threshold), sample_seeds=seeds[rows])

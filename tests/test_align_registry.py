@@ -131,7 +131,7 @@ def test_no_face_policy_applies_to_mtcnn_models(faceless_lfw, tmp_path):
     need_mtcnn_weights()
     from advface_fast.data import DataError
     from advface_fast.data.policy import InputPolicy
-    from advface_fast.pipeline import prepare_pairs
+    from advface_fast.pair_chips import prepare_pairs
 
     root, faceless = faceless_lfw
     kw = dict(cache_dir=tmp_path, workers=1, progress=False)

@@ -272,8 +272,9 @@ def test_registry_and_config_round_trip(tiny):
     assert set(ATTACKS) == {"fgsm", "pgd", "cw", "cw-l2", "noise"}
     pgd = make_attack("pgd", tiny, eps=4, metric="cosine")
     config = pgd.config()
-    assert {k: config[k] for k in ("name", "eps", "alpha", "steps", "restarts", "metric")} == \
-        {"name": "pgd", "eps": 4, "alpha": 1.0, "steps": 40, "restarts": 1, "metric": "cosine"}
+    assert {k: config[k] for k in ("name", "eps", "alpha", "steps", "restarts", "objective")} == \
+        {"name": "pgd", "eps": 4, "alpha": 1.0, "steps": 40, "restarts": 1,
+         "objective": {"name": "verification", "metric": "cosine"}}
     for name in ATTACKS:
         attack = make_attack(name, tiny, metric="l2")
         rebuilt = make_attack(model=tiny, **attack.config())
@@ -359,3 +360,181 @@ def test_more_budget_or_steps_never_helps_the_defender(dlib_model, ci_setup):
         assert all(b >= a - 0.005 for a, b in zip(shifts, shifts[1:])), shifts
         assert all(b >= a for a, b in zip(flips, flips[1:])), flips
     assert by_eps[-1][0] > by_eps[0][0] + 0.05  # and it does grow
+
+
+# ----------------------------------------------------------------------------- objective contract
+
+
+def test_label_free_objectives_need_no_labels_or_gallery(tiny):
+    queries = uint8_images(4)
+    for name in ("fgsm", "pgd", "cw", "cw-l2", "noise"):
+        kwargs = {"pgd": dict(steps=2), "cw": dict(steps=2), "cw-l2": dict(steps=2, search_steps=1)}.get(name, {})
+        attack = make_attack(name, tiny, objective="away-from-self", **kwargs)
+        x = attack(queries)
+        assert x.shape == queries.shape
+        assert attack.config()["objective"] == {"name": "away-from-self", "metric": "cosine"}
+    # The verification objective says what it misses, in one line.
+    with pytest.raises(ValueError, match="gallery embeddings"):
+        PGD(tiny, steps=1)(queries, None, torch.ones(4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="is_same"):
+        PGD(tiny, steps=1)(queries, tiny(queries))
+    with pytest.raises(ValueError, match="threshold"):
+        CW(tiny, steps=1)(queries, tiny(queries), torch.ones(4, dtype=torch.bool))
+
+
+def test_away_from_self_target_defaults_to_the_clean_embedding(tiny):
+    queries = uint8_images(4)
+    with torch.no_grad():
+        clean = tiny(queries)
+    given = PGD(tiny, eps=4, steps=3, objective="away-from-self")(queries, clean)
+    computed = PGD(tiny, eps=4, steps=3, objective="away-from-self")(queries)
+    assert torch.equal(given, computed)
+
+
+def test_make_attack_takes_objective_specs_and_metric_shorthand(tiny):
+    by_metric = make_attack("pgd", tiny, metric="l2")
+    by_dict = make_attack("pgd", tiny, objective={"name": "verification", "metric": "l2"})
+    by_object = make_attack("pgd", tiny, objective=VerificationObjective("l2"))
+    assert by_metric.config() == by_dict.config() == by_object.config()
+    assert by_metric.config()["objective"] == {"name": "verification", "metric": "l2"}
+    assert make_attack("pgd", tiny, objective="random-direction").config()["objective"]["name"] == "random-direction"
+    with pytest.raises(ValueError, match="either metric or objective"):
+        make_attack("pgd", tiny, metric="l2", objective="verification")
+    with pytest.raises(ValueError, match="unknown objective"):
+        make_attack("pgd", tiny, objective="bogus")
+
+
+# ----------------------------------------------------------------------------- the gradient hook
+
+
+class ZeroGradient:
+    """Mixin: the hook returns a zero gradient (a wrapper substituting the gradient)."""
+
+    def loss_and_grad(self, x, target, loss_fn, rows=None):
+        grad, sim = super().loss_and_grad(x, target, loss_fn, rows)
+        self.hook_calls = getattr(self, "hook_calls", 0) + 1
+        return torch.zeros_like(grad), sim
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "cw", "cw-l2"])
+def test_every_attack_takes_its_gradient_from_the_one_hook(tiny, name):
+    queries, gallery, is_same = pairs_for(tiny, n=4)
+    kwargs = {"pgd": dict(steps=3, random_start=False), "cw": dict(steps=3, kappa=10.0),
+              "cw-l2": dict(steps=3, search_steps=1, kappa=10.0)}.get(name, {})
+    cls = type("Zero" + ATTACKS[name].__name__, (ZeroGradient, ATTACKS[name]), {})
+    attack = cls(tiny, **kwargs)
+    x_adv = attack(queries, gallery, is_same, torch.zeros(4))
+    assert attack.hook_calls >= 1
+    # Without the model's gradient nothing moves. (C&W-L2 keeps its distance term, which only pulls
+    # towards the clean image: at most a rounding level from float noise of tanh(atanh(x0)).)
+    off = (x_adv - queries).abs().max() * 255
+    assert off <= (1 + 1e-4 if name == "cw-l2" else 0), float(off)
+    assert not torch.equal(ATTACKS[name](tiny, **kwargs)(queries, gallery, is_same, torch.zeros(4)), queries)
+
+
+# ----------------------------------------------------------------------------- mode and precision
+
+
+class ModeRecorder(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, []
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x):
+        self.seen.append((self.training, self.dropout.training, torch.is_autocast_enabled("cpu"), x.dtype))
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "cw"])
+def test_attack_runs_in_eval_mode_and_restores_every_module(tiny, name):
+    model = ModeRecorder(tiny)
+    model.train()
+    model.inner.eval()  # a mixed state must come back exactly
+    queries, gallery, is_same = pairs_for(tiny, n=2)
+    make_attack(name, model, **({} if name == "fgsm" else {"steps": 2}))(queries, gallery, is_same, torch.zeros(2))
+    assert model.seen and all(not m and not d for m, d, _, _ in model.seen)  # eval during the attack
+    assert model.training and model.dropout.training and not model.inner.training
+    assert not any(m.training for m in model.inner.modules())
+
+
+def test_fp32_attack_stays_fp32_inside_a_bf16_region(tiny):
+    model = ModeRecorder(tiny)
+    queries, gallery, is_same = pairs_for(tiny, n=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = PGD(model, eps=4, steps=2, precision="fp32")(queries, gallery, is_same)
+    assert model.seen and all(not autocast_on for _, _, autocast_on, _ in model.seen)
+    assert x_adv.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- iterates at several step counts
+
+
+@pytest.mark.parametrize("restarts", [1, 3])
+def test_pgd_records_the_iterates_of_shorter_runs(tiny, restarts):
+    queries, gallery, is_same = pairs_for(tiny, n=6)
+    seeds = [11, 12, 13, 14, 15, 16]
+    long = PGD(tiny, eps=8, steps=12, restarts=restarts, seed=4, record_steps=(0, 3, 7))
+    final = long(queries, gallery, is_same, sample_seeds=seeds)
+    assert sorted(long.last_iterates) == [0, 3, 7, 12] and torch.equal(long.last_iterates[12], final)
+    for k in (0, 3, 7):
+        alone = PGD(tiny, eps=8, steps=k, restarts=restarts, seed=4)(queries, gallery, is_same, sample_seeds=seeds)
+        assert torch.equal(long.last_iterates[k], alone), k
+    assert not torch.equal(long.last_iterates[3], final)
+    assert "record_steps" not in long.config()  # observing more steps changes no result
+
+
+def test_cw_records_the_results_of_shorter_runs(tiny):
+    queries, gallery, is_same = pairs_for(tiny, n=8)
+    sim = similarities(tiny, queries, gallery)
+    thresholds = torch.where(is_same, sim - 0.03, sim + 0.03)  # some pairs finish (and leave the batch)
+    long = CW(tiny, eps=8, steps=20, lr=0.5, kappa=0.01, record_steps=(1, 4, 9))
+    final = long(queries, gallery, is_same, thresholds)
+    for k in (1, 4, 9):
+        alone = CW(tiny, eps=8, steps=k, lr=0.5, kappa=0.01)(queries, gallery, is_same, thresholds)
+        assert torch.equal(long.last_iterates[k], alone), k
+    assert torch.equal(long.last_iterates[20], final)
+
+
+def test_record_steps_are_checked(tiny):
+    with pytest.raises(ValueError, match="record_steps"):
+        PGD(tiny, steps=5, record_steps=(6,))
+    with pytest.raises(ValueError, match="early_stop"):
+        PGD(tiny, steps=5, record_steps=(2,), early_stop=True)
+
+
+# ----------------------------------------------------------------------------- high confidence (kappa)
+
+
+def test_pgd_kappa_stops_pushing_past_the_margin(tiny):
+    queries, gallery, is_same = pairs_for(tiny, n=8)
+    sim = similarities(tiny, queries, gallery)
+    thresholds = torch.where(is_same, sim - 0.02, sim + 0.02)
+
+    def past(kappa):  # how far past its threshold each pair ends (positive: flipped)
+        x = PGD(tiny, eps=8, steps=20, kappa=kappa, seed=0, round_output=False)(queries, gallery, is_same, thresholds)
+        return torch.where(is_same, thresholds - similarities(tiny, x, gallery),
+                           similarities(tiny, x, gallery) - thresholds)
+
+    small, large, unbounded = past(0.01), past(0.2), past(None)
+    assert (small > 0).all()  # every pair flipped ...
+    assert (small < 0.01 + 0.05).all()  # ... and left about where it crossed the margin (one step past at most)
+    assert large.mean() > small.mean() + 0.02, (small, large)
+    assert unbounded.mean() >= large.mean() - 1e-6, (large, unbounded)
+    assert PGD(tiny, kappa=0.1).config()["kappa"] == 0.1 and "kappa" not in PGD(tiny).config()
+    with pytest.raises(ValueError, match="kappa"):
+        PGD(tiny, kappa=0.1, steps=1)(queries, gallery, is_same)
+
+
+@pytest.mark.parametrize("cls", [FGSM, CW])
+def test_random_start_is_seeded_and_within_budget(tiny, cls):
+    queries, gallery, is_same = pairs_for(tiny, n=4)
+    thresholds = torch.zeros(4)
+    kwargs = {"steps": 3} if cls is CW else {}
+    a = cls(tiny, eps=3, random_start=True, seed=1, **kwargs)(queries, gallery, is_same, thresholds)
+    b = cls(tiny, eps=3, random_start=True, seed=1, **kwargs)(queries, gallery, is_same, thresholds)
+    c = cls(tiny, eps=3, random_start=True, seed=2, **kwargs)(queries, gallery, is_same, thresholds)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert np.abs(as_int(a) - as_int(queries)).max() <= 3
+    assert cls(tiny, random_start=True).config()["random_start"] is True
+    assert "random_start" not in cls(tiny).config()  # default configs unchanged

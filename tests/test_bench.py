@@ -245,7 +245,7 @@ def test_host_id_is_a_safe_file_name(monkeypatch):
 
 def test_table1_section_runs_three_isolated_variants(monkeypatch, tmp_path):
     """fp32 eager, fast, fast + early stop: each with its own empty attack cache; wiring only (fake run)."""
-    import advface_fast.pipeline
+    import advface_fast.pair_chips
     import advface_fast.experiments.table1 as table1
 
     seen = []
@@ -260,7 +260,7 @@ def test_table1_section_runs_three_isolated_variants(monkeypatch, tmp_path):
         return {"rows": rows, "n_pairs": 4}
 
     monkeypatch.setattr(table1, "run_table1", fake_run_table1)
-    monkeypatch.setattr(advface_fast.pipeline, "prepare_pairs", lambda *a, **k: None)
+    monkeypatch.setattr(advface_fast.pair_chips, "prepare_pairs", lambda *a, **k: None)
     ctx = bench.BenchContext(bench.BenchConfig(lfw=tmp_path, quick=True, threads=1))
     ctx._fast = (object(), "bf16")
     rows = bench.section_table1(ctx)

@@ -8,7 +8,7 @@ import pytest
 
 from advface_fast.attacks import make_attack
 from advface_fast.experiments.runner import ModelVerifier, Runner
-from advface_fast.pipeline import prepare_pairs
+from advface_fast.pair_chips import prepare_pairs
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import missing, need_module  # in CI mode a missing library fails
+from conftest import need_module  # in CI mode a missing library fails
 import torch
 from onnx import TensorProto, helper, numpy_helper
 

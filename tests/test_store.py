@@ -118,7 +118,7 @@ def _chip_entry(root, key, scheme, partial=False, complete=True):
 def test_cache_prune_removes_only_what_no_current_code_can_use(tmp_path, capsys):
     from advface_fast.cli import main
     from advface_fast.experiments.runner import ROWS_SCHEME
-    from advface_fast.pipeline import CHIP_CACHE_SCHEME
+    from advface_fast.pair_chips import CHIP_CACHE_SCHEME
 
     current = _chip_entry(tmp_path, "cur", CHIP_CACHE_SCHEME, partial=True)
     old = _chip_entry(tmp_path, "old", "dataset-fingerprint-abc")

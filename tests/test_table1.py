@@ -95,7 +95,7 @@ def test_rows_equal_a_plain_reference_computation(report, lfw_ci, home, small_cf
     from advface_fast.attacks import make_attack
     from advface_fast.engine import chips_to_tensor, embed_chips
     from advface_fast.models import create_model
-    from advface_fast.pipeline import prepare_pairs
+    from advface_fast.pair_chips import prepare_pairs
     from advface_fast.seeds import derive_seed
     from advface_fast.verify import accuracy_with_thresholds, evaluate_embeddings
 
@@ -103,17 +103,17 @@ def test_rows_equal_a_plain_reference_computation(report, lfw_ci, home, small_cf
     pairs = prepare_pairs(lfw_ci, workers=1, progress=False)
     net = create_model("dlib-resnet")
     emb = embed_chips(net, pairs.chips.chips)
-    thr = evaluate_embeddings(emb[pairs.a], emb[pairs.b], pairs.same, pairs.folds).threshold_map()
+    thr = evaluate_embeddings(emb[pairs.query], emb[pairs.gallery], pairs.same, pairs.folds).threshold_map()
     chosen = [i for i in range(len(pairs)) if pairs.folds[i] in small_cfg.folds]
     sel = sorted([i for i in chosen if pairs.same[i]][:4] + [i for i in chosen if not pairs.same[i]][:4])
     same, folds = pairs.same[sel], pairs.folds[sel]
-    gallery = torch.from_numpy(emb[pairs.b[sel]])
+    gallery = torch.from_numpy(emb[pairs.gallery[sel]])
     seeds = [derive_seed(small_cfg.seed, f"{pairs.dataset.pairs[i].a}|{pairs.dataset.pairs[i].b}") for i in sel]
 
     def cosine(q):
         return torch.nn.functional.cosine_similarity(q, gallery, dim=1).double().numpy()
 
-    clean = cosine(torch.from_numpy(emb[pairs.a[sel]]))
+    clean = cosine(torch.from_numpy(emb[pairs.query[sel]]))
     goal = np.where(same, -1.0, 1.0)
     rows = rows_by(report)
     for name, eps in [("fgsm", 2), ("fgsm", 8), ("pgd", 2), ("pgd", 8), ("noise", 8)]:
@@ -121,7 +121,7 @@ def test_rows_equal_a_plain_reference_computation(report, lfw_ci, home, small_cf
         if name != "noise":
             options["precision"] = "fp32"
         attack = make_attack(name, net, eps=eps, seed=small_cfg.seed, **options)
-        x = attack(chips_to_tensor(pairs.chips.chips[pairs.a[sel]]), gallery, torch.from_numpy(same),
+        x = attack(chips_to_tensor(pairs.chips.chips[pairs.query[sel]]), gallery, torch.from_numpy(same),
                    torch.tensor([thr[f] for f in folds], dtype=torch.float32), sample_seeds=seeds)
         with torch.no_grad():
             sim = cosine(net(x).float())

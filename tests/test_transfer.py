@@ -80,7 +80,7 @@ def test_transfer_rows_are_crafted_on_one_model_and_judged_on_the_other(report):
 def test_judge_sees_the_crafted_images(report, lfw_ci, tmp_path):
     """The judge's accuracy comes from sface's embeddings of the attacked chips: recompute one row."""
     from advface_fast.experiments.runner import ModelVerifier, Runner
-    from advface_fast.pipeline import prepare_pairs
+    from advface_fast.pair_chips import prepare_pairs
 
     mp = pytest.MonkeyPatch()
     mp.setenv("ADVFACE_HOME", str(tmp_path))

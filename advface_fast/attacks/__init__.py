@@ -1,18 +1,28 @@
 """Adversarial attacks on face verification, one per file (torchattacks style).
 
-Every attack perturbs the query of a (query, gallery) pair and is called as
-``x_adv = attack(queries, gallery_embeddings, is_same, thresholds, sample_seeds=None)``;
-see :class:`~advface_fast.attacks.base.Attack`. What they optimise lives in one swappable
-:class:`~advface_fast.attacks.objective.VerificationObjective`.
+Every attack perturbs queries and is called as
+``x_adv = attack(queries, target=None, is_same=None, thresholds=None, sample_seeds=None)``;
+see :class:`~advface_fast.attacks.base.Attack`. What they push lives in one swappable
+:class:`~advface_fast.attacks.objective.Objective`: the verification objective of a
+(query, gallery) pair (the default), or a label-free one ("away-from-self",
+"random-direction") that an attack-as-defense uses. Every gradient goes through one hook,
+:meth:`~advface_fast.attacks.base.Attack.loss_and_grad`, which BPDA / EOT wrappers substitute.
 """
 
 from __future__ import annotations
 
-from advface_fast.attacks.base import Attack, check_on_uint8_grid, round_to_uint8_grid
+from advface_fast.attacks.base import Attack, check_on_uint8_grid, eval_mode, round_to_uint8_grid
 from advface_fast.attacks.cw import CW, CWL2
 from advface_fast.attacks.fgsm import FGSM
 from advface_fast.attacks.noise import Noise
-from advface_fast.attacks.objective import VerificationObjective
+from advface_fast.attacks.objective import (
+    OBJECTIVES,
+    AwayFromSelf,
+    Objective,
+    RandomDirection,
+    VerificationObjective,
+    make_objective,
+)
 from advface_fast.attacks.pgd import PGD
 
 ATTACKS: dict[str, type[Attack]] = {
@@ -28,21 +38,22 @@ def list_attacks() -> list[str]:
     return sorted(ATTACKS)
 
 
-def make_attack(name: str, model, metric: str | None = None, **config) -> Attack:
-    """Build a registered attack: ``make_attack("pgd", model, eps=4, steps=40, metric="cosine")``.
+def make_attack(name: str, model, metric: str | None = None, objective=None, **config) -> Attack:
+    """Build a registered attack: ``make_attack("pgd", model, eps=4, steps=40, objective="away-from-self")``.
 
-    ``metric`` is a shorthand for ``objective=VerificationObjective(metric)``, so
-    ``make_attack(model=model, **attack.config())`` rebuilds an equal attack.
+    ``objective`` is a spec: a name, a config dict (``{"name": "verification", "metric": "l2"}``)
+    or an :class:`Objective`. ``metric`` is a shorthand for ``objective={"name": "verification",
+    "metric": metric}``. ``make_attack(model=model, **attack.config())`` rebuilds an equal attack.
     """
     try:
         cls = ATTACKS[name]
     except KeyError:
         raise KeyError(f"unknown attack '{name}'; available: {', '.join(list_attacks())}") from None
     if metric is not None:
-        if config.get("objective") is not None:
+        if objective is not None:
             raise ValueError("give either metric or objective, not both")
-        config["objective"] = VerificationObjective(metric)
-    return cls(model, **config)
+        objective = VerificationObjective(metric)
+    return cls(model, objective=make_objective(objective), **config)
 
 
 __all__ = [
@@ -50,12 +61,18 @@ __all__ = [
     "CW",
     "CWL2",
     "FGSM",
+    "OBJECTIVES",
     "PGD",
     "Attack",
+    "AwayFromSelf",
     "Noise",
+    "Objective",
+    "RandomDirection",
     "VerificationObjective",
     "check_on_uint8_grid",
+    "eval_mode",
     "list_attacks",
     "make_attack",
+    "make_objective",
     "round_to_uint8_grid",
 ]

@@ -23,6 +23,7 @@ def split_finished(finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order[:n_keep], order[n_keep:]
 
 
-def select_rows(rows: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Each tensor's rows at ``rows`` (contiguous copies, as the in-place update kernels need)."""
-    return tuple(t.index_select(0, rows) for t in tensors)
+def select_rows(rows: torch.Tensor, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each tensor's rows at ``rows`` (contiguous copies, as the in-place update kernels need);
+    None (an optional input such as labels or thresholds) stays None."""
+    return tuple(None if t is None else t.index_select(0, rows) for t in tensors)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from advface_fast.attacks.active_set import select_rows, split_finished
-from advface_fast.attacks.base import Attack
+from advface_fast.attacks.base import Attack, check_record_steps
 from advface_fast.kernels import cw_step
 
 # Box for the tanh-space variable w: tanh(±10) is ±1 in float32, so the clamp never binds in
@@ -47,19 +47,35 @@ class CW(Attack):
     rounding; 20 / 40 / 80 steps gave 37 / 38 / 38 successes; lr eps/8, eps/4, eps/2 gave
     37 / 38 / 38. At eps=4 all 40 pairs flip with the defaults.
 
+    Iterates at several step counts. ``record_steps=(10, 20)`` with ``steps=40`` keeps, from ONE
+    run, what a separate 10- and 20-step run would deliver (``last_iterates``): each pair's best
+    iterate among the first k updates. ``lr`` does not depend on ``steps`` and Adam's bias
+    correction depends on the step index only, so the k-step prefix of the run IS the k-step run
+    (the score of the k-th update is the loss computed at the start of step k + 1).
+
+    Label-free objectives (a defense's C&W). Without thresholds their margin loss is the
+    distance still to go (away-from-self: ``1 + s``), never zero: C&W is then Adam minimising the
+    similarity to the clean embedding within the budget for all ``steps`` steps. The
+    away-from-self gradient vanishes at the clean image (it is float noise there, which Adam
+    would normalise into full-size steps), so such a C&W wants ``random_start=True``: start
+    uniformly in the eps-box, seeded like PGD's start (the start then counts as iterate 0).
+
     Arguments:
         model (nn.Module): embedding model, N x 3 x H x W in [0, 1] -> N x D.
         eps (float): L-inf budget in 0-255 pixel units. (Default: 4)
         steps (int): Adam steps. (Default: 40)
         lr (float): Adam step size in 0-255 units. (Default: eps / 4)
         kappa (float): required margin past the threshold, in similarity units. (Default: 0.02)
-        objective (VerificationObjective): similarity and margin. (Default: cosine)
-        seed (int | None): unused (no random start), kept for a uniform signature. (Default: 0)
+        objective (Objective | str | dict): similarity and margin. (Default: verification, cosine)
+        seed (int | None): seed of the random start (unused without it). (Default: 0)
         round_output (bool): deliver the uint8-grid image. (Default: True)
+        record_steps (tuple[int]): step counts whose results to keep (see above). (Default: ())
+        random_start (bool): start uniformly in the eps-box, not at x0. (Default: False)
 
     Shape:
         - queries: (N, 3, H, W) in [0, 1], on the uint8 grid when rounding.
-        - gallery_embeddings: (N, D), is_same: (N,) bool, thresholds: (N,) REQUIRED.
+        - target: (N, D) gallery embeddings (verification) or None (label-free objectives),
+          is_same: (N,) bool (verification), thresholds: (N,) REQUIRED with verification.
         - output: (N, 3, H, W) float32.
 
     Examples::
@@ -74,51 +90,58 @@ class CW(Attack):
     compact_every = 1  # steps between compactions (one host sync each)
 
     def __init__(self, model, eps: float = 4, steps: int = 40, lr: float | None = None, kappa: float = 0.02,
-                 objective=None, seed: int | None = 0, round_output: bool = True, precision: str = "fp32"):
+                 objective=None, seed: int | None = 0, round_output: bool = True, precision: str = "fp32",
+                 record_steps=(), random_start: bool = False):
         super().__init__(model, eps, objective, seed, round_output, precision)
+        self.random_start = bool(random_start)
         if steps < 0 or kappa < 0:
             raise ValueError(f"need steps >= 0 and kappa >= 0, got steps={steps}, kappa={kappa}")
         self.steps = int(steps)
         self.lr = eps / 4 if lr is None else lr
         self.kappa = float(kappa)
+        self.record_steps = check_record_steps(record_steps, self.steps)
 
     def _config(self) -> dict:
-        return {"steps": self.steps, "lr": self.lr, "kappa": self.kappa}
+        config = {"steps": self.steps, "lr": self.lr, "kappa": self.kappa}
+        if self.random_start:  # only when on, so default configs are unchanged
+            config["random_start"] = True
+        return config
 
-    def _margin(self, x, gallery, is_same, thresholds):
-        sim = self._similarity(x, gallery)
-        return self.objective.margin_loss(sim, is_same, thresholds, self.kappa)
-
-    def perturb(self, x0, gallery, is_same, thresholds, noise):
+    def perturb(self, x0, target, is_same, thresholds, noise):
         n = x0.shape[0]
         lo, hi = self._eps_box(x0)
         lr = self.lr / 255.0
-        x = x0.clone()
+        x = self._start(x0, lo, hi, noise)
         m, v = torch.zeros_like(x), torch.zeros_like(x)
-        best_x = x0.clone()
+        best_x = x.clone()
         best_loss = torch.full((n,), float("inf"), device=x0.device)
         done = torch.zeros(n, dtype=torch.bool, device=x0.device)
-        out = None  # the full-size result, made once the first rows leave the batch
+        out = x0.clone()  # the full-size result: rows that left the batch are written here
         rows = torch.arange(n, device=x0.device)  # full-batch positions of the rows in the batch
+        record = {k for k in self.record_steps if k < self.steps}
+        iterates: dict[int, torch.Tensor] = {}
+
+        def snapshot():  # every pair's best so far, full size
+            return out.index_copy(0, rows, best_x)
+
         image_steps = 0
         for step in range(1, self.steps + 1):
-            xg = x.detach().requires_grad_(True)
-            loss = self._margin(xg, gallery, is_same, thresholds)
-            (grad,) = torch.autograd.grad(loss.sum(), xg)
+            margin = _margin_fn(self.objective, is_same, thresholds, self.kappa)
+            grad, sim = self.loss_and_grad(x, target, margin, rows)
             image_steps += x.shape[0]
-            loss = loss.detach()
+            loss = margin(sim)
             best_x, best_loss = _keep_lower(x, loss, best_x, best_loss)
+            if step - 1 in record:  # best among the first step-1 updates: the (step-1)-step run's result
+                iterates[step - 1] = snapshot()
             done |= loss <= 0
             frozen = done.view(-1, 1, 1, 1)
-            grad = torch.nan_to_num(grad, nan=0.0).masked_fill_(frozen, 0.0).contiguous()
+            grad.masked_fill_(frozen, 0.0)
             cw_step(x, grad, m, v, step, lr, lo, hi)  # in place, Adam + projection
             x.copy_(torch.where(frozen, best_x, x))  # frozen pairs do not drift on momentum
             if self.compact and step % self.compact_every == 0:
                 keep, gone = split_finished(done)  # the host sync
                 if gone.numel() == 0:
                     continue
-                if out is None:
-                    out = x0.clone()
                 out.index_copy_(0, rows.index_select(0, gone), best_x.index_select(0, gone))
                 rows = rows.index_select(0, keep)
                 if rows.numel() == 0:
@@ -126,19 +149,17 @@ class CW(Attack):
                 # Every row's Adam state, box and target travel with it: the rows left compute
                 # exactly what they computed in the full batch (up to the model's batch-size
                 # dependent float rounding).
-                x, m, v, lo, hi, best_x, best_loss, done, gallery, is_same, thresholds = select_rows(
-                    keep, x, m, v, lo, hi, best_x, best_loss, done, gallery, is_same, thresholds)
+                x, m, v, lo, hi, best_x, best_loss, done, target, is_same, thresholds = select_rows(
+                    keep, x, m, v, lo, hi, best_x, best_loss, done, target, is_same, thresholds)
             elif not self.compact and step % self.check_every == 0 and bool(done.all()):
                 break
         if rows.numel():
-            with torch.no_grad():  # the last update has not been scored yet
-                loss = self._margin(x, gallery, is_same, thresholds)
-            best_x, _ = _keep_lower(x, loss, best_x, best_loss)
-            if out is None:
-                out = best_x
-            else:
-                out.index_copy_(0, rows, best_x)
+            loss = _margin_fn(self.objective, is_same, thresholds, self.kappa)(self.score(x, target, rows))
+            best_x, _ = _keep_lower(x, loss, best_x, best_loss)  # the last update has not been scored yet
+            out.index_copy_(0, rows, best_x)
         self.last_stats = {"image_steps": image_steps, "image_steps_full": n * self.steps}
+        # Counts not reached because every pair finished earlier: nothing changed after that.
+        self._recorded = {**{k: out for k in self.record_steps if k != self.steps}, **iterates}
         return out
 
 
@@ -168,13 +189,14 @@ class CWL2(Attack):
             the same L2 after 5 rounds, 10 needs fewer rounds to first succeed. (Default: 10)
         lr (float): Adam step size in tanh space (w units). (Default: 0.01)
         kappa (float): required margin past the threshold, in similarity units. (Default: 0.02)
-        objective (VerificationObjective): similarity and margin. (Default: cosine)
+        objective (Objective | str | dict): similarity and margin. (Default: verification, cosine)
         seed (int | None): unused, kept for a uniform signature. (Default: 0)
         round_output (bool): deliver the uint8-grid image. (Default: True)
 
     Shape:
         - queries: (N, 3, H, W) in [0, 1], on the uint8 grid when rounding.
-        - gallery_embeddings: (N, D), is_same: (N,) bool, thresholds: (N,) REQUIRED.
+        - target: (N, D) gallery embeddings (verification) or None (label-free objectives),
+          is_same: (N,) bool (verification), thresholds: (N,) REQUIRED with verification.
         - output: (N, 3, H, W) float32.
 
     Examples::
@@ -203,14 +225,7 @@ class CWL2(Attack):
         return {"steps": self.steps, "search_steps": self.search_steps, "c_init": self.c_init,
                 "lr": self.lr, "kappa": self.kappa}
 
-    def _score(self, w, x0, gallery, is_same, thresholds):
-        """Image, squared L2 distance and margin loss of the tanh-space variable w."""
-        x = (torch.tanh(w) + 1.0) * 0.5
-        dist = (x - x0).square().flatten(1).sum(dim=1)
-        sim = self._similarity(x, gallery)
-        return x, dist, self.objective.margin_loss(sim, is_same, thresholds, self.kappa)
-
-    def perturb(self, x0, gallery, is_same, thresholds, noise):
+    def perturb(self, x0, target, is_same, thresholds, noise):
         n, device = x0.shape[0], x0.device
         w0 = torch.atanh(x0.clamp(_TANH_EDGE, 1.0 - _TANH_EDGE) * 2.0 - 1.0)
         w_lo, w_hi = torch.full_like(w0, -_W_LIMIT), torch.full_like(w0, _W_LIMIT)
@@ -220,24 +235,31 @@ class CWL2(Attack):
         inf = torch.full((n,), float("inf"), device=device)
         best_l2, best_l2_x = inf.clone(), x0.clone()  # smallest successful perturbation
         best_margin, best_margin_x = inf.clone(), x0.clone()  # fallback: most adversarial
+        margin_fn = _margin_fn(self.objective, is_same, thresholds, self.kappa)
         for _ in range(self.search_steps):
             w = w0.clone()
             m, v = torch.zeros_like(w), torch.zeros_like(w)
             succeeded = torch.zeros(n, dtype=torch.bool, device=device)
             for step in range(1, self.steps + 2):
-                wg = w.detach().requires_grad_(step <= self.steps)
-                x, dist, margin = self._score(wg, x0, gallery, is_same, thresholds)
+                t = torch.tanh(w)
+                x = (t + 1.0) * 0.5
+                dist = (x - x0).square().flatten(1).sum(dim=1)
                 if step <= self.steps:
-                    (grad,) = torch.autograd.grad((dist + c * margin).sum(), wg)
-                x, dist, margin = x.detach(), dist.detach(), margin.detach()
+                    # The model's part through the hook (so BPDA / EOT apply), the distance's
+                    # part and the tanh chain rule by hand: d/dw = (d/dx) * (1 - tanh^2) / 2.
+                    grad_x, sim = self.loss_and_grad(x, target, lambda s, c=c: c * margin_fn(s))
+                    grad = (grad_x + 2.0 * (x - x0)).mul_((1.0 - t * t) * 0.5)
+                else:  # the extra pass only scores the last update
+                    sim = self.score(x, target)
+                margin = margin_fn(sim)
                 hit = margin <= 0
                 succeeded |= hit
                 smaller = hit & (dist < best_l2)
                 best_l2_x = torch.where(smaller.view(-1, 1, 1, 1), x, best_l2_x)
                 best_l2 = torch.where(smaller, dist, best_l2)
                 best_margin_x, best_margin = _keep_lower(x, margin, best_margin_x, best_margin)
-                if step <= self.steps:  # the extra pass only scores the last update
-                    cw_step(w, torch.nan_to_num(grad, nan=0.0).contiguous(), m, v, step, self.lr, w_lo, w_hi)
+                if step <= self.steps:
+                    cw_step(w, grad.contiguous(), m, v, step, self.lr, w_lo, w_hi)
             # Binary search on c, per pair: success -> smaller c, failure -> larger c.
             c_hi = torch.where(succeeded, torch.minimum(c_hi, c), c_hi)
             c_lo = torch.where(succeeded, c_lo, torch.maximum(c_lo, c))
@@ -246,6 +268,11 @@ class CWL2(Attack):
         self.last_stats = {"image_steps": cost, "image_steps_full": cost}
         found = torch.isfinite(best_l2).view(-1, 1, 1, 1)
         return torch.where(found, best_l2_x, best_margin_x)
+
+
+def _margin_fn(objective, is_same, thresholds, kappa):
+    """similarities -> the objective's margin loss for these rows (what C&W minimises)."""
+    return lambda sim: objective.margin_loss(sim, is_same, thresholds, kappa)
 
 
 def _keep_lower(x, loss, best_x, best_loss):

@@ -20,7 +20,7 @@ class Noise(Attack):
     Arguments:
         model (nn.Module): embedding model (only its device is used).
         eps (float): L-inf budget in 0-255 pixel units. (Default: 4)
-        objective (VerificationObjective): reported in ``config()``. (Default: cosine)
+        objective (Objective | str | dict): reported in ``config()``. (Default: verification, cosine)
         seed (int | None): seed of the noise. (Default: 0)
         round_output (bool): deliver the uint8-grid image. (Default: True)
 
@@ -40,7 +40,7 @@ class Noise(Attack):
                  precision: str = "fp32"):
         super().__init__(model, eps, objective, seed, round_output, precision)
 
-    def perturb(self, x0, gallery, is_same, thresholds, noise):
+    def perturb(self, x0, target, is_same, thresholds, noise):
         lo, hi = self._eps_box(x0)
         self.last_stats = {"image_steps": 0, "image_steps_full": 0}  # no model pass at all
         uniform = noise.rand(x0.shape[1:]).mul_(2.0).sub_(1.0)  # U[-1, 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from advface_fast.attacks.active_set import select_rows, split_finished
-from advface_fast.attacks.base import Attack
+from advface_fast.attacks.base import Attack, check_record_steps
 from advface_fast.kernels import pgd_step
 
 
@@ -41,6 +41,22 @@ class PGD(Attack):
     PGD-40 at eps 2 and 4 and PGD-10 at eps 1 and 2: the same decisions for every pair).
     Thresholds are required when early stop is on.
 
+    Iterates at several step counts. ``record_steps=(10, 20, 40)`` with ``steps=40`` keeps, from
+    ONE run, the iterate after 10, 20 and 40 steps (``last_iterates``, rounded like the output).
+    The step size ``alpha`` does not depend on ``steps`` (default eps / 4), and the random start
+    is drawn before the first step, so the iterate recorded at k is exactly what a separate
+    k-step run with the same seed delivers (the paper's "iterations" columns are one run
+    observed at several iteration counts). With ``restarts > 1`` each recorded count keeps, per
+    pair, its best restart at that count (one extra forward pass per restart and count). Not
+    with early stop.
+
+    High confidence (``kappa``). By default PGD ascends the unbounded ``ascent_loss``: it pushes
+    every pair as far past its threshold as the budget and steps allow. With ``kappa`` set it
+    ascends ``-margin_loss(s, ..., kappa)`` instead (the C&W margin): a pair stops being pushed
+    (zero gradient, so sign-PGD leaves it where it is) once it is ``kappa`` past its clean
+    threshold, in similarity units. A kappa sweep therefore controls how far past the boundary
+    the delivered queries are; kappa needs thresholds. ``kappa=None`` is the limit of large kappa.
+
     Cost. Every call sets ``last_stats = {"image_steps", "image_steps_full"}``: the forward +
     backward image passes actually computed, and what the full run costs (N * steps * restarts).
     The forward-only scoring pass at the end of each restart (restarts > 1) is not counted.
@@ -52,21 +68,28 @@ class PGD(Attack):
         steps (int): number of steps per restart. (Default: 40)
         restarts (int): random restarts, best per pair kept. (Default: 1)
         random_start (bool): start uniformly in the eps-box (clamped to [0, 1]). (Default: True)
-        objective (VerificationObjective): what to ascend. (Default: cosine)
+        objective (Objective | str | dict): what to ascend. (Default: verification, cosine)
         seed (int | None): seed of the random start. (Default: 0)
         round_output (bool): deliver the uint8-grid image. (Default: True)
         early_stop (bool): finish pairs past their threshold by the margin (see above). (Default: False)
         early_stop_margin (float): that margin, in similarity units. (Default: 0.05)
+        kappa (float | None): stop pushing a pair this far past its threshold (see above);
+            None = unbounded ascent. (Default: None)
+        record_steps (tuple[int]): step counts whose iterates to keep (see above). (Default: ())
+        precision (str): "fp32", "bf16" or "auto", the model's precision for gradients. (Default: "fp32")
 
     Shape:
         - queries: (N, 3, H, W) in [0, 1], on the uint8 grid when rounding.
-        - gallery_embeddings: (N, D), is_same: (N,) bool, thresholds: (N,) or None (unused
-          unless early_stop; then required).
+        - target: (N, D) gallery embeddings (verification) or None (label-free objectives),
+          is_same: (N,) bool (verification), thresholds: (N,) or None (unused unless early_stop
+          or kappa; then required by the verification objective).
         - output: (N, 3, H, W) float32.
 
     Examples::
-        >>> attack = PGD(model, eps=4, steps=40, objective=VerificationObjective("cosine"), seed=0)
+        >>> attack = PGD(model, eps=4, steps=40, objective={"name": "verification", "metric": "cosine"}, seed=0)
         >>> x_adv = attack(queries, gallery_embeddings, is_same, thresholds)
+        >>> defense = PGD(model, eps=4, steps=40, objective="away-from-self", record_steps=(10, 20))
+        >>> x_40 = defense(images, sample_seeds=seeds); x_10 = defense.last_iterates[10]
     """
 
     name = "pgd"
@@ -76,54 +99,84 @@ class PGD(Attack):
 
     def __init__(self, model, eps: float = 4, alpha: float | None = None, steps: int = 40, restarts: int = 1,
                  random_start: bool = True, objective=None, seed: int | None = 0, round_output: bool = True,
-                 early_stop: bool = False, early_stop_margin: float = 0.05, precision: str = "fp32"):
+                 early_stop: bool = False, early_stop_margin: float = 0.05, precision: str = "fp32",
+                 kappa: float | None = None, record_steps=()):
         super().__init__(model, eps, objective, seed, round_output, precision)
         if steps < 0 or restarts < 1:
             raise ValueError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
         if not early_stop_margin >= 0:
             raise ValueError(f"early_stop_margin must be >= 0 (similarity units), got {early_stop_margin}")
+        if kappa is not None and not kappa >= 0:
+            raise ValueError(f"kappa must be >= 0 (similarity units) or None, got {kappa}")
         self.early_stop = bool(early_stop)
         self.early_stop_margin = float(early_stop_margin)
+        self.kappa = None if kappa is None else float(kappa)
+        self.needs_thresholds = self.early_stop or self.kappa is not None
         self.alpha = eps / 4 if alpha is None else alpha
         self.steps = int(steps)
         self.restarts = int(restarts)
         self.random_start = bool(random_start)
+        self.record_steps = check_record_steps(record_steps, self.steps)
+        if self.record_steps and self.early_stop:
+            raise ValueError("record_steps cannot be combined with early_stop (early-stopped iterates "
+                             "are not the iterates of a fixed step count)")
 
     def _config(self) -> dict:
+        # record_steps is not part of the config: it adds observations, it changes no result.
         config = {"alpha": self.alpha, "steps": self.steps, "restarts": self.restarts,
                   "random_start": self.random_start}
         if self.early_stop:  # only when on, so the default config (and cache keys built from it) is unchanged
             config.update(early_stop=True, early_stop_margin=self.early_stop_margin)
+        if self.kappa is not None:
+            config["kappa"] = self.kappa
         return config
 
-    def perturb(self, x0, gallery, is_same, thresholds, noise):
+    def _threshold_user(self) -> str:
+        return "PGD(early_stop=True)" if self.early_stop else f"PGD(kappa={self.kappa})"
+
+    def _loss_fn(self, is_same, thresholds):
+        """What the steps ascend: the objective's ascent loss, or minus its kappa-margin."""
+        if self.kappa is None:
+            return lambda sim: self.objective.ascent_loss(sim, is_same)
+        return lambda sim: -self.objective.margin_loss(sim, is_same, thresholds, self.kappa)
+
+    def perturb(self, x0, target, is_same, thresholds, noise):
         if self.early_stop:
-            return self._perturb_early_stop(x0, gallery, is_same, thresholds, noise)
+            return self._perturb_early_stop(x0, target, is_same, thresholds, noise)
         full_cost = x0.shape[0] * self.steps * self.restarts
         self.last_stats = {"image_steps": full_cost, "image_steps_full": full_cost}
         lo, hi = self._eps_box(x0)
         alpha = self.alpha / 255.0
-        best_x, best_loss = None, None
+        loss_fn = self._loss_fn(is_same, thresholds)
+        record = set(self.record_steps) | {self.steps}
+        best: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}  # step count -> (best x, its loss)
+
+        def observe(k, x):
+            if self.restarts == 1:
+                best[k] = (x.clone(), None)
+                return
+            loss = loss_fn(self.score(x, target))
+            if k not in best:
+                best[k] = (x.clone(), loss)
+                return
+            better = loss > best[k][1]
+            best[k] = (torch.where(better.view(-1, 1, 1, 1), x, best[k][0]), torch.where(better, loss, best[k][1]))
+
         for _ in range(self.restarts):
             x = self._start(x0, lo, hi, noise)
-            for _ in range(self.steps):
-                grad, _ = self._ascent_gradient(x, gallery, is_same)
+            if 0 in record:
+                observe(0, x)
+            for step in range(1, self.steps + 1):
+                grad, _ = self.loss_and_grad(x, target, loss_fn)
                 pgd_step(x, grad, lo, hi, alpha)  # in place: x <- clamp(x + alpha*sign(grad), lo, hi)
-            if self.restarts == 1:
-                return x
-            with torch.no_grad():
-                loss = self.objective.ascent_loss(self._similarity(x, gallery), is_same)
-            if best_x is None:
-                best_x, best_loss = x, loss
-            else:
-                better = loss > best_loss
-                best_x = torch.where(better.view(-1, 1, 1, 1), x, best_x)
-                best_loss = torch.where(better, loss, best_loss)
-        return best_x
+                if step in record:
+                    observe(step, x)
+        self._recorded = {k: v[0] for k, v in best.items() if k != self.steps}
+        return best[self.steps][0]
 
     def _perturb_early_stop(self, x0, gallery, is_same, thresholds, noise):
         """PGD that drops pairs from the batch once they are past their threshold by the margin."""
-        if thresholds is None:
+        if thresholds is None and self.objective.margin_needs_thresholds:
             raise ValueError("PGD(early_stop=True) needs each pair's clean threshold (thresholds=...) "
                              "to know when a pair is finished")
         n = x0.shape[0]
@@ -141,7 +194,7 @@ class PGD(Attack):
             x, lo_a, hi_a, gallery_a, same_a, thr_a = select_rows(rows, start, lo, hi, gallery, is_same, thresholds)
             finished = torch.zeros(rows.numel(), dtype=torch.bool, device=x0.device)
             for step in range(1, self.steps + 1):
-                grad, sim = self._ascent_gradient(x, gallery_a, same_a)
+                grad, sim = self.loss_and_grad(x, gallery_a, self._loss_fn(same_a, thr_a), rows)
                 image_steps += x.shape[0]
                 finished |= self.objective.margin_loss(sim, same_a, thr_a, self.early_stop_margin) <= 0
                 # A zero gradient is a zero step: finished rows stay at the iterate just scored
@@ -165,9 +218,8 @@ class PGD(Attack):
             if self.restarts == 1:  # unfinished pairs: the full run's final iterate
                 out.index_copy_(0, rows, x)
                 break
-            with torch.no_grad():
-                sim = self._similarity(x, gallery_a)
-            loss = self.objective.ascent_loss(sim, same_a)
+            sim = self.score(x, gallery_a, rows)
+            loss = self._loss_fn(same_a, thr_a)(sim)
             met = self.objective.margin_loss(sim, same_a, thr_a, self.early_stop_margin) <= 0
             better = (loss > best_loss.index_select(0, rows)) | met
             kept = torch.where(better.view(-1, 1, 1, 1), x, out.index_select(0, rows))
@@ -177,9 +229,3 @@ class PGD(Attack):
             active = rows.index_select(0, keep)
         self.last_stats = {"image_steps": image_steps, "image_steps_full": n * self.steps * self.restarts}
         return out
-
-    def _start(self, x0, lo, hi, noise):
-        if not self.random_start:
-            return x0.clone()
-        uniform = noise.rand(x0.shape[1:]).mul_(2.0).sub_(1.0)  # U[-1, 1)
-        return torch.minimum(torch.maximum(x0 + uniform * (self.eps / 255.0), lo), hi)

@@ -166,7 +166,7 @@ def load_pair_batch(ctx: BenchContext) -> PairBatch:
             why_synthetic = "no LFW path given"
         else:
             try:
-                from ..pipeline import prepare_pairs
+                from ..pair_chips import prepare_pairs
 
                 ctx.log(f"loading LFW fold 1 from {cfg.lfw} (aligns on a cold chip cache)")
                 pairs = prepare_pairs(cfg.lfw, MODEL_NAME, folds=[1], progress=False)
@@ -177,16 +177,16 @@ def load_pair_batch(ctx: BenchContext) -> PairBatch:
         return synthetic_pair_batch(ctx.model, n, n_embed, cfg.seed, why_synthetic)
     chips = pairs.chips.chips
     sel = _fold_pairs(pairs, n)
-    gallery = _embed(ctx.model, chips[pairs.b[sel]])
+    gallery = _embed(ctx.model, chips[pairs.gallery[sel]])
     same = pairs.same[sel]
     if cfg.quick:
-        sim = cosine(_embed(ctx.model, chips[pairs.a[sel]]), gallery)
+        sim = cosine(_embed(ctx.model, chips[pairs.query[sel]]), gallery)
         thr, thr_src = _fit_threshold(sim, same), f"fitted on the {len(sel)} clean benchmark pairs"
     else:  # a threshold from the whole fold is a fairer judge than one from 32 pairs
         emb = _embed(ctx.model, chips)
-        thr = _fit_threshold(cosine(emb[pairs.a], emb[pairs.b]), pairs.same)
+        thr = _fit_threshold(cosine(emb[pairs.query], emb[pairs.gallery]), pairs.same)
         thr_src = f"fitted on all {len(pairs)} clean fold-1 pairs"
-    return PairBatch(chips_to_tensor(np.asarray(chips[pairs.a[sel]])).contiguous(), gallery,
+    return PairBatch(chips_to_tensor(np.asarray(chips[pairs.query[sel]])).contiguous(), gallery,
                      torch.from_numpy(same), thr, np.asarray(chips[:n_embed]),
                      f"LFW fold 1, {int(same.sum())} matched + {int((~same).sum())} mismatched pairs", thr_src)
 

@@ -30,7 +30,7 @@ def _per_row(report: dict, field: str) -> dict:
 
 
 def section_table1(ctx: BenchContext) -> list[BenchRow]:
-    from ..pipeline import prepare_pairs
+    from ..pair_chips import prepare_pairs
     from ..experiments.table1 import Table1Config, run_table1
 
     cfg = ctx.cfg

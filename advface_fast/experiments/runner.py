@@ -49,7 +49,7 @@ from ..cache import default_cache_root
 from ..engine import chips_to_tensor, embed_chips
 from ..models import get_model_spec
 from ..models.identity import weights_id
-from ..pipeline import PairChips
+from ..pair_chips import PairChips
 from ..precision import model_device
 from ..seeds import derive_seed
 from ..store import Store
@@ -186,7 +186,7 @@ class Runner:
         dataset_pairs = pairs.dataset.pairs
         return Selection(index=idx, same=pairs.same[idx], folds=pairs.folds[idx],
                          pair_ids=[f"{dataset_pairs[i].a}|{dataset_pairs[i].b}" for i in idx],
-                         query_rows=pairs.a[idx], gallery_rows=pairs.b[idx])
+                         query_rows=pairs.query[idx], gallery_rows=pairs.gallery[idx])
 
     # -- 2. thresholds ----------------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ class Runner:
         """The verifier's embedding of every chip and its k-fold thresholds on clean pairs."""
         chips = self.pairs.chips
         emb = np.asarray(verifier.embed(chips.chips, list(chips.ids)), dtype=np.float32)
-        clean = evaluate_embeddings(emb[self.pairs.a], emb[self.pairs.b], self.pairs.same, self.pairs.folds,
+        clean = evaluate_embeddings(emb[self.pairs.query], emb[self.pairs.gallery], self.pairs.same, self.pairs.folds,
                                     metric=self.metric)
         return Calibration(verifier=verifier, embeddings=emb, clean=clean, metric=self.metric)
 

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from ..attacks import make_attack
 from ..data.policy import InputPolicy
 from ..models import create_model, get_model_spec
-from ..pipeline import environment, prepare_pairs
+from ..environment import environment
+from ..pair_chips import prepare_pairs
 from ..precision import device_features, model_device, resolve_precision
 from .runner import ModelVerifier, ResizedInput, Runner
 
@@ -157,7 +158,7 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
         if name != "noise":
             options.setdefault("precision", cfg.precision)
         attack = make_attack(name, attacked_net, metric=cfg.metric, eps=eps, seed=cfg.seed, **options)
-        params = {k: v for k, v in attack.config().items() if k not in ("name", "eps", "metric", "seed")}
+        params = {k: v for k, v in attack.config().items() if k not in ("name", "eps", "objective", "seed")}
         queries = runner.attack_queries(attack, target, sel, decision_net, extra_key=extra_key or None,
                                         decision_name=craft_net.name if transfer else None)
         sim = runner.similarity(model, sel, runner.query_embeddings(model, sel, queries))

@@ -36,7 +36,7 @@ def test_verify_cli_on_lfw_ci(lfw_ci, tmp_path, cache_home, monkeypatch, capsys)
 def test_second_run_reuses_the_chip_cache(lfw_ci, cache_home, monkeypatch):
     monkeypatch.setenv("ADVFACE_HOME", str(cache_home))
     import advface_fast.align.dlib_align as dlib_align
-    from advface_fast.pipeline import prepare_pairs
+    from advface_fast.pair_chips import prepare_pairs
 
     prepare_pairs(lfw_ci, progress=False, workers=1)  # fills the cache if the CLI test did not run
 
@@ -51,7 +51,7 @@ def test_second_run_reuses_the_chip_cache(lfw_ci, cache_home, monkeypatch):
 def test_fold_selection_reuses_the_chips_of_the_full_set(lfw_ci, cache_home, monkeypatch):
     monkeypatch.setenv("ADVFACE_HOME", str(cache_home))
     import advface_fast.align.dlib_align as dlib_align
-    from advface_fast.pipeline import prepare_pairs
+    from advface_fast.pair_chips import prepare_pairs
 
     full = prepare_pairs(lfw_ci, progress=False, workers=1)
     monkeypatch.setattr(dlib_align, "_align_all", lambda *a, **k: pytest.fail("aligned a subset again"))
@@ -59,7 +59,7 @@ def test_fold_selection_reuses_the_chips_of_the_full_set(lfw_ci, cache_home, mon
     assert len(pairs) == 20 and set(pairs.folds) == {2}
     # The same pair gets the same chips whichever selection it came from.
     first = full.dataset.pairs.index(pairs.dataset.pairs[0])
-    assert (pairs.chips.chips[pairs.a[0]] == full.chips.chips[full.a[first]]).all()
+    assert (pairs.chips.chips[pairs.query[0]] == full.chips.chips[full.query[first]]).all()
 
 
 def test_bad_path_is_a_clear_error(tmp_path, capsys):

@@ -1,0 +1,163 @@
+"""The attacker who knows the defense, on a tiny model with a real PGD defense D.
+
+What must hold (the checklist of an adaptive evaluation): BPDA + EOT is at least as strong as the
+transfer attack on the same pairs; more attack steps or EOT samples never help the defender; the
+BPDA gradient is the model's gradient taken at D(x); EOT draws differ per sample and from the
+defender's own draws; eval mode is restored; an fp32 D nested in a bf16 attacker stays fp32."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from advface_fast.attacks import PGD, VerificationObjective
+from advface_fast.seeds import derive_seed
+from advface_fast.defenses import AttackAsDefense, DefendedModel, adaptive_attack
+from advface_fast.verify import fit_threshold
+
+OBJ = VerificationObjective()
+N, K = 24, 5
+
+
+class Setup:
+    """Synthetic pairs: a matched gallery is its query plus small noise, a mismatched one another
+    image. D = PGD (eps 4, K steps, away-from-self). Thresholds fitted on clean pairs: the plain
+    model's for the transfer attacker, the defended pipeline's (clean defended pairs) for the
+    judge and the adaptive attacker, then fixed."""
+
+    def __init__(self, model):
+        rng = np.random.default_rng(0)
+        base = rng.integers(0, 256, size=(N, 3, 16, 16))
+        self.same = np.arange(N) % 2 == 0
+        near = np.clip(base + rng.integers(-6, 7, size=base.shape), 0, 255)
+        gallery = np.where(self.same[:, None, None, None], near, rng.integers(0, 256, size=base.shape))
+        self.q = torch.from_numpy(base).float() / 255
+        self.g = torch.from_numpy(gallery).float() / 255
+        self.q_ids = [f"q{i}" for i in range(N)]
+        self.model = model
+        self.defense = AttackAsDefense(model, "pgd", eps=4, steps=(K,), seed=0, batch_size=N)
+        self.gallery_defended = self.defense.embed(self.g, [f"g{i}" for i in range(N)])[K]
+        with torch.no_grad():
+            self.gallery_plain = model(self.g)
+            plain = OBJ.similarity(model(self.q), self.gallery_plain).numpy()
+        defended = OBJ.similarity(self.defense.embed(self.q, self.q_ids)[K], self.gallery_defended).numpy()
+        self.thr_plain, self.clean_accuracy = fit_threshold(plain, self.same)
+        self.thr_defended, self.defended_accuracy = fit_threshold(defended, self.same)
+        self.same_t = torch.from_numpy(self.same)
+
+    def thresholds(self, defended=True):
+        return torch.full((N,), float(self.thr_defended if defended else self.thr_plain))
+
+    def successes(self, x_adv) -> int:
+        """Pairs whose DEFENDED decision is wrong: the full D with the defender's seed, fixed threshold."""
+        s = OBJ.similarity(self.defense.embed(x_adv, self.q_ids)[K], self.gallery_defended)
+        return int(OBJ.success(s, self.same_t, self.thresholds()).sum())
+
+    def transfer(self, seed=1, steps=20):
+        return PGD(self.model, eps=4, steps=steps, seed=seed)(self.q, self.gallery_plain, self.same_t)
+
+    def adaptive(self, attack="pgd", seed=1, **kwargs):
+        a = adaptive_attack(attack, self.defense, eps=4, seed=seed, **kwargs)
+        return a(self.q, self.gallery_defended, self.same_t, self.thresholds(),
+                 sample_seeds=[derive_seed(seed, i) for i in self.q_ids])
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+    s = Setup(tiny)
+    assert s.clean_accuracy == 1.0 and s.defended_accuracy >= 0.9  # a working verifier, with and without D
+    return s
+
+
+def test_bpda_eot_is_at_least_as_strong_as_transfer(setup):
+    transfer = setup.successes(setup.transfer())
+    with torch.no_grad():  # the transfer attack works on the model it was made on ...
+        plain = OBJ.success(OBJ.similarity(setup.model(setup.transfer()), setup.gallery_plain), setup.same_t,
+                            setup.thresholds(defended=False))
+    assert int(plain.sum()) > transfer  # ... and D undoes part of it: the paper's static result
+    for attack, kwargs in (("pgd", dict(steps=20)), ("pgd", dict(steps=20, samples=3)),
+                           ("pgd", dict(steps=20, copy_steps=2)), ("cw", dict(steps=20)), ("fgsm", {})):
+        adaptive = setup.successes(setup.adaptive(attack, **kwargs))
+        assert adaptive >= transfer, (attack, kwargs, adaptive, transfer)
+    assert setup.successes(setup.adaptive("pgd", steps=20)) > transfer
+
+
+def test_more_steps_or_eot_samples_never_help_the_defender(setup):
+    by_steps, by_samples = [], []
+    for seed in range(3):
+        few, many = (setup.successes(setup.adaptive("pgd", seed=seed, steps=k)) for k in (5, 20))
+        assert many >= few, (seed, few, many)  # ties allowed
+        by_steps.append((few, many))
+        by_samples.append(setup.successes(setup.adaptive("pgd", seed=seed, steps=20, samples=3)))
+    # EOT samples: in expectation (summed over attacker seeds), never fewer successes.
+    assert sum(by_samples) >= sum(many for _, many in by_steps), (by_samples, by_steps)
+    assert sum(many for _, many in by_steps) > sum(few for few, _ in by_steps)  # and the steps do help
+
+
+def test_bpda_gradient_is_the_models_gradient_at_d_of_x(setup):
+    defended = DefendedModel(setup.defense, samples=1)
+    attack = PGD(defended, eps=4, steps=1, seed=0)
+    x = setup.q[:4]
+    seeds = [7, 8, 9, 10]
+    attack._row_seeds = seeds
+    loss_fn = lambda sim: OBJ.ascent_loss(sim, setup.same_t[:4])  # noqa: E731
+    grad, sim = attack.loss_and_grad(x, setup.gallery_defended[:4], loss_fn)
+    d_x = setup.defense.attack_at(K)(x, sample_seeds=[derive_seed(s, "eot/0") for s in seeds])
+    d_x = d_x.clone().requires_grad_(True)
+    want_sim = OBJ.similarity(setup.model(d_x), setup.gallery_defended[:4])
+    (want,) = torch.autograd.grad(loss_fn(want_sim).sum(), d_x)
+    assert torch.equal(grad, want) and torch.equal(sim, want_sim.detach())
+
+
+def test_eot_samples_differ_and_never_reuse_the_defenders_draws(setup):
+    defended = DefendedModel(setup.defense, samples=3)
+    x = setup.q[:4]
+    views = defended.views(x, [derive_seed(1, i) for i in setup.q_ids[:4]])
+    assert len(views) == 3 and not torch.equal(views[0], views[1]) and not torch.equal(views[1], views[2])
+    defenders = setup.defense.defend(x, setup.q_ids[:4])[K]
+    assert all(not torch.equal(v, defenders) for v in views)
+    assert defended.step_cost == 3 * (K + 1)
+    attack = adaptive_attack("pgd", setup.defense, eps=4, steps=2, samples=3, copy_steps=2)
+    attack(x, setup.gallery_defended[:4], setup.same_t[:4], setup.thresholds()[:4])
+    assert attack.last_stats["image_steps"] == 4 * 2 * 3 * (2 + 1)
+    config = attack.config()["defended_model"]
+    assert config["eot_samples"] == 3 and config["copy_steps"] == 2 and config["bpda"] == "identity"
+
+
+class Recorder(nn.Module):
+    """Records, at every forward, (own training flag, autocast on?, input dtype)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, x):
+        self.seen.append((self.training, torch.is_autocast_enabled("cpu"), x.dtype))
+        return self.inner(x)
+
+
+def test_fp32_defense_stays_fp32_inside_a_bf16_attacker_and_modes_come_back(tiny):
+    embedder, d_model = Recorder(tiny), Recorder(tiny)
+    embedder.train()
+    d_model.train()
+    defense = AttackAsDefense(embedder, "pgd", eps=4, steps=(2,), precision="fp32", attack_model=d_model)
+    setup_q = torch.from_numpy(np.random.default_rng(3).integers(0, 256, size=(2, 3, 16, 16))).float() / 255
+    with torch.no_grad():
+        gallery = tiny(setup_q.flip(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bf16 on a CPU without native bf16: slow, but it runs
+        attack = adaptive_attack("pgd", defense, eps=4, steps=2, precision="bf16")
+    attack(setup_q, gallery, torch.tensor([True, False]), torch.zeros(2))
+    assert d_model.seen and all(not on and dtype == torch.float32 for _, on, dtype in d_model.seen)  # D: fp32
+    assert any(on for _, on, _ in embedder.seen)  # the attacker's own gradients: bf16 autocast
+    assert all(not training for training, _, _ in d_model.seen + embedder.seen)  # eval during the attack
+    assert embedder.training and d_model.training  # and the modes come back
+    # Also directly: D called inside a bf16 autocast region runs with autocast disabled.
+    d_model.seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        defense.defend(setup_q, ["a", "b"])
+    assert d_model.seen and all(not on for _, on, _ in d_model.seen)
