@@ -31,7 +31,7 @@ def config_key(**parts) -> str:
 
 CACHES = {
     "chips": "aligned face chips: <key>/chips.npy + index.json (+ partial/ of an unfinished run); "
-             "key = config_key(kind, dataset scheme, alignment, dlib version, detector files)",
+             "key = config_key(kind, dataset scheme, aligner settings, aligner/library version, model files)",
     "attacks": "attacked queries per pair id (experiments runner): <key>/meta.json + chunk-*.npz; "
                "key = config_key(scheme, model, weights, data, alignment, metric, seed, thresholds, attack)",
     "onnx": "ONNX exports: <model>-<key>.onnx; key = config_key(model, weights, opset, torch, exporter)",
@@ -54,7 +54,7 @@ def _chip_entries(folder: Path, current_scheme: str):
             index = json.loads((d / "index.json").read_text())
             meta = index["meta"]
             details = {"chips": len(index["ids"]), "scheme": meta.get("dataset"), "align": meta.get("align"),
-                       "dlib": meta.get("dlib"), "created": index.get("created")}
+                       "aligner": meta.get("aligner", "dlib"), "dlib": meta.get("dlib"), "created": index.get("created")}
             if meta.get("dataset") != current_scheme:
                 status = "old key scheme"
         except FileNotFoundError:

@@ -183,7 +183,8 @@ def cmd_attack(args) -> int:
                        max_pairs=args.pairs, metric=args.metric, batch_size=args.batch_size, seed=args.seed,
                        noise_baseline=not args.no_noise, precision=args.precision, fast_model=args.fast_model,
                        early_stop=args.early_stop, on_bad=args.on_bad, no_face=args.no_face,
-                       pairs_file=None if args.pairs_file is None else str(args.pairs_file))
+                       pairs_file=None if args.pairs_file is None else str(args.pairs_file),
+                       craft_model=args.craft_model)
     report = run_table1(lfw_path(args), cfg, out_dir=args.out, workers=args.workers,
                         progress=not args.quiet)
     print(table1_markdown(report))
@@ -390,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="precision of the attack gradients; auto = bf16 only where the hardware has it "
                         "natively (AMX / AVX512-BF16 CPUs, CUDA). Decisions are always fp32 (default: %(default)s)")
+    p.add_argument("--craft-model", metavar="NAME",
+                   help="transfer: craft the attacks on this registry model and judge them with --model and "
+                        "its clean thresholds, on --model's chips (the crafting model sees them resized)")
     p.add_argument("--fast-model", action="store_true",
                    help="attack through the fast copy of the model (affine folded into convs, channels_last)")
     p.add_argument("--early-stop", action="store_true",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .align import ALIGN_PATHS, AlignConfig, AlignedChips, align_images
+from .align import ALIGN_PATHS, AlignedChips, align_images, make_align_config
 from .data import DataError, PairDataset, load_lfw
 from .data.policy import InputPolicy
 from .models import get_model_spec
@@ -38,7 +38,7 @@ class PairChips:
         return len(self.same)
 
     def alignment_paths(self) -> dict[str, int]:
-        """How many of the dataset's images took each alignment path (hog / cnn / center)."""
+        """How many of the dataset's images took each alignment path (hog / cnn / mtcnn / center)."""
         counts = dict.fromkeys(ALIGN_PATHS, 0)
         for row in self.image_rows.tolist():
             counts[self.chips.paths[row]] += 1
@@ -78,7 +78,7 @@ def prepare_pairs(lfw: str | Path | PairDataset, model: str = "dlib-resnet", *, 
         extra = {} if pairs_file is None else {"pairs": str(pairs_file)}
         dataset = load_lfw(lfw, folds=folds, on_bad=policy.on_bad, **extra)
     spec = get_model_spec(model)
-    config = AlignConfig(**spec.alignment)
+    config = make_align_config(spec.alignment)  # the model's aligner (dlib, mtcnn, ...) and chip geometry
     # Chips are cached by the SHA-256 of each image's bytes: any fold selection, subset or folder
     # layout of the same images reuses them, and a changed image can never hit a stale chip.
     digest = {image_id: dataset.image_digest(image_id) for image_id in dataset.image_ids}

@@ -1,6 +1,8 @@
-"""Fused attack-update kernels (Triton on CUDA, fused ATen on CPU) with their plain-torch references."""
+"""Fused attack-update kernels (Triton on CUDA, fused ATen on CPU) with their plain-torch references,
+and PReLU with a fused input-gradient backward."""
 
 from .cw_step import cw_step, cw_step_fused, cw_step_reference, cw_step_triton
+from .prelu import prelu, prelu_backward, prelu_backward_fused, prelu_backward_reference, prelu_backward_triton
 from .pgd_step import (
     IMPLS,
     linf_bounds,
@@ -25,6 +27,11 @@ __all__ = [
     "pgd_step_reference",
     "pgd_step_torchattacks",
     "pgd_step_triton",
+    "prelu",
+    "prelu_backward",
+    "prelu_backward_fused",
+    "prelu_backward_reference",
+    "prelu_backward_triton",
     "resolve_impl",
     "triton_usable",
 ]

@@ -1,4 +1,5 @@
-"""Face alignment: dlib detection + 5 landmarks -> 150x150 chips, with an on-disk chip cache."""
+"""Face alignment: an aligner registry (dlib: detection + 5 landmarks -> 150x150 chips; MTCNN ->
+ArcFace 112x112 / FaceNet 160x160 chips), with an on-disk chip cache keyed by aligner and settings."""
 
 from advface_fast.align.chip_cache import ALIGN_PATHS, AlignedChips, ChipCache
 from advface_fast.align.dlib_align import (
@@ -9,6 +10,7 @@ from advface_fast.align.dlib_align import (
     align_images,
     cache_meta,
 )
+from advface_fast.align.registry import MtcnnAlignConfig, list_aligners, make_align_config
 
 __all__ = [
     "ALIGN_PATHS",
@@ -20,4 +22,7 @@ __all__ = [
     "NoFaceError",
     "align_images",
     "cache_meta",
+    "list_aligners",
+    "make_align_config",
+    "MtcnnAlignConfig",
 ]

@@ -32,8 +32,9 @@ import numpy as np
 from advface_fast.cache import config_key
 from advface_fast.fileio import atomic_write, sha256_file, write_json_atomic
 
-# How an image got its face box: HOG detector, CNN (MMOD) detector, or the fixed centre box.
-ALIGN_PATHS = ("hog", "cnn", "center")
+# How an image got its face box: dlib's HOG detector, dlib's CNN (MMOD) detector, MTCNN, or the
+# fixed centre box (no detector found a face).
+ALIGN_PATHS = ("hog", "cnn", "mtcnn", "center")
 
 INDEX_FORMAT = 1
 

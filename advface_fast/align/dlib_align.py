@@ -91,6 +91,16 @@ class AlignConfig:
         """Names of the model files this configuration uses."""
         return [SHAPE_PREDICTOR_FILE] + ([CNN_DETECTOR_FILE] if "cnn" in self.detector_chain else [])
 
+    # The aligner-registry interface (advface_fast.align.registry).
+    name = "dlib"  # a class attribute, not a field: key() and equality are unchanged
+
+    def make_aligner(self) -> "DlibAligner":
+        return DlibAligner(self)
+
+    def meta(self) -> dict:
+        """What the chips depend on besides the dataset (the chip-cache metadata, unchanged since v1)."""
+        return {"align": self.key(), "dlib": dlib.__version__, "models": model_identity(self)}
+
 
 def _as_rgb_uint8(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
@@ -163,7 +173,7 @@ class DlibAligner:
 
 # -- batch alignment ------------------------------------------------------------------------------
 
-_worker_aligner: DlibAligner | None = None
+_worker_aligner = None  # the aligner of this worker process (config.make_aligner())
 
 # How often a worker checks that the process that started the pool is still there.
 WATCHDOG_INTERVAL_S = 0.25
@@ -215,11 +225,14 @@ def _die_with(owner_pid: int) -> None:
     threading.Thread(target=watch, name="advface-parent-watchdog", daemon=True).start()
 
 
-def _init_worker(config: AlignConfig, owner_pid: int | None = None) -> None:
+def _init_worker(config, owner_pid: int | None = None) -> None:
     global _worker_aligner
     if owner_pid is not None:
         _die_with(owner_pid)
-    _worker_aligner = DlibAligner(config)
+    _worker_aligner = config.make_aligner()
+    torch = sys.modules.get("torch")
+    if torch is not None:  # a torch-based aligner (MTCNN): one thread per worker process, no oversubscription
+        torch.set_num_threads(1)
 
 
 def _align_batch(images: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
@@ -227,14 +240,14 @@ def _align_batch(images: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
 
 
 def _iter_aligned(
-    ids: Sequence[str], load_image: Callable[[str], np.ndarray], config: AlignConfig, workers: int
+    ids: Sequence[str], load_image: Callable[[str], np.ndarray], config, workers: int
 ) -> Iterator[tuple[str, np.ndarray, str]]:
     """(id, chip, path) for each id, in order. Images are loaded here and aligned in `workers` processes."""
     if workers > 1 and len(ids) > BATCH_SIZE and not worker_processes_safe():
         _note_in_process()
         workers = 1
     if workers <= 1 or len(ids) <= BATCH_SIZE:
-        aligner = DlibAligner(config)
+        aligner = config.make_aligner()
         for image_id in ids:
             yield image_id, *_align_one(aligner, image_id, load_image)
         return
@@ -329,7 +342,7 @@ def _note_in_process() -> None:
               file=sys.stderr)
 
 
-def _align_one(aligner: DlibAligner, image_id: str, load_image) -> tuple[np.ndarray, str]:
+def _align_one(aligner, image_id: str, load_image) -> tuple[np.ndarray, str]:
     try:
         return aligner.align(load_image(image_id))
     except NoFaceError as err:
@@ -348,7 +361,7 @@ def _collect(batch: list[str], future) -> Iterator[tuple[str, np.ndarray, str]]:
 def _align_all(
     ids: Sequence[str],
     load_image: Callable[[str], np.ndarray],
-    config: AlignConfig,
+    config,
     workers: int,
     progress: bool,
     checkpoint: Callable[[AlignedChips], None] | None = None,
@@ -389,21 +402,17 @@ def model_identity(config: AlignConfig) -> dict[str, str]:
     return identity
 
 
-def cache_meta(config: AlignConfig, dataset_fingerprint: str) -> dict:
-    """Everything a chip depends on; the cache key is its hash."""
-    return {
-        "kind": "aligned-chips",
-        "dataset": dataset_fingerprint,
-        "align": config.key(),
-        "dlib": dlib.__version__,
-        "models": model_identity(config),
-    }
+def cache_meta(config, dataset_fingerprint: str) -> dict:
+    """Everything a chip depends on; the cache key is its hash. ``config`` is any aligner config
+    of the registry (``advface_fast.align.registry``): its ``meta()`` names the aligner's settings,
+    version and model files, so two aligners never share an entry."""
+    return {"kind": "aligned-chips", "dataset": dataset_fingerprint, **config.meta()}
 
 
 def align_images(
     ids: Iterable[str],
     load_image: Callable[[str], np.ndarray],
-    config: AlignConfig | None = None,
+    config=None,
     cache_dir: str | Path | None = None,
     dataset_fingerprint: str | None = None,
     progress: bool = True,
@@ -424,7 +433,8 @@ def align_images(
     checkpoint_every: with a cache, finished chips are saved every this many images, and a rerun
         after an interruption aligns only what is still missing.
 
-    Ids already in the cache entry for (dataset, config, dlib version, model files) are not
+    config: an aligner config from the registry (``make_align_config``), default dlib's ``AlignConfig()``.
+    Ids already in the cache entry for (dataset, config, aligner version, model files) are not
     aligned again; new ones are aligned and merged into the entry. Returned chips are a
     read-only memory map of the cache file when the request matches its row order, else a copy.
     """
@@ -470,5 +480,5 @@ def align_images(
     return saved.subset(ids)
 
 
-def _empty(config: AlignConfig) -> AlignedChips:
+def _empty(config) -> AlignedChips:
     return AlignedChips(np.empty((0, config.size, config.size, 3), np.uint8), [], [])

@@ -34,7 +34,12 @@ def table1_markdown(report: dict) -> str:
     n_folds = len(report["folds"])
     spread = (f"accuracy % as mean ± std over {n_folds} folds" if n_folds > 1
               else "accuracy % on one fold (no spread over folds)")
+    transfer = report.get("transfer")
     lines = [
+        (f"**Transfer**: queries crafted on {transfer['craft_model']} (white-box accuracy in the last column), "
+         f"judged by {transfer['judge_model']} with its clean thresholds; chips: {transfer['chips']}; "
+         f"{transfer['craft_model']} clean accuracy on these chips "
+         f"{100 * transfer['craft_clean_all_folds']['accuracy_mean']:.1f}%.\n") if transfer else "",
         f"**{report['table']}** — {report['model']}, {report['n_pairs']} pairs of LFW fold(s) "
         f"{', '.join(map(str, report['folds']))}; thresholds fitted on clean data "
         f"({report['thresholds']['metric']}, other folds), never refit; ε in 0–255 levels (L∞, after uint8 rounding); "
@@ -45,6 +50,11 @@ def table1_markdown(report: dict) -> str:
         "| attack | ε | params | accuracy (all) | matched | mismatched | paper (CosFace) | sim. shift | time s | img-steps/s | steps saved |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if transfer:
+        lines[-2] += " on craft model |"
+        lines[-1] += "---|"
+    if not transfer:
+        lines.pop(0)
     for r in report["rows"]:
         # One fold has no spread to report; ± appears only with two folds or more.
         acc = f"{100 * r['accuracy_mean']:.1f}" + (f" ± {100 * r['accuracy_std']:.1f}" if r["n_folds"] > 1 else "")
@@ -53,7 +63,8 @@ def table1_markdown(report: dict) -> str:
         eps = "—" if r["attack"] == "clean" else f"{r['eps']:g}"
         lines.append(f"| {r['attack']} | {eps} | {_params(r)} | {acc} | {_pct(r['matched_accuracy'])} | "
                      f"{_pct(r['mismatched_accuracy'])} | {paper} | {r['mean_shift']:+.3f} | "
-                     f"{r['time_s']:.1f} | {rate} | {_saved(r)} |")
+                     f"{r['time_s']:.1f} | {rate} | {_saved(r)} |"
+                     + (f" {_pct(r.get('craft_accuracy'))} |" if transfer else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,21 @@ Every table of the project is a declaration on this runner:
   selections that share pairs share cached results;
 * a **row** = (query condition, verifier): similarity of the verifier's query and gallery
   embeddings, judged with the verifier's fixed thresholds (:meth:`Runner.judge`).
+
+**Transfer rows** (queries crafted on model A, judged by model B with B's clean thresholds). A
+perturbation lives on one chip: A's chip (its aligner, its size) and B's chip are different
+warps of the photo, so a perturbation made on A's chip cannot be added to B's chip as it is
+(re-warping it through the photo would resample, i.e. blur, it). The runner therefore works on
+ONE chip geometry, the judge's: the pairs are aligned for B, and A sees B's chips through
+:class:`ResizedInput` (a differentiable bilinear, antialiased resize of B's chip to A's input size
+in front of A). A is calibrated on those chips (its own clean k-fold thresholds and gallery
+embeddings there, recorded so that A's clean accuracy on B's geometry is visible), the attack is
+the ordinary white-box attack on A through the resize, and the attacked uint8 chip - the very
+image B sees - is then judged by B against B's clean gallery embeddings and thresholds. The cost
+of this choice: A works on a chip it was not trained on (e.g. dlib-resnet on an MTCNN ArcFace
+chip resized to 150), which can lower A's clean accuracy and so the strength of its attacks;
+every transfer report carries A's clean accuracy on these chips and A's own (white-box)
+accuracy after each attack beside B's.
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..align import AlignConfig
+from ..align import make_align_config
 from ..attacks import VerificationObjective
 from ..cache import default_cache_root
 from ..engine import chips_to_tensor, embed_chips
@@ -49,6 +64,27 @@ class Verifier(Protocol):
     def embed(self, chips: np.ndarray, ids: list[str]) -> np.ndarray: ...
 
     def config(self) -> dict: ...
+
+
+class ResizedInput(torch.nn.Module):
+    """``model`` behind a bilinear (antialiased) resize from ``size`` chips to the model's input
+    size: lets a model craft (or judge) on another model's chip geometry. Differentiable."""
+
+    def __init__(self, model: torch.nn.Module, size: tuple[int, int]):
+        super().__init__()
+        self.model = model
+        self.size = tuple(int(v) for v in size)
+        spec = getattr(model, "spec", None)
+        own = spec.input_size if spec is not None else getattr(model, "input_size")
+        self.model_size = tuple(int(v) for v in own)
+        self.input_size = self.size
+        self.name = f"{spec.name if spec is not None else type(model).__name__}@{self.size[0]}x{self.size[1]}"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if tuple(images.shape[2:]) != self.model_size:
+            images = torch.nn.functional.interpolate(images, size=self.model_size, mode="bilinear",
+                                                     align_corners=False, antialias=True)
+        return self.model(images)
 
 
 class ModelVerifier:
@@ -130,7 +166,7 @@ class Runner:
         self.batch_size, self.progress = batch_size, progress
         self.objective = VerificationObjective(metric)
         self.store = Store(Path(cache_dir) if cache_dir else default_cache_root() / "attacks", kind=ROWS_SCHEME)
-        self.align_key = AlignConfig(**get_model_spec(model).alignment).key()
+        self.align_key = make_align_config(get_model_spec(model).alignment).key()
 
     # -- 1. selection ---------------------------------------------------------------------------
 
@@ -165,14 +201,15 @@ class Runner:
     # -- 3. query conditions ----------------------------------------------------------------------
 
     def attack_queries(self, attack, target: Calibration, sel: Selection, decision_model: torch.nn.Module,
-                       extra_key: dict | None = None) -> AttackedQueries:
+                       extra_key: dict | None = None, decision_name: str | None = None) -> AttackedQueries:
         """Attack the query of every selected pair against ``target``'s thresholds and clean
         gallery embeddings (cached per pair id; only missing pairs are computed).
 
         ``attack`` perturbs through its own model (e.g. a fast copy); the delivered uint8-grid
-        queries are embedded by ``decision_model`` in fp32.
+        queries are embedded by ``decision_model`` in fp32. ``decision_name``: the decision model's
+        name when it is not the runner's model (transfer: the crafting model, see the module docstring).
         """
-        decision = ModelVerifier(decision_model, self.model).config()
+        decision = ModelVerifier(decision_model, decision_name or self.model).config()
         config = dict(scheme=ROWS_SCHEME, model=self.model, weights=decision["weights"],
                       data=self.pairs.dataset.fingerprint, align=self.align_key, metric=self.metric, seed=self.seed,
                       thresholds={str(k): round(float(v), 12) for k, v in target.thresholds.items()},
@@ -255,4 +292,5 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-__all__ = ["AttackedQueries", "Calibration", "ModelVerifier", "ROWS_SCHEME", "Runner", "Selection", "Verifier"]
+__all__ = ["AttackedQueries", "Calibration", "ModelVerifier", "ROWS_SCHEME", "ResizedInput", "Runner", "Selection",
+           "Verifier"]

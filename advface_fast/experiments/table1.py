@@ -16,6 +16,12 @@ A declaration on :class:`advface_fast.experiments.runner.Runner`: one verifier (
 model), query conditions clean + one attack per row, all crafted against and judged by that
 model. Attacked queries are cached per pair id (see the runner), so an interrupted run resumes
 where it stopped and results never depend on batching or on which other pairs were selected.
+
+Transfer (``craft_model``): every attack row is crafted on ``craft_model`` (A) and judged by
+``model`` (B) with B's clean thresholds, on B's chips (A sees them through a resize: see the
+runner's docstring for why and what it costs). Each row also carries ``craft_accuracy``: A's own
+accuracy on the same attacked queries under A's thresholds on those chips (the white-box number
+the transfer number is read against).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from ..models import create_model, get_model_spec
 from ..environment import environment
 from ..pair_chips import prepare_pairs
 from ..precision import device_features, model_device, resolve_precision
-from .runner import ModelVerifier, Runner
+from .runner import ModelVerifier, ResizedInput, Runner
 
 # The paper's Table 1 (CosFace on LFW, accuracy %): (attack, eps) -> accuracy after attack.
 PAPER_TABLE1 = {("clean", 0): 99.3, ("fgsm", 4): 7.5, ("fgsm", 8): 2.9, ("pgd", 4): 0.0, ("cw", 4): 0.0}
@@ -61,6 +67,7 @@ class Table1Config:
     no_face: str = "center"  # error | skip | center
     pairs_file: str | None = None  # your own pairs file instead of the dataset's pairs.txt
     weights: str | None = None  # the model's weights from this safetensors file (create_model(weights=))
+    craft_model: str | None = None  # transfer: craft on this model, judge on `model` (None: white-box)
 
 
 @dataclass
@@ -81,6 +88,7 @@ class Table1Row:
     image_steps: int = 0  # forward+backward image passes computed
     image_steps_full: int = 0  # what the run would cost without early exits
     paper_accuracy: float | None = None
+    craft_accuracy: float | None = None  # transfer rows: the crafting model's own (white-box) accuracy
 
 
 def _row_specs(cfg: Table1Config):
@@ -107,13 +115,25 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
     pairs = prepare_pairs(lfw, cfg.model, policy=InputPolicy(cfg.on_bad, cfg.no_face), pairs_file=cfg.pairs_file,
                           workers=workers, progress=progress)
     net = create_model(cfg.model, **({"weights": cfg.weights} if cfg.weights else {}))  # decisions: fp32
-    attacked_net = get_model_spec(cfg.model).make_fast(net) if cfg.fast_model else net
+    transfer = cfg.craft_model is not None and cfg.craft_model != cfg.model
     device = model_device(net)
     runner = Runner(pairs, metric=cfg.metric, seed=cfg.seed, model=cfg.model, cache_dir=cache_dir,
                     batch_size=cfg.batch_size, progress=progress)
 
     # 1. The verifier (the plain model) and its thresholds, fitted on clean pairs of every fold.
     model = runner.calibrate(ModelVerifier(net, cfg.model, batch_size=64, progress=progress and "clean embeddings"))
+    if transfer:  # the crafting model, on the judge's chips (see the runner's docstring)
+        chip_size = tuple(pairs.chips.chips.shape[1:3])
+        craft_plain = create_model(cfg.craft_model, device=device)
+        craft_net = ResizedInput(craft_plain, chip_size)
+        attacked_net = (ResizedInput(get_model_spec(cfg.craft_model).make_fast(craft_plain), chip_size)
+                        if cfg.fast_model else craft_net)
+        craft = runner.calibrate(ModelVerifier(craft_net, craft_net.name, batch_size=64,
+                                               progress=progress and "clean embeddings (crafting model)"))
+        decision_net, target = craft_net, craft
+    else:
+        attacked_net = get_model_spec(cfg.model).make_fast(net) if cfg.fast_model else net
+        decision_net, target = net, model
     # 2. The attacked pairs.
     sel = runner.select(cfg.folds, cfg.max_pairs)
     clean_sim = runner.similarity(model, sel, runner.query_embeddings(model, sel, None))
@@ -127,7 +147,9 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
     rows = [_make_row("clean", 0, {}, runner.judge(model, sel, clean_sim), 0.0)]
     example_images: dict[str, np.ndarray] = {}
     clean_examples = pairs.chips.chips[sel.query_rows[examples]]
-    extra_key = {"fast_model": True} if cfg.fast_model else None
+    extra_key = {"fast_model": True} if cfg.fast_model else {}
+    if transfer:
+        extra_key["craft"] = {"model": cfg.craft_model, "input": "judge chip resized (bilinear, antialias)"}
     for name, eps, steps in tqdm(_row_specs(cfg), desc="table 1", unit="row", disable=not progress):
         options = dict(cfg.attack_options.get(name, {}))
         if steps is not None:
@@ -138,10 +160,15 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
             options.setdefault("precision", cfg.precision)
         attack = make_attack(name, attacked_net, metric=cfg.metric, eps=eps, seed=cfg.seed, **options)
         params = {k: v for k, v in attack.config().items() if k not in ("name", "eps", "objective", "seed")}
-        queries = runner.attack_queries(attack, model, sel, net, extra_key=extra_key)
+        queries = runner.attack_queries(attack, target, sel, decision_net, extra_key=extra_key or None,
+                                        decision_name=craft_net.name if transfer else None)
         sim = runner.similarity(model, sel, runner.query_embeddings(model, sel, queries))
-        rows.append(_make_row(name, eps, params, runner.judge(model, sel, sim), shift(sim),
-                              queries.seconds, queries.image_steps, queries.image_steps_full))
+        row = _make_row(name, eps, params, runner.judge(model, sel, sim), shift(sim),
+                        queries.seconds, queries.image_steps, queries.image_steps_full)
+        if transfer:  # the white-box number on the crafting model, and no paper figure to compare with
+            own = runner.judge(craft, sel, runner.similarity(craft, sel, queries.embeddings))
+            row.craft_accuracy, row.paper_accuracy = own.accuracy_mean, None
+        rows.append(row)
         if eps == max(cfg.eps) and name != "noise" and examples:
             example_images[name + (f"-{steps}" if steps is not None else "")] = (
                 clean_examples.astype(np.int16) + queries.delta[examples]).astype(np.uint8)
@@ -164,6 +191,13 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
                       "decisions": "fp32", "fast_model": cfg.fast_model,
                       "features": device_features(device)},
         "early_stop": cfg.early_stop,
+        "transfer": None if not transfer else {
+            "craft_model": cfg.craft_model, "judge_model": cfg.model,
+            "chips": f"the judge's ({'x'.join(map(str, pairs.chips.chips.shape[1:3]))}); the crafting model sees "
+                     "them resized to its input (bilinear, antialiased)",
+            "craft_clean_all_folds": craft.clean.to_dict(),
+            "craft_thresholds": {str(k): v for k, v in craft.thresholds.items()},
+        },
         "rows": [asdict(r) for r in rows],
         "time_s": round(time.perf_counter() - t_start, 1),
         "environment": environment(),

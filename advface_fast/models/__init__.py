@@ -135,6 +135,66 @@ register_model(ModelSpec(
 ))
 
 
+FACENET_WEIGHTS_ENV = "ADVFACE_FACENET_WEIGHTS"
+COSFACE_WEIGHTS_ENV = "ADVFACE_COSFACE_WEIGHTS"
+
+
+def _build_facenet(weights=None):
+    from .facenet import load_facenet
+    from .loading import weights_from_env
+
+    return load_facenet(weights_from_env("facenet", weights, FACENET_WEIGHTS_ENV,
+                                         "https://github.com/timesler/facenet-pytorch/releases/tag/v2.2.9: "
+                                         "20180402-114759-vggface2.pt or 20180408-102900-casia-webface.pt"))
+
+
+def _fast_facenet(model):
+    from .facenet import make_fast
+
+    return make_fast(model)
+
+
+register_model(ModelSpec(
+    name="facenet",
+    build=_build_facenet,
+    input_size=(160, 160),
+    embedding_dim=512,
+    # facenet-pytorch's MTCNN(image_size=160, margin=14): the MTCNN box plus a margin, resized.
+    alignment={"aligner": "mtcnn", "size": 160, "template": "facenet", "margin": 14},
+    description="FaceNet Inception-ResNet-v1 (512-d, 160x160) from facenet-pytorch's VGGFace2 or "
+                "CASIA-WebFace state dict (user-supplied: weights=PATH or $" + FACENET_WEIGHTS_ENV + ")",
+    make_fast=_fast_facenet,
+))
+
+
+def _build_cosface(weights=None):
+    from .loading import weights_from_env
+    from .sphereface import load_sphereface
+
+    return load_sphereface(weights_from_env("cosface-sphere20", weights, COSFACE_WEIGHTS_ENV,
+                                            "https://github.com/MuggleWang/CosFace_pytorch (README: the "
+                                            "sphere20 CASIA-WebFace model)"))
+
+
+def _fast_cosface(model):
+    from .sphereface import make_fast
+
+    return make_fast(model)
+
+
+register_model(ModelSpec(
+    name="cosface-sphere20",
+    build=_build_cosface,
+    input_size=(112, 112),
+    embedding_dim=512,
+    alignment=MTCNN_ARCFACE_112,  # the model crops the 112x96 SphereFace chip out of it
+    description="CosFace on SphereFace-20 (512-d; 112x96 SphereFace chip cut from the ArcFace 112x112 "
+                "chip) from a CosFace_pytorch sphere20 state dict (user-supplied: weights=PATH or $"
+                + COSFACE_WEIGHTS_ENV + ")",
+    make_fast=_fast_cosface,
+))
+
+
 def _onnx_spec(name: str, aligner: str | None = None, **settings) -> ModelSpec:
     from functools import partial
 

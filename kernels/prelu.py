@@ -1,0 +1,160 @@
+"""PReLU with a fused input-gradient backward: y = x if x > 0 else a[c] * x.
+
+Attacks differentiate w.r.t. the input only; the slopes are frozen. ATen's PReLU backward
+(``_prelu_kernel_backward``) always computes the slope gradient too - a full-size tensor that is
+then reduced - and its CPU loop is not vectorised: measured ~28% of SFace's whole attack step
+(``benchmarks/model_attack_step.py``, 1 thread, batch 16), 10-30x a PReLU forward. Here the
+backward computes only ``grad_x = g if x > 0 else a[c] * g``:
+
+  "triton"    one 1-D Triton kernel over the flattened tensor (channel of element i from the
+              layout: NCHW ``(i // (H*W)) % C``, channels_last ``i % C``): CUDA tensors, or CPU
+              tensors under TRITON_INTERPRET=1.
+  "fused"     vectorised ATen ops (no bool tensors, whose CPU loops are the slow part):
+              ``t = 2 * sign(relu(x)) - 1`` (+1 where x > 0, else -1; NaN and 0 give -1),
+              ``d = prelu(t, a) * t`` (exactly 1 or a), ``grad_x = d * g``.
+  "reference" the plain eager formula ``torch.where(x > 0, g, a * g)`` (ATen's own rule).
+  "auto"      triton for CUDA tensors when Triton is importable, else fused.
+
+Every path is bitwise equal to the reference (1 * g and a * g are single roundings, NaN and
+zero inputs take the slope branch as in ATen), for fp32 and bf16, NCHW and channels_last.
+
+``prelu(x, a)`` is the drop-in: the forward is ``F.prelu`` itself; the fused backward is used
+only when x needs a gradient and ``a`` does not (training the slopes falls back to ATen).
+
+Example::
+
+    y = prelu(x, slope)          # x: N x C x H x W (any layout), slope: C (or 1) values
+    y.sum().backward()           # x.grad via the fused backward
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is optional: the fused and reference paths need only torch.
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+    tl = None
+
+IMPLS = ("auto", "triton", "fused", "reference")
+BLOCK_SIZE = 1024
+
+
+if triton is not None:
+
+    @triton.jit
+    def _prelu_backward_kernel(g_ptr, x_ptr, a_ptr, out_ptr, n_elements, inner, channels,
+                               CHANNELS_LAST: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        pid = tl.program_id(0)
+        offsets = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offsets < n_elements
+        g = tl.load(g_ptr + offsets, mask=mask)
+        x = tl.load(x_ptr + offsets, mask=mask)
+        if CHANNELS_LAST:
+            c = offsets % channels
+        else:
+            c = (offsets // inner) % channels
+        a = tl.load(a_ptr + c, mask=mask)
+        out = tl.where(x > 0, g, a * g)
+        tl.store(out_ptr + offsets, out, mask=mask)
+
+    _INTERPRETED = type(_prelu_backward_kernel).__name__ == "InterpretedFunction"
+else:
+    _INTERPRETED = False
+
+
+def triton_usable(device: torch.device) -> bool:
+    return triton is not None and (torch.device(device).type == "cuda" or _INTERPRETED)
+
+
+def resolve_impl(device, impl: str = "auto") -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    device = torch.device(device)
+    if impl == "auto":
+        return "triton" if triton is not None and device.type == "cuda" else "fused"
+    if impl == "triton" and not triton_usable(device):
+        raise RuntimeError("the triton PReLU backward needs Triton and a CUDA tensor (or CPU tensors under the "
+                           "interpreter, enabled by TRITON_INTERPRET=1 set before triton is first imported)")
+    return impl
+
+
+def _slope_view(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return a.reshape(1, -1, *([1] * (x.dim() - 2))) if x.dim() >= 2 and a.numel() > 1 else a.reshape(())
+
+
+def _check(x: torch.Tensor, a: torch.Tensor) -> None:
+    if a.dim() > 1 or (a.numel() != 1 and (x.dim() < 2 or a.numel() != x.shape[1])):
+        raise ValueError(f"slope must hold 1 or C={x.shape[1] if x.dim() > 1 else '?'} values, got shape {tuple(a.shape)}")
+
+
+def prelu_backward_reference(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The input gradient of PReLU, as ATen defines it: g where x > 0, else a * g."""
+    _check(x, a)
+    return torch.where(x > 0, grad, _slope_view(a, x).to(grad.dtype) * grad)
+
+
+def prelu_backward_fused(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The same gradient from vectorised float ops only (see the module docstring)."""
+    _check(x, a)
+    t = torch.relu(x).sign_().mul_(2).sub_(1)  # +1 where x > 0, -1 elsewhere (0, negative, NaN)
+    d = F.prelu(t, a.to(t.dtype)).mul_(t)  # 1 or a, exactly
+    return d.mul_(grad) if d.dtype == torch.promote_types(d.dtype, grad.dtype) else d * grad
+
+
+def prelu_backward_triton(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The same gradient from one Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    _check(x, a)
+    resolve_impl(x.device, "triton")
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.contiguous(memory_format=fmt)
+    grad = grad.to(x.dtype).contiguous(memory_format=fmt)
+    slope = a.reshape(-1).to(device=x.device, dtype=x.dtype).contiguous()
+    channels = slope.numel() if slope.numel() > 1 else 1
+    inner = 1
+    for s in x.shape[2:]:
+        inner *= s
+    out = torch.empty_like(x, memory_format=fmt)
+    n = x.numel()
+    if n:
+        _prelu_backward_kernel[(triton.cdiv(n, BLOCK_SIZE),)](
+            grad, x, slope, out, n, max(inner, 1), channels, CHANNELS_LAST=channels_last, BLOCK_SIZE=BLOCK_SIZE)
+    return out
+
+
+def prelu_backward(grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """The input gradient of ``F.prelu(x, a)`` for upstream gradient ``grad`` (see IMPLS)."""
+    impl = resolve_impl(x.device, impl)
+    fn = {"triton": prelu_backward_triton, "fused": prelu_backward_fused,
+          "reference": prelu_backward_reference}[impl]
+    return fn(grad, x, a)
+
+
+class _PReLUInputGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, a, impl):
+        ctx.save_for_backward(x, a)
+        ctx.impl = impl
+        return F.prelu(x, a)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a = ctx.saved_tensors
+        return prelu_backward(grad, x, a, ctx.impl), None, None
+
+
+def prelu(x: torch.Tensor, a: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """``F.prelu(x, a)`` whose backward computes the input gradient only (fused; see the module
+    docstring). Falls back to ATen's PReLU when the slopes need a gradient or x does not."""
+    if a.requires_grad or not (x.requires_grad and torch.is_grad_enabled()):
+        return F.prelu(x, a)
+    _check(x, a)
+    return _PReLUInputGrad.apply(x, a, impl)
+
+
+__all__ = ["IMPLS", "prelu", "prelu_backward", "prelu_backward_fused", "prelu_backward_reference",
+           "prelu_backward_triton"]
