@@ -120,7 +120,10 @@ def test_triton_kernel_in_the_interpreter():
 @pytest.mark.parametrize("name", ["sface", "cosface-sphere20"])
 def test_model_input_gradients_equal_atens(name, monkeypatch):
     """A whole attack gradient through the model: the fused PReLU backward changes nothing."""
-    import advface_fast.kernels.prelu as kp
+    import importlib
+
+    # The module, not the function: kernels/__init__ re-exports `prelu`, which shadows the submodule.
+    kp = importlib.import_module("advface_fast.kernels.prelu")
     from advface_fast.models import get_model_spec
 
     if name == "sface":
