@@ -25,13 +25,14 @@ is flagged loudly (a bug or masked gradients, not robustness).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from ..attacks import make_attack
 from ..defenses import adaptive_attack
-from .defense_tables import Context, attacked_queries, cap, correct, query_attack, summarise, _auc
+from .defended import StoredDefenseVerifier
+from .defense_tables import Context, _auc, attacked_queries, cap, correct, defended_store, query_attack, summarise
 from .runner import Selection
 
 
@@ -65,7 +66,10 @@ def run_adaptive(ctx: Context, acfg: AdaptiveConfig, store, cals: dict, queries:
     k = acfg.defense_steps if acfg.defense_steps is not None else min(d.steps)
     if k not in d.steps:
         raise ValueError(f"adaptive defense_steps {k} is not one of D's step counts {list(d.steps)}")
-    cal = cals[k]
+    # Judge with a D that runs k steps only: its step config (so its cache entry) is the k-step
+    # column's, and the attacked queries cost k image-steps each, not max(steps).
+    judge = defended_store(ctx, d.attack_name, d.eps, (k,))
+    cal = replace(cals[k], verifier=StoredDefenseVerifier(judge, k))
     eps_list = [float(e) for e in (acfg.eps or (d.eps,))]
     main_eps = eps_list[0]
     sub, sub_pos = subset(sel, acfg.sweep_pairs)

@@ -57,9 +57,8 @@ PAPER = {("pgd", "pgd"): "71.4", ("cw", "cw"): "72.1", ("pgd", "fgsm"): "80.6",
 
 
 def paper_number(defense: str, query: str, steps: int) -> str | None:
-    """The paper's number for a row (only its 40-iteration column is published)."""
-    if steps != 40 and defense != "fgsm":
-        return None
+    """The paper's number for a row (published after 40 defense iterations, printed beside every
+    step count of ours as the reference)."""
     return PAPER.get((defense, query))
 
 
@@ -115,7 +114,6 @@ class Context:
     defended_root: Path | None
     progress: bool
     stores: list = field(default_factory=list)  # every DefendedStore used (work counters)
-    attack_work: dict = field(default_factory=lambda: {"calls": 0, "pairs": 0})
 
 
 def cap(steps: int, cfg: DefendConfig) -> int:
@@ -150,21 +148,10 @@ def query_attack(ctx: Context, name: str, eps: float, **extra):
 def attacked_queries(ctx: Context, attack, target: Calibration | None = None, sel: Selection | None = None,
                      extra_key: dict | None = None):
     """Queries attacked against ``target`` (default: the undefended model), from the runner's store:
-    computed once per config and pair; ``ctx.attack_work`` counts the attack batches actually run."""
-    real = attack.perturb
-
-    def perturb(x0, *args, **kwargs):
-        ctx.attack_work["calls"] += 1
-        ctx.attack_work["pairs"] += int(x0.shape[0])
-        return real(x0, *args, **kwargs)
-
-    attack.perturb = perturb
+    computed once per config and pair (``runner.work`` counts the attack work actually done)."""
     key = {"fast_model": True} if ctx.cfg.fast_model and target is None else {}
-    try:
-        return ctx.runner.attack_queries(attack, target or ctx.plain, sel or ctx.sel, ctx.net,
-                                         extra_key={**key, **(extra_key or {})} or None)
-    finally:
-        attack.perturb = real
+    return ctx.runner.attack_queries(attack, target or ctx.plain, sel or ctx.sel, ctx.net,
+                                     extra_key={**key, **(extra_key or {})} or None)
 
 
 def defended_store(ctx: Context, name: str, eps: float, steps) -> DefendedStore:
@@ -363,7 +350,7 @@ def work_record(ctx: Context) -> dict:
             "defense_runs": int(sum(s.calls for s in ctx.stores)),
             "defense_image_steps": int(sum(s.image_steps for s in ctx.stores)),
             "defense_seconds": round(sum(s.seconds for s in ctx.stores), 1),
-            "attack_batches": int(ctx.attack_work["calls"]), "attacked_pairs": int(ctx.attack_work["pairs"])}
+            **ctx.runner.work}
 
 
 __all__ = ["CHANCE", "Context", "DefendConfig", "PAPER", "TABLE_OF", "build_defense", "calibrate_defense",

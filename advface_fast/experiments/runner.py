@@ -131,6 +131,7 @@ class Runner:
         self.objective = VerificationObjective(metric)
         self.store = Store(Path(cache_dir) if cache_dir else default_cache_root() / "attacks", kind=ROWS_SCHEME)
         self.align_key = AlignConfig(**get_model_spec(model).alignment).key()
+        self.work = {"attack_batches": 0, "attacked_pairs": 0}  # attack work actually done (not cached)
 
     # -- 1. selection ---------------------------------------------------------------------------
 
@@ -202,6 +203,8 @@ class Runner:
             n = len(batch)
             cost = {"seconds": seconds, "image_steps": int(attack.last_stats["image_steps"]),
                     "image_steps_full": int(attack.last_stats["image_steps_full"])}
+            self.work["attack_batches"] += 1
+            self.work["attacked_pairs"] += n
             entry.append([sel.pair_ids[i] for i in batch],
                          {"delta": adv.astype(np.int16) - clean.astype(np.int16),
                           "embedding": emb.cpu().numpy().astype(np.float32),
