@@ -73,6 +73,11 @@ def test_every_row_type_and_the_outputs(run):
     assert md.count("50% is chance") >= 3 and "Table 2" in md and "Table 4" in md and "worst case" in md
     for name in ("accuracy_vs_defense_steps.png", "price_vs_gain.png", "adaptive_curves.png"):
         assert (root / "out" / name).stat().st_size > 0
+    # `advface cache info` knows the defended-embedding entries (one per D step config).
+    from advface_fast.cache import cache_info
+
+    entries = cache_info(root)["caches"]["defended"]["entries"]
+    assert len(entries) >= 4 and all(e["status"] == "ok" for e in entries)
 
 
 def test_worst_case_is_the_per_pair_minimum_and_never_above_any_attack(run):
