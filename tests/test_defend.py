@@ -215,3 +215,20 @@ def test_paper_rerun_does_no_attack_or_defense_work(lfw_ci, pairs, tiny, tmp_pat
 def test_cli_defend_rejects_an_unknown_defense(lfw_ci, capsys):
     assert main(["defend", "--lfw", str(lfw_ci), "--defense", "pgd,bogus", "--quiet"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_clean_embeddings_are_stored_once_per_chip(pairs, tiny, tmp_path):
+    from advface_fast.engine import embed_chips
+    from advface_fast.experiments.runner import ModelVerifier, Runner
+
+    runner = Runner(pairs, cache_dir=tmp_path / "attacks", progress=False)
+    verifier = ModelVerifier(tiny, "tiny")
+    calls, real = [], verifier.embed
+    verifier.embed = lambda chips, ids: calls.append(len(ids)) or real(chips, ids)
+    first = runner.calibrate(verifier)
+    assert sum(calls) == len(pairs.chips.ids)
+    second = Runner(pairs, cache_dir=tmp_path / "attacks", progress=False).calibrate(verifier)
+    assert sum(calls) == len(pairs.chips.ids)  # nothing embedded again
+    np.testing.assert_array_equal(first.embeddings, second.embeddings)
+    np.testing.assert_allclose(first.embeddings, embed_chips(tiny, pairs.chips.chips, batch_size=64), atol=1e-6)
+    assert first.thresholds == second.thresholds

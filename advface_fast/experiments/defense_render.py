@@ -101,13 +101,17 @@ def adaptive_markdown(report: dict) -> str:
 def defend_markdown(report: dict) -> str:
     head = [f"## {report['table']}",
             "",
+            *([] if report.get("complete", True) else
+              [f"**PARTIAL: {report['defense_configs_done']} defense configs done so far (the run continues).**", ""]),
             f"{report['model']}, {report['n_pairs']} pairs of LFW fold(s) {', '.join(map(str, report['folds']))}"
             + (" (a subset: --pairs)" if report["subset"] else "") + f"; {report['chance']}",
             f"Gradients in {report['precision']['gradients']}, decisions in fp32; ε in 0–255 levels (L∞, after uint8 rounding).",
             "",
             "Thresholds:"] + calibration_lines(report) + [""]
     w = report["work"]
-    tail = [f"Work done by this run: D on {w['defense_images_computed']} images ({w['defense_image_steps']} image-steps, "
+    tail = [f"1-minute load average when written: {report.get('load_average_1min')} (the CPU is shared; seconds are "
+            "pessimistic under load).",
+            f"Work done by this run: D on {w['defense_images_computed']} images ({w['defense_image_steps']} image-steps, "
             f"{w['defense_seconds']} s); {w['attacked_pairs']} pairs attacked; total {report['time_s']} s.", ""]
     return "\n".join(head) + "\n" + static_markdown(report) + "\n" + adaptive_markdown(report) + "\n".join(tail)
 

@@ -27,6 +27,7 @@ The adaptive evaluation (an attacker who knows D) lives in :mod:`advface_fast.ex
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -296,6 +297,17 @@ def run_defend(lfw, cfg: DefendConfig | None = None, *, out_dir=None, cache_dir=
 
             acfg = AdaptiveConfig(**cfg.adaptive_options)
             adaptive_reports.append(run_adaptive(ctx, acfg, store, cals, queries, per_pair))
+        if out_dir is not None and (name, eps_d) != configs[-1]:
+            write_report(ctx, undefended, rows, calibrations, adaptive_reports, t_start, out_dir,
+                         done=len(calibrations), of=len(configs))
+    return write_report(ctx, undefended, rows, calibrations, adaptive_reports, t_start, out_dir,
+                        done=len(configs), of=len(configs))
+
+
+def write_report(ctx: Context, undefended, rows, calibrations, adaptive_reports, t_start, out_dir, done=1,
+                 of=1) -> dict:
+    """The report of the rows so far (written after every D, so a long run shows what is done)."""
+    cfg, sel = ctx.cfg, ctx.sel
     report = {
         "table": "Tables 2-4: attack-as-defense (the defender re-attacks query and gallery with D)",
         "model": cfg.model, "chance": CHANCE,
@@ -321,6 +333,8 @@ def run_defend(lfw, cfg: DefendConfig | None = None, *, out_dir=None, cache_dir=
         "adaptive": adaptive_reports,
         "work": work_record(ctx),
         "time_s": round(time.perf_counter() - t_start, 1),
+        "complete": done == of, "defense_configs_done": f"{done}/{of}",
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "environment": environment(),
     }
     if out_dir is not None:
