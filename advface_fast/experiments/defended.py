@@ -46,13 +46,13 @@ class DefendedStore:
         defense (AttackAsDefense): D (its model f embeds, its attack model is attacked).
         root (path | None): the store's folder (default: ``$ADVFACE_HOME/defended``).
         align (str): the alignment key of the chips (part of every entry's config).
-        chunk (int): images per appended chunk (a multiple of D's batch size is best). (Default: 256)
+        chunk (int): images per appended chunk (a multiple of D's batch size is best). (Default: 64)
         progress (bool | str): a progress bar over D's images (images/s, image-steps/s, ETA).
 
     ``calls`` counts D runs and ``computed`` the images D was run on (tests count them).
     """
 
-    def __init__(self, defense, root: str | Path | None = None, align: str = "", chunk: int = 256,
+    def __init__(self, defense, root: str | Path | None = None, align: str = "", chunk: int = 64,
                  progress: bool | str = False):
         self.defense = defense
         self.store = Store(Path(root) if root else default_cache_root() / "defended", kind=DEFENDED_SCHEME)
