@@ -116,6 +116,11 @@ def defend_markdown(report: dict) -> str:
     return "\n".join(head) + "\n" + static_markdown(report) + "\n" + adaptive_markdown(report) + "\n".join(tail)
 
 
+LINESTYLE = {"pgd": "-", "cw": "--", "fgsm": ":"}  # one style per D, one colour / marker per query
+COLOR = {"clean": "tab:green", "fgsm": "tab:orange", "pgd": "tab:red", "cw": "tab:purple"}
+MARKER = {"clean": "o", "fgsm": "s", "pgd": "^", "cw": "D"}
+
+
 def _plt():
     import matplotlib
 
@@ -131,18 +136,19 @@ def plot_steps(report: dict, path: Path) -> None:
     groups: dict = {}
     for r in report["rows"]:
         groups.setdefault((r["defense"], r["defense_eps"], r["query"], r["eps"]), []).append(r)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
     for (d, ed, q, e), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["defense_steps"])
         ax.errorbar([r["defense_steps"] for r in rs], [100 * r["accuracy"] for r in rs],
-                    yerr=[100 * r["accuracy_std"] for r in rs], marker="o", capsize=3,
+                    yerr=[100 * r["accuracy_std"] for r in rs], marker=MARKER.get(q, "o"), capsize=3,
+                    ls=LINESTYLE.get(d, "-"), color=COLOR.get(q),
                     label=f"D={d} ε_d={ed:g}, query {q}" + (f" ε={e:g}" if q != "clean" else ""))
     ax.axhline(50, color="grey", ls="--", lw=1, label="chance (50%)")
     ax.set_xlabel("D's steps")
     ax.set_ylabel("defended accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title(f"{report['model']}: {report['n_pairs']} pairs, fixed defended thresholds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
