@@ -34,6 +34,10 @@ CACHES = {
              "key = config_key(kind, dataset scheme, aligner settings, aligner/library version, model files)",
     "attacks": "attacked queries per pair id (experiments runner): <key>/meta.json + chunk-*.npz; "
                "key = config_key(scheme, model, weights, data, alignment, metric, seed, thresholds, attack)",
+    "embeddings": "the plain model's clean embeddings per chip id (experiments runner): <key>/meta.json + "
+                  "chunk-*.npz; key = config_key(scheme, model, weights, alignment, batch size)",
+    "defended": "attack-as-defense embeddings per image id (experiments.defended): <key>/meta.json + "
+                "chunk-*.npz; key = config_key(scheme, alignment, weights, D's step config)",
     "onnx": "ONNX exports: <model>-<key>.onnx; key = config_key(model, weights, opset, torch, exporter)",
     "models": "converted weights: <model>-<sha256 of the source file>.safetensors",
 }
@@ -82,14 +86,16 @@ def cache_info(root: str | Path | None = None) -> dict:
             if name == "chips":
                 for d, status, details in _chip_entries(folder, CHIP_CACHE_SCHEME):
                     entries.append({"path": str(d), "bytes": _size(d), "status": status, **details})
-            elif name == "attacks":
-                from .experiments.runner import ROWS_SCHEME
+            elif name in ("attacks", "defended", "embeddings"):
+                from .experiments.defended import DEFENDED_SCHEME
+                from .experiments.runner import EMBEDDINGS_SCHEME, ROWS_SCHEME
 
                 for d in entry_dirs(folder):
                     try:
                         meta = json.loads((d / META).read_text())
                         cfg = meta["config"]
-                        ok = meta.get("format") == FORMAT and cfg.get("scheme") == ROWS_SCHEME
+                        scheme = {"attacks": ROWS_SCHEME, "defended": DEFENDED_SCHEME}.get(name, EMBEDDINGS_SCHEME)
+                        ok = meta.get("format") == FORMAT and cfg.get("scheme") == scheme
                         details = {"scheme": cfg.get("scheme"), "model": cfg.get("model"),
                                    "attack": (cfg.get("attack") or {}).get("name"),
                                    "eps": (cfg.get("attack") or {}).get("eps"),

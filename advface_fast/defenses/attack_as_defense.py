@@ -161,14 +161,18 @@ class AttackAsDefense:
         return {k: torch.cat(v) for k, v in out.items()}
 
     def embed_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Plain fp32 embeddings (autocast disabled, no gradient, eval mode) of images, on the CPU."""
+        """Plain fp32 embeddings (autocast disabled, no gradient, eval mode) of images, on the CPU;
+        batches padded to ``batch_size`` (so an image's embedding does not depend on its batch)."""
         device = model_device(self.model, x.device)
         embs = []
         with torch.no_grad(), eval_mode(self.model):
             for start in range(0, x.shape[0], self.batch_size):
                 batch = x[start : start + self.batch_size].to(device)
+                n = batch.shape[0]
+                if n < self.batch_size:  # padded like D's batches: a model's floats depend on the batch size
+                    batch = torch.cat([batch, batch[-1:].expand(self.batch_size - n, *batch.shape[1:])])
                 with autocast("fp32", device):
-                    embs.append(self.model(batch).float().cpu())
+                    embs.append(self.model(batch)[:n].float().cpu())
         return torch.cat(embs) if embs else torch.zeros(0, 0)
 
     def config(self) -> dict:

@@ -56,6 +56,7 @@ from ..store import Store
 from ..verify import VerificationResult, accuracy_with_thresholds, evaluate_embeddings
 
 ROWS_SCHEME = "attack-rows-v2"  # per pair id; v1 (whole-file npz keyed by position) is pruned
+EMBEDDINGS_SCHEME = "clean-embeddings-v1"  # the plain model's embedding per chip content id
 
 
 class Verifier(Protocol):
@@ -167,6 +168,7 @@ class Runner:
         self.objective = VerificationObjective(metric)
         self.store = Store(Path(cache_dir) if cache_dir else default_cache_root() / "attacks", kind=ROWS_SCHEME)
         self.align_key = make_align_config(get_model_spec(model).alignment).key()
+        self.work = {"attack_batches": 0, "attacked_pairs": 0}  # attack work actually done (not cached)
 
     # -- 1. selection ---------------------------------------------------------------------------
 
@@ -193,10 +195,31 @@ class Runner:
     def calibrate(self, verifier: Verifier) -> Calibration:
         """The verifier's embedding of every chip and its k-fold thresholds on clean pairs."""
         chips = self.pairs.chips
-        emb = np.asarray(verifier.embed(chips.chips, list(chips.ids)), dtype=np.float32)
+        if isinstance(verifier, ModelVerifier):  # clean embeddings: once per chip, on disk
+            emb = self.clean_embeddings(verifier)
+        else:
+            emb = np.asarray(verifier.embed(chips.chips, list(chips.ids)), dtype=np.float32)
         clean = evaluate_embeddings(emb[self.pairs.query], emb[self.pairs.gallery], self.pairs.same, self.pairs.folds,
                                     metric=self.metric)
         return Calibration(verifier=verifier, embeddings=emb, clean=clean, metric=self.metric)
+
+    def clean_embeddings(self, verifier: ModelVerifier, chunk: int = 512) -> np.ndarray:
+        """The plain model's fp32 embedding of every chip, from the on-disk store (entry keyed by
+        the model's weights, alignment and batch size; items by chip content id); only missing
+        chips are embedded, chunk by chunk (an interrupted run keeps every finished chunk)."""
+        chips = self.pairs.chips
+        entry = Store(self.store.root.parent / "embeddings", kind=EMBEDDINGS_SCHEME).entry(
+            {"scheme": EMBEDDINGS_SCHEME, **verifier.config(), "align": self.align_key,
+             "batch_size": verifier.batch_size})
+        have = set(entry.read().ids)
+        todo = [i for i, cid in enumerate(chips.ids) if cid not in have]
+        for start in range(0, len(todo), chunk):
+            rows = np.array(todo[start : start + chunk])
+            ids = [chips.ids[r] for r in rows]
+            entry.append(ids, {"embedding": np.asarray(verifier.embed(chips.chips[rows], ids), dtype=np.float32)})
+        if todo:
+            entry.compact()
+        return entry.read().take(list(chips.ids), "embedding")
 
     # -- 3. query conditions ----------------------------------------------------------------------
 
@@ -239,6 +262,8 @@ class Runner:
             n = len(batch)
             cost = {"seconds": seconds, "image_steps": int(attack.last_stats["image_steps"]),
                     "image_steps_full": int(attack.last_stats["image_steps_full"])}
+            self.work["attack_batches"] += 1
+            self.work["attacked_pairs"] += n
             entry.append([sel.pair_ids[i] for i in batch],
                          {"delta": adv.astype(np.int16) - clean.astype(np.int16),
                           "embedding": emb.cpu().numpy().astype(np.float32),

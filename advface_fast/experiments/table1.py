@@ -108,17 +108,19 @@ def _row_specs(cfg: Table1Config):
 
 
 def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=None, workers=None,
-               progress: bool = True, example_pairs: int = 4) -> dict:
+               progress: bool = True, example_pairs: int = 4, pairs=None, net=None, runner=None) -> dict:
     """Run the grid and return the report (also written to out_dir: JSON, Markdown, plots)."""
     cfg = cfg or Table1Config()
     t_start = time.perf_counter()
-    pairs = prepare_pairs(lfw, cfg.model, policy=InputPolicy(cfg.on_bad, cfg.no_face), pairs_file=cfg.pairs_file,
-                          workers=workers, progress=progress)
-    net = create_model(cfg.model, **({"weights": cfg.weights} if cfg.weights else {}))  # decisions: fp32
+    # pairs / net / runner: those of a larger plan sharing its chips, model and attack store (advface paper)
+    pairs = pairs or prepare_pairs(lfw, cfg.model, policy=InputPolicy(cfg.on_bad, cfg.no_face),
+                                   pairs_file=cfg.pairs_file, workers=workers, progress=progress)
+    if net is None:  # decisions: the plain model in fp32
+        net = create_model(cfg.model, **({"weights": cfg.weights} if cfg.weights else {}))
     transfer = cfg.craft_model is not None and cfg.craft_model != cfg.model
     device = model_device(net)
-    runner = Runner(pairs, metric=cfg.metric, seed=cfg.seed, model=cfg.model, cache_dir=cache_dir,
-                    batch_size=cfg.batch_size, progress=progress)
+    runner = runner or Runner(pairs, metric=cfg.metric, seed=cfg.seed, model=cfg.model, cache_dir=cache_dir,
+                              batch_size=cfg.batch_size, progress=progress)
 
     # 1. The verifier (the plain model) and its thresholds, fitted on clean pairs of every fold.
     model = runner.calibrate(ModelVerifier(net, cfg.model, batch_size=64, progress=progress and "clean embeddings"))
