@@ -47,9 +47,14 @@ class PairChips:
     def input_record(self) -> dict:
         """What the input rules did, for results files: policy, pairs file and how it was checked,
         every skipped pair, every conversion and every image without a detected face."""
+        from .data.paths import shown_path
+
         d = self.dataset
+        root = str(d.root).rstrip("/") + "/"
         return {**self.policy.to_dict(),
-                "pairs_file": d.pairs_file, "pairs_sha256": d.pairs_sha256, "pairs_check": d.pairs_check,
+                "pairs_file": None if d.pairs_file is None else shown_path(d.pairs_file, d.root),
+                "pairs_sha256": d.pairs_sha256,
+                "pairs_check": None if d.pairs_check is None else str(d.pairs_check).replace(root, ""),
                 "n_pairs": len(self), "skipped": [vars(s) for s in d.skipped],
                 "converted": [vars(c) for c in d.converted],
                 "no_face_images": [{"image": i, "action": a} for i, a in self.no_face.items()]}

@@ -31,6 +31,9 @@ def test_verify_cli_on_lfw_ci(lfw_ci, tmp_path, cache_home, monkeypatch, capsys)
     assert report["accuracy_mean"] >= 0.9
     assert set(report["results"]) == {"cosine", "l2", "cosine+flip", "l2+flip"}
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Results name the data, not the paths of the machine that made them (they get committed).
+    assert str(lfw_ci) not in (out / "verify.json").read_text().replace(json.dumps(str(lfw_ci))[1:-1], str(lfw_ci))
+    assert report["input"]["pairs_file"] == "pairs.txt"
 
 
 def test_second_run_reuses_the_chip_cache(lfw_ci, cache_home, monkeypatch):

@@ -53,3 +53,15 @@ def resolve_lfw_path(path: str | os.PathLike | None = None) -> Path:
         raise LFWNotFoundError(f"{candidate} ({origin}) holds no pairs file (an unfinished download?); "
                                f"`advface download-lfw` completes it. {_how_to_get_lfw()}")
     return candidate
+
+
+def shown_path(path, root) -> str:
+    """How a results file names ``path``: relative to the dataset ``root`` when it lies inside it (so
+    committed results never carry the paths of the machine that made them), else as given."""
+    from pathlib import Path
+
+    path, root = Path(path), Path(root)
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)

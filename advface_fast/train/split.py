@@ -23,7 +23,7 @@ import numpy as np
 
 from ..data import DataError, image_id, parse_pairs, parse_people
 from ..data.images import read_image
-from ..data.paths import resolve_lfw_path
+from ..data.paths import resolve_lfw_path, shown_path
 
 IMAGE_DIR_NAMES = ("lfw-deepfunneled", "lfw_funneled", "lfw")
 
@@ -112,7 +112,7 @@ def make_split(lfw, test_folds, *, people_file=None, pairs_file: str = "pairs.tx
              "excluded_single_image_people": single, "excluded_named_by_test_pairs": named,
              "test_people": len(test_people), "min_images": min_images,
              "max_identities": max_identities, "max_images_per_identity": max_images_per_identity,
-             "people_file": str(people_path), "pairs_file": str(pairs_path)}
+             "people_file": shown_path(people_path, root), "pairs_file": shown_path(pairs_path, root)}
     return TrainSplit(folds, tuple(identities), tuple(ids), tuple(labels), frozenset(test_people), stats)
 
 
