@@ -56,11 +56,11 @@ def test_free_at_full_scale_divides_the_epochs_by_the_replays(tmp_path):
 def test_cost_command_with_a_defense_report(tmp_path, runs, capsys):
     defend = {"rows": [
         {"defense": "pgd", "defense_eps": 4, "defense_steps": 10, "query": "clean", "accuracy": 0.9,
-         "image_steps": 2000, "seconds": 10.0, "n_pairs": 200},
+         "image_steps": 20, "seconds": 0.1, "n_pairs": 200},
         {"defense": "pgd", "defense_eps": 4, "defense_steps": 10, "query": "pgd-40", "accuracy": 0.6,
-         "image_steps": 2000, "seconds": 10.0, "n_pairs": 200},
+         "image_steps": 20, "seconds": 0.1, "n_pairs": 200},
         {"defense": "pgd", "defense_eps": 4, "defense_steps": 10, "query": "adaptive-bpda", "accuracy": 0.1,
-         "image_steps": 2000, "seconds": 10.0, "n_pairs": 200}]}
+         "image_steps": 20, "seconds": 0.1, "n_pairs": 200}]}
     (tmp_path / "defend.json").write_text(json.dumps(defend))
     out = tmp_path / "cost"
     rc = main(["cost", "--train", str(runs[0]), str(runs[1]), "--defense-report", str(tmp_path / "defend.json"),
@@ -95,3 +95,17 @@ def test_cost_errors_are_one_line(tmp_path, runs, capsys):
     bad.write_text(json.dumps({"rows": [{"defense": "pgd"}]}))
     assert main(["cost", "--train", str(runs[1]), "--defense-report", str(bad)]) == 2
     assert "lacks" in capsys.readouterr().err
+
+
+def test_defense_cost_from_a_real_defend_json():
+    """defend.json's image_steps / seconds are per query, D on the query and its gallery image: with the
+    gallery cached, a query costs D's steps on the query alone (10 for D = PGD-10, 1 for FGSM)."""
+    from pathlib import Path
+
+    report = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/defend_fold1/defend.json").read_text())
+    rows = {(d["defense"], d["defense_steps"]): d for d in cost.defense_rows(report)}
+    assert rows[("pgd", 10)]["image_steps_per_query"] == 10
+    assert rows[("pgd", 40)]["image_steps_per_query"] == 40
+    assert rows[("fgsm", 10)]["image_steps_per_query"] == 1
+    assert rows[("pgd", 10)]["seconds_per_query"] == rows[("pgd", 10)]["seconds_per_gallery_image"] > 0
+
