@@ -92,7 +92,6 @@ def defense_rows(report: dict | list, *, step_seconds: float | None = None) -> l
         # gallery image is defended once and cached, so a query's running cost is the query's half.
         q_steps = median(r["image_steps"] for r in rs) / 2
         q_secs = median(r["seconds"] for r in rs) / 2
-        rate = q_secs / q_steps if q_steps else step_seconds
         clean = [r["accuracy"] for r in rs if r["query"] == "clean"]
         adaptive = [r["accuracy"] for r in rs if "adaptive" in str(r["query"])]
         static = [r["accuracy"] for r in rs if r["query"] != "clean" and "adaptive" not in str(r["query"])]

@@ -1,0 +1,171 @@
+"""`advface advtrain` and `advface cost`: parsing and printing only; the work lives in advface_fast.train."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..cli import (EPILOG_PATHS, _float_list, _int_list, _pair_count, add_threads_option, apply_threads, lfw_path,
+                   parse_folds)
+from ..precision import PRECISIONS
+
+
+def cmd_advtrain(args) -> int:
+    import json
+
+    from . import TrainConfig
+    from .run import run_advtrain
+
+    apply_threads(args)
+    eval_attacks = tuple(a for a in args.eval_attacks.split(",") if a)
+    if args.eval_only:
+        from .run import evaluate_run
+
+        ev = evaluate_run(lfw_path(args), args.out, args.test_folds, model=args.model, eval_out=args.eval_out,
+                          eval_attacks=eval_attacks, eval_eps=args.eval_eps, eval_steps=args.eval_steps,
+                          eval_pairs=args.eval_pairs, eval_precision=args.precision, seed=args.seed,
+                          workers=args.workers, progress=not args.quiet)
+        rows = ", ".join(f"{k} {100 * v:.1f}%" for k, v in ev["rows"].items())
+        print(f"held-out folds {ev['held_out_folds']} ({ev['n_pairs']} pairs): clean {100 * ev['clean_accuracy']:.1f}%"
+              + (f", {rows}" if rows else "") + f"; wrote {ev['file']}")
+        return 0
+    cfg = TrainConfig(method=args.method, eps=args.eps, steps=1 if args.method == "fgsm-rs" else args.steps,
+                      alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
+                      lr=args.lr, weight_decay=args.weight_decay, scale=args.scale, margin=args.margin,
+                      seed=args.seed, precision=args.precision)
+    report = run_advtrain(lfw_path(args), cfg, args.out, model=args.model, test_folds=args.test_folds,
+                          people_file=args.people_file, max_identities=args.max_identities,
+                          max_images_per_identity=args.max_images_per_identity, resume=args.resume,
+                          checkpoint_every=args.checkpoint_every, evaluate=not args.no_eval,
+                          eval_attacks=eval_attacks, eval_eps=args.eval_eps,
+                          eval_steps=args.eval_steps, eval_pairs=args.eval_pairs, eval_precision=args.precision,
+                          workers=args.workers, progress=not args.quiet)
+    split = report["split"]
+    print(f"trained {args.model} ({args.method}) on {split['n_identities']} identities / {split['n_images']} images "
+          f"outside folds {split['test_folds']}: {report['epochs_done']} epoch(s)")
+    for r in report["history"]:
+        rob = "—" if r["robust_accuracy"] is None else f"{100 * r['robust_accuracy']:.1f}%"
+        print(f"  epoch {r['epoch']}: loss {r['loss']:.4f}, clean train acc {100 * r['clean_accuracy']:.1f}%, "
+              f"robust train acc {rob}, {r['images_per_s']} img/s")
+    ev = report.get("evaluation")
+    if ev:
+        rows = ", ".join(f"{k} {100 * v:.1f}%" for k, v in ev["rows"].items())
+        print(f"held-out folds {ev['held_out_folds']} ({ev['n_pairs']} pairs): clean {100 * ev['clean_accuracy']:.1f}%"
+              + (f", {rows}" if rows else ""))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    print(f"wrote weights.safetensors, checkpoint.safetensors, log.jsonl, train.json to {args.out}")
+    return 0
+
+
+def cmd_cost(args) -> int:
+    import json
+
+    from ..fileio import write_json_atomic, write_text_atomic
+    from . import cost
+
+    runs = cost.load_training_runs(args.train)
+    step_s = cost.attack_step_seconds(runs)
+    if args.defense_report:
+        defense = cost.defense_rows(json.loads(Path(args.defense_report).read_text()), step_seconds=step_s)
+    else:
+        if step_s is None:
+            raise ValueError("no attack steps were measured in these training runs; give --defense-report FILE "
+                             "or include an adversarially trained run")
+        defense = cost.estimated_defense_rows(args.defense_steps, step_s)
+    report = cost.cost_report(runs, defense, full_images=args.full_images, full_epochs=args.epochs_full,
+                              gallery_images=args.gallery_images, step_seconds=step_s)
+    md = cost.cost_markdown(report)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out / "cost.json", report, indent=2)
+        write_text_atomic(args.out / "cost.md", md)
+        cost.plot_cost(report, args.out / "accuracy_vs_compute.png", queries=args.queries)
+        print(f"wrote cost.json, cost.md, accuracy_vs_compute.png to {args.out}")
+    return 0
+
+
+def add_subparsers(sub) -> None:
+    """The advtrain and cost subcommands of `advface`."""
+    p = sub.add_parser(
+        "advtrain", help="adversarial training (PGD-AT, FGSM-RS, free AT, clean control) judged on held-out folds",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a face model with a CosFace identity loss on LFW people disjoint from every pair of "
+                    "the held-out --test-folds (people.txt's folds match the pair folds; anyone a held-out pair names "
+                    "is excluded too), with adversarial examples made in eval mode by the project's attacks "
+                    "(bf16 gradients where native with --precision auto; fp32 weight updates). Then judge the "
+                    "trained weights with the Table 1 code on the held-out folds only: thresholds cross-fitted "
+                    "across the held-out folds on clean pairs (so at least two folds), attacks white-box against "
+                    "the trained model. Checkpoints resume exactly (--resume); the run is deterministic by --seed.",
+        epilog="examples:\n"
+               "  advface advtrain --lfw data/lfw --method pgd --eps 4 --steps 5 --test-folds 9,10 --epochs 1 "
+               "--max-identities 40 --max-images-per-identity 8 --eval-pairs 200 --out runs/pgd\n"
+               "  advface advtrain --lfw data/lfw --method clean --test-folds 9,10 --epochs 1 --out runs/clean\n"
+               "  advface advtrain ... --out runs/pgd --resume   (continue an interrupted run)\n\n" + EPILOG_PATHS)
+    p.add_argument("--model", default="dlib-resnet", choices=("dlib-resnet",), help="model to train (default: %(default)s)")
+    p.add_argument("--lfw", metavar="PATH", help="LFW folder (official layout with people.txt)")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading LFW")
+    p.add_argument("--out", metavar="DIR", type=Path, required=True, help="run folder (checkpoint, weights, logs)")
+    p.add_argument("--method", choices=("clean", "pgd", "fgsm-rs", "free"), default="pgd",
+                   help="pgd: Madry PGD-AT; fgsm-rs: FGSM with random start (Wong et al. 2020); free: free AT "
+                        "(Shafahi et al. 2019, --steps replays per batch); clean: the control (default: %(default)s)")
+    p.add_argument("--eps", type=float, default=4.0, help="L-inf budget in 0-255 levels (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=5, help="PGD steps K / free-AT replays (default: %(default)s)")
+    p.add_argument("--alpha", type=float, help="attack step in 0-255 levels (default: 2.5 eps / K; fgsm-rs 1.25 eps)")
+    p.add_argument("--test-folds", type=parse_folds, default=[9, 10], metavar="LIST",
+                   help="held-out folds, at least two (default: 9,10)")
+    p.add_argument("--people-file", metavar="FILE", help="people list (default: <lfw>/people.txt)")
+    p.add_argument("--max-identities", type=int, metavar="N", help="train on the N identities with most images")
+    p.add_argument("--max-images-per-identity", type=int, metavar="N", help="and at most N images of each")
+    p.add_argument("--epochs", type=int, default=1, help="epochs; 0 evaluates the untrained model (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per update (default: %(default)s)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-5, help="model learning rate; the head gets 10x (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="(default: %(default)s)")
+    p.add_argument("--scale", type=float, default=30.0, help="CosFace scale s (default: %(default)s)")
+    p.add_argument("--margin", type=float, default=0.35, help="CosFace margin m (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="run seed: image order and attack starts (default: 0)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="attack gradients (training and evaluation); the weight update is fp32 (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (same settings)")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="also checkpoint every N batches (default: end of each epoch)")
+    p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("--eval-only", action="store_true",
+                   help="judge the finished run in --out again with the --eval-* settings (no training)")
+    p.add_argument("--eval-out", type=Path, metavar="DIR", help="with --eval-only: where the Table 1 files go "
+                   "(default: <out>/eval)")
+    p.add_argument("--eval-attacks", default="pgd", metavar="LIST", help="attacks for the held-out table, e.g. "
+                   "fgsm,pgd,cw; empty for clean only (default: %(default)s)")
+    p.add_argument("--eval-eps", type=_float_list, default=(4.0,), metavar="LIST", help="(default: 4)")
+    p.add_argument("--eval-steps", type=_int_list, default=(10,), metavar="LIST", help="PGD / C&W steps (default: 10)")
+    p.add_argument("--eval-pairs", type=_pair_count, metavar="N", help="judge the first N held-out pairs (half matched)")
+    p.add_argument("--workers", type=int, metavar="N", help="alignment processes (default: all cores)")
+    add_threads_option(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="also print train.json")
+    p.set_defaults(func=cmd_advtrain)
+
+    p = sub.add_parser(
+        "cost", help="compute of adversarial training vs attack-as-defense: break-even queries, accuracy bought",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Training: measured seconds and image-steps per training image per epoch from advtrain runs, "
+                    "their totals and the extrapolation to CASIA-WebFace scale (--full-images x --epochs-full). "
+                    "Defense: image-steps and seconds per query and per gallery image from --defense-report "
+                    "(defend.json), else estimated as D steps x the attack step time measured in the training runs. "
+                    "Then the break-even number of queries and the accuracy each approach buys, and a plot of "
+                    "robust accuracy vs compute.",
+        epilog="example:\n  advface cost --train runs/clean runs/pgd runs/fgsm --defense-report runs/defend/defend.json "
+               "--out runs/cost")
+    p.add_argument("--train", nargs="+", required=True, metavar="DIR", help="advtrain run folders (or train.json files)")
+    p.add_argument("--defense-report", metavar="FILE", help="defend.json of the defense runs")
+    p.add_argument("--defense-steps", type=_int_list, default=(10, 40), metavar="LIST",
+                   help="without a report: defense step counts D to estimate (default: 10,40)")
+    p.add_argument("--full-images", type=int, default=494_414, help="training set size to extrapolate to "
+                   "(default: CASIA-WebFace, %(default)s)")
+    p.add_argument("--epochs-full", type=int, default=30, help="epochs assumed at full scale (default: %(default)s)")
+    p.add_argument("--gallery-images", type=int, default=0, help="gallery images the defense re-attacks once (default: 0)")
+    p.add_argument("--queries", type=int, default=10_000, help="queries served, for the plot (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", type=Path, help="write cost.json, cost.md, accuracy_vs_compute.png")
+    p.set_defaults(func=cmd_cost)
