@@ -32,15 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-try:  # Triton is optional: the fused and reference paths need only torch.
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-    tl = None
-
-IMPLS = ("auto", "triton", "fused", "reference")
-BLOCK_SIZE = 1024
+from .pgd_step import BLOCK_SIZE, IMPLS, tl, triton
+from .pgd_step import resolve_impl as _resolve_impl
 
 
 if triton is not None:
@@ -66,20 +59,9 @@ else:
     _INTERPRETED = False
 
 
-def triton_usable(device: torch.device) -> bool:
-    return triton is not None and (torch.device(device).type == "cuda" or _INTERPRETED)
-
-
 def resolve_impl(device, impl: str = "auto") -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    device = torch.device(device)
-    if impl == "auto":
-        return "triton" if triton is not None and device.type == "cuda" else "fused"
-    if impl == "triton" and not triton_usable(device):
-        raise RuntimeError("the triton PReLU backward needs Triton and a CUDA tensor (or CPU tensors under the "
-                           "interpreter, enabled by TRITON_INTERPRET=1 set before triton is first imported)")
-    return impl
+    """The implementation that runs on `device` (the update kernels' rule, for this kernel's build)."""
+    return _resolve_impl(device, impl, _INTERPRETED)
 
 
 def _slope_view(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
