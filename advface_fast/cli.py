@@ -261,7 +261,8 @@ def cmd_paper(args) -> int:
                       max_pairs=args.pairs, steps=args.steps, eps=args.eps, seed=args.seed,
                       batch_size=args.batch_size, precision=args.precision, calibration_pairs=args.calibration_pairs,
                       adaptive=not args.no_adaptive, adaptive_options=_adaptive_options(args), on_bad=args.on_bad,
-                      no_face=args.no_face, pairs_file=None if args.pairs_file is None else str(args.pairs_file))
+                      no_face=args.no_face, pairs_file=None if args.pairs_file is None else str(args.pairs_file),
+                      transfer_models=_transfer_models(args.transfer_models, args.model))
     if args.out is None:
         raise ValueError("advface paper needs --out DIR (it writes REPORT.md and the tables there)")
     report = run_paper(lfw_path(args), cfg, out_dir=args.out, workers=args.workers, progress=not args.quiet)
@@ -269,6 +270,18 @@ def cmd_paper(args) -> int:
     print(f"wrote {args.out / 'REPORT.md'} ({report['times_s']['total']} s; this run: D on "
           f"{w['defense_images_computed']} images, {w['attacked_pairs']} pairs attacked)")
     return 0
+
+
+def _transfer_models(value: str, model: str) -> tuple:
+    """--transfer-models: all (every registered model whose weights are here), none, or a list."""
+    from .models import get_model_spec, list_models
+
+    if value == "none":
+        return ()
+    names = list_models() if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    for name in names:
+        get_model_spec(name)  # an unknown name fails here, before any work, with the list of known ones
+    return tuple(n for n in names if n != model)
 
 
 def _defense_options(p, adaptive_flag: bool) -> None:
@@ -479,13 +492,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "naive run. Resumable: rerun the same command to continue; a fully cached rerun does no "
                     "attack work.",
         epilog="examples:\n  advface paper --lfw data/lfw --folds 1 --out runs/paper\n"
-               "  advface paper --lfw data/lfw --pairs 40 --steps 5 --calibration-pairs 200 --out runs/quick\n\n"
+               "  advface paper --lfw data/lfw --pairs 40 --steps 5 --calibration-pairs 200 --transfer-models none "
+               "--out runs/quick\n\n"
                + EPILOG_PATHS)
     _common(p)
     p.set_defaults(batch_size=32)
     p.add_argument("--steps", type=int, metavar="K", help="cap every iteration count at K (quick runs)")
     p.add_argument("--eps", type=_float_list, default=(2.0, 4.0, 8.0), metavar="LIST", help="Table 1's eps (default: 2,4,8)")
     p.add_argument("--no-adaptive", action="store_true", help="skip the adaptive evaluation")
+    p.add_argument("--transfer-models", default="all", metavar="LIST|all|none",
+                   help="the transfer matrix: Table 1's attacks at the queries' eps crafted on each of these models "
+                        "and --model, judged by each (all: every registered model whose weights are on this "
+                        "machine; the others are listed with the reason; none: skip) (default: %(default)s)")
     _defense_options(p, adaptive_flag=False)
     p.set_defaults(func=cmd_paper)
 

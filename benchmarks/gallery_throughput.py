@@ -125,6 +125,8 @@ def main(argv=None) -> dict:
               "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "lfw_images": len(refs), "threads": args.threads, "decode_threads": args.decode_threads,
               "load_average_before": load_average(), "environment": environment(), "runs": []}
+    if args.work is not None:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)
         for steps, n, aligned in ((5, args.pgd5, False), (40, args.pgd40, False), (5, args.aligned_pgd5, True)):

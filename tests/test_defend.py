@@ -199,7 +199,7 @@ def test_eval_mode_is_restored(pairs, tiny, tmp_path):
 def test_paper_rerun_does_no_attack_or_defense_work(lfw_ci, pairs, tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("ADVFACE_HOME", str(tmp_path / "home"))
     cfg = PaperConfig(folds=(1, 2), max_pairs=8, steps=2, eps=(4.0,), defense_steps=(1, 2), precision="fp32",
-                      batch_size=8, adaptive_options=dict(ADAPTIVE, steps=(2,)))
+                      batch_size=8, adaptive_options=dict(ADAPTIVE, steps=(2,)), transfer_models=("sface",))
     first = run_paper(lfw_ci, cfg, out_dir=tmp_path / "p1", progress=False, net=tiny, pairs=pairs)
     assert first["work"]["attacked_pairs"] > 0 and first["work"]["defense_images_computed"] > 0
     again = run_paper(lfw_ci, cfg, out_dir=tmp_path / "p2", progress=False, net=tiny, pairs=pairs)
@@ -210,6 +210,17 @@ def test_paper_rerun_does_no_attack_or_defense_work(lfw_ci, pairs, tiny, tmp_pat
     assert "Table 1" in text and "Table 2" in text and "Table 3" in text and "Table 4" in text
     assert "71.4" in text and "50% is chance" in text
     assert again["reuse"]["image_steps_naive"] > again["reuse"]["image_steps_with_reuse"] > 0
+    # The transfer matrix over the main model (here the tiny stand-in, registered name) and sface.
+    cells = again["transfer"]["accuracy_after_attack"]["pgd-2 eps=4"]
+    assert set(cells) == {"dlib-resnet->dlib-resnet", "dlib-resnet->sface", "sface->dlib-resnet", "sface->sface"}
+    assert cells == first["transfer"]["accuracy_after_attack"]["pgd-2 eps=4"]
+    assert "## Transfer between models" in text and "| sface |" in text
+
+
+def test_cli_paper_rejects_an_unknown_transfer_model_before_any_work(lfw_ci, tmp_path, capsys):
+    assert main(["paper", "--lfw", str(lfw_ci), "--transfer-models", "sface,bogus", "--out", str(tmp_path),
+                 "--quiet"]) == 2
+    assert "bogus" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
 def test_cli_defend_rejects_an_unknown_defense(lfw_ci, capsys):

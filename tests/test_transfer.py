@@ -105,3 +105,51 @@ def test_judge_sees_the_crafted_images(report, lfw_ci, tmp_path):
     np.testing.assert_allclose(judged, direct, atol=1e-4)
     acc = runner.judge(judge, sel, runner.similarity(judge, sel, judged)).accuracy_mean
     assert acc == pytest.approx({r["attack"]: r for r in report["rows"]}["fgsm"]["accuracy_mean"])
+
+
+def test_matrix_cells_diagonal_and_unavailable_models():
+    from advface_fast.experiments.transfer import matrix_from_reports, transfer_markdown
+
+    def rep(acc_clean, acc_pgd):
+        rows = [{"attack": "clean", "eps": 0, "params": {}, "accuracy_mean": acc_clean},
+                {"attack": "pgd", "eps": 4.0, "params": {"steps": 40}, "accuracy_mean": acc_pgd, "accuracy_std": 0.0,
+                 "matched_accuracy": acc_pgd, "mismatched_accuracy": acc_pgd},
+                {"attack": "noise", "eps": 4.0, "params": {}, "accuracy_mean": 0.9, "accuracy_std": 0.0,
+                 "matched_accuracy": 0.9, "mismatched_accuracy": 0.9}]
+        return {"rows": rows, "n_pairs": 10, "folds": [1]}
+
+    m = matrix_from_reports({("a", "a"): rep(0.99, 0.01), ("a", "b"): rep(0.98, 0.90), ("b", "b"): rep(0.98, 0.02)},
+                            unavailable={"facenet": "needs weights"})
+    assert m["models"] == ["a", "b"] and list(m["accuracy_after_attack"]) == ["pgd-40 eps=4"]  # noise is no cell
+    cells = m["accuracy_after_attack"]["pgd-40 eps=4"]
+    assert cells["a->b"]["accuracy"] == 0.90 and cells["a->a"]["accuracy"] == 0.01 and "b->a" not in cells
+    md = transfer_markdown(m)
+    assert "| a | 1.0 | 90.0 |" in md and "| b | — | 2.0 |" in md and "facenet (needs weights)" in md
+
+
+def test_transfer_matrix_over_two_real_models(report, lfw_ci, tmp_path, monkeypatch):
+    """Every cell over dlib-resnet and sface; the dlib->sface cell equals the Table 1 transfer run of the
+    same config (computed afresh here, in another cache); a model without weights is listed, not run;
+    a second call does no attack work."""
+    from advface_fast.experiments.transfer import run_transfer_matrix
+
+    monkeypatch.setenv("ADVFACE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ADVFACE_FACENET_WEIGHTS", raising=False)
+    cfg = Table1Config(attacks=("fgsm", "pgd"), eps=(8,), steps=(5,), folds=(1, 2), max_pairs=8, batch_size=8)
+    kw = dict(out_dir=tmp_path / "m", cache_dir=tmp_path / "attacks", workers=1, progress=False)
+    m = run_transfer_matrix(lfw_ci, ("dlib-resnet", "sface", "facenet"), cfg, **kw)
+    assert m["models"] == ["dlib-resnet", "sface"] and "facenet" in m["unavailable"]
+    pgd = m["accuracy_after_attack"]["pgd-5 eps=8"]
+    assert set(pgd) == {f"{a}->{b}" for a in m["models"] for b in m["models"]}
+    want = {r["attack"]: r for r in report["rows"]}["pgd"]["accuracy_mean"]
+    assert pgd["dlib-resnet->sface"]["accuracy"] == pytest.approx(want)
+    for model in m["models"]:  # white-box breaks each model; transfer is weaker than white-box on the judge
+        assert pgd[f"{model}->{model}"]["accuracy"] <= 0.25
+        other = next(o for o in m["models"] if o != model)
+        assert pgd[f"{other}->{model}"]["accuracy"] >= pgd[f"{model}->{model}"]["accuracy"]
+    assert sum(m["work"]["attacked_pairs"].values()) > 0
+    assert (tmp_path / "m" / "sface_on_dlib-resnet" / "table1.json").exists()
+    assert "Not in the matrix: facenet" in (tmp_path / "m" / "transfer.md").read_text()
+    again = run_transfer_matrix(lfw_ci, ("dlib-resnet", "sface"), cfg, **kw)
+    assert sum(again["work"]["attacked_pairs"].values()) == 0
+    assert again["accuracy_after_attack"] == m["accuracy_after_attack"]

@@ -11,7 +11,7 @@ no attack or defense work and finishes in seconds (``work`` in the report says w
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from .defense_render import defend_markdown
 from .defense_tables import DefendConfig, cap, make_context, run_defend, work_record
 from .render import table1_markdown
 from .table1 import Table1Config, run_table1
+from .transfer import run_transfer_matrix, transfer_markdown
 
 
 @dataclass
@@ -45,6 +46,7 @@ class PaperConfig:
     on_bad: str = "error"
     no_face: str = "center"
     pairs_file: str | None = None
+    transfer_models: tuple = ()  # the transfer matrix over these models and `model` (empty: no matrix)
 
 
 def run_paper(lfw, cfg: PaperConfig | None = None, *, out_dir, cache_dir=None, defended_dir=None, workers=None,
@@ -73,10 +75,20 @@ def run_paper(lfw, cfg: PaperConfig | None = None, *, out_dir, cache_dir=None, d
     t_def = time.perf_counter() - t_def
     grid = out / "examples_defended.png"
     example_grid(ctx, grid)
-    report = {"config": asdict(cfg), "table1": table1, "defend": defend,
+    t_transfer, transfer = time.perf_counter(), None
+    if cfg.transfer_models:  # Table 1's attacks at the queries' eps, crafted on each model, judged by each
+        models = tuple(dict.fromkeys((cfg.model, *cfg.transfer_models)))
+        transfer = run_transfer_matrix(lfw, models, replace(t1cfg, eps=(cfg.attack_eps,)),
+                                       out_dir=out / "transfer", cache_dir=cache_dir, workers=workers,
+                                       progress=progress, shared={cfg.model: (ctx.pairs, ctx.net, ctx.runner)})
+    t_transfer = time.perf_counter() - t_transfer
+    work = work_record(ctx)  # the main model's runner counts the cells it judged; add the other judges'
+    if transfer is not None:
+        work["attacked_pairs"] += sum(n for judge, n in transfer["work"]["attacked_pairs"].items() if judge != cfg.model)
+    report = {"config": asdict(cfg), "table1": table1, "defend": defend, "transfer": transfer,
               "times_s": {"table1": round(t_table1, 1), "tables_2_4_and_adaptive": round(t_def, 1),
-                          "total": round(time.perf_counter() - t0, 1)},
-              "work": work_record(ctx), "reuse": reuse_record(table1, defend, ctx),
+                          "transfer": round(t_transfer, 1), "total": round(time.perf_counter() - t0, 1)},
+              "work": work, "reuse": reuse_record(table1, defend, ctx),
               "environment": environment()}
     write_json_atomic(out / "paper.json", report, indent=2)
     write_text_atomic(out / "REPORT.md", report_markdown(report))
@@ -167,6 +179,7 @@ def report_markdown(report: dict) -> str:
         "",
         "Example grid (clean query, PGD-attacked query, the defense's re-attack of it): ![examples](examples_defended.png)",
         "",
+        *transfer_section(report.get("transfer"), times.get("transfer")),
         "## Parameters",
         "",
         "```",
@@ -174,6 +187,14 @@ def report_markdown(report: dict) -> str:
         "```",
     ]
     return "\n".join(lines) + "\n"
+
+
+def transfer_section(matrix: dict | None, seconds) -> list[str]:
+    if matrix is None:
+        return ["## Transfer", "", "Not run (no --transfer-models).", ""]
+    return ["## Transfer between models (crafted on one, judged by another)", "",
+            f"Time {seconds} s; each cell's Table 1 files are under transfer/<craft>_on_<judge>/.", "",
+            transfer_markdown(matrix), ""]
 
 
 __all__ = ["PaperConfig", "report_markdown", "run_paper"]
