@@ -61,7 +61,9 @@ def add_gallery_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="D's run seed; per-image seeds derive from (seed, id) (default: 0)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="images per D batch (batches are padded to it; part of the config) (default: %(default)s)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="D's gradient precision (default: %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="D's gradient precision, as `advface defend` (auto: bf16 through the model's fast copy where "
+                        "the hardware has it, else fp32; the store records the resolved one) (default: %(default)s)")
     p.add_argument("--save-chips", action="store_true", help="also store the defended chips (uint8) in the shards")
     p.add_argument("--decode-threads", type=int, default=2, metavar="N",
                    help="background threads decoding / aligning the next shards (default: %(default)s)")
@@ -83,21 +85,22 @@ def cmd_gallery(args) -> int:
     from .jobs import GalleryConfig, GalleryJob, run
     from .jobs.job import bad_rows, format_summary
     from .jobs.shard_store import GalleryStore
+    from .precision import resolve_precision
 
     apply_threads(args)
-    calibration = None
-    if args.threshold_from is not None:
-        from .fileio import sha256_file
-        from .jobs.match import read_threshold
-
-        calibration = (*read_threshold(args.threshold_from), sha256_file(args.threshold_from))
     for name in ("shard_size", "batch_size", "defense_steps", "decode_threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     config = GalleryConfig(model=args.model, defense=args.defense, eps=args.defense_eps, steps=args.defense_steps,
                            objective=args.defense_objective, seed=args.seed, aligned=args.aligned,
-                           shard_size=args.shard_size, batch_size=args.batch_size, precision=args.precision,
-                           save_chips=args.save_chips)
+                           shard_size=args.shard_size, batch_size=args.batch_size,
+                           precision=resolve_precision(args.precision, args.device), save_chips=args.save_chips)
+    calibration = None
+    if args.threshold_from is not None:  # checked against this D before any work
+        from .fileio import sha256_file
+        from .jobs.match import read_threshold
+
+        calibration = (*read_threshold(args.threshold_from, config), sha256_file(args.threshold_from))
     job = GalleryJob(config=config, input=args.input, out=str(args.out), decode_threads=args.decode_threads,
                      progress=not args.quiet, device=args.device)
     result = run(job, executor=args.executor, ray_address=args.ray_address)
@@ -155,8 +158,13 @@ def cmd_match(args) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     threshold, source = args.threshold, ("--threshold" if args.threshold is not None else None)
-    if args.threshold_from is not None:
-        threshold, source = read_threshold(args.threshold_from)
+    if args.threshold_from is not None:  # a defend.json is read for the gallery's own D
+        from .jobs.shard_store import GalleryStore
+        from .jobs.worker import GalleryConfig
+
+        stored = GalleryStore(args.gallery).config()
+        gcfg = None if stored is None else GalleryConfig(**stored["options"])
+        threshold, source = read_threshold(args.threshold_from, gcfg)
     elif threshold is None:  # the one recorded with the gallery, if any
         from .jobs.shard_store import GalleryStore
 

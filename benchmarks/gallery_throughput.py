@@ -73,14 +73,15 @@ def align_sample(worker: ShardWorker, refs, folder: Path):
     return out
 
 
-def job_rate(lfw: str, refs, steps: int, work: Path, decode_threads: int, aligned: bool = False) -> dict:
+def job_rate(lfw: str, refs, steps: int, work: Path, decode_threads: int, aligned: bool = False,
+             precision: str = "fp32") -> dict:
     name = f"pgd{steps}" + ("-aligned" if aligned else "")
     manifest = work / f"sample-{name}.csv"
     manifest.write_text("id,path\n" + "".join(f"{r.id},{r.path}\n" for r in refs))
     for r in refs:  # warm cache: the files are in the OS page cache, as in a long job's steady state
         Path(r.path).read_bytes()
     cfg = GalleryConfig(model="dlib-resnet", defense="pgd", eps=4, steps=steps, seed=0, shard_size=32, batch_size=32,
-                        aligned=aligned)
+                        aligned=aligned, precision=precision)
     out = work / f"store-{name}"
     t0 = time.perf_counter()
     summary = run_local(GalleryJob(cfg, str(manifest), str(out), decode_threads=decode_threads, progress=True))
@@ -113,6 +114,8 @@ def main(argv=None) -> dict:
                     help="images for a PGD-5 run on pre-aligned chips (--aligned: decode only, no detection "
                          "competing for the cores) (default: %(default)s)")
     ap.add_argument("--engine-images", type=int, default=64, help="images for the engine's own rate (default: %(default)s)")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto",
+                    help="D's gradient precision, as `advface gallery --precision` (default: %(default)s)")
     ap.add_argument("--work", type=Path, help="scratch folder for the stores (default: a temporary one)")
     ap.add_argument("--out", type=Path, help="write the JSON here")
     args = ap.parse_args(argv)
@@ -123,7 +126,7 @@ def main(argv=None) -> dict:
     result = {"what": "gallery job throughput vs the attack engine's own rate; model-busy fraction",
               "command": "python benchmarks/gallery_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "lfw_images": len(refs), "threads": args.threads, "decode_threads": args.decode_threads,
+              "lfw_images": len(refs), "threads": args.threads, "precision": args.precision, "decode_threads": args.decode_threads,
               "load_average_before": load_average(), "environment": environment(), "runs": []}
     if args.work is not None:
         Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -133,17 +136,18 @@ def main(argv=None) -> dict:
             if n <= 0:
                 continue
             refs_n = sample(refs, n)
-            worker = ShardWorker(GalleryConfig(model="dlib-resnet", steps=steps, seed=0, batch_size=32))
+            worker = ShardWorker(GalleryConfig(model="dlib-resnet", steps=steps, seed=0, batch_size=32,
+                                               precision=args.precision))
             if aligned:
                 chip_dir = work / "chips"
                 chip_dir.mkdir(exist_ok=True)
                 refs_n = align_sample(worker, refs_n, chip_dir)
                 worker = ShardWorker(GalleryConfig(model="dlib-resnet", steps=steps, seed=0, batch_size=32,
-                                                   aligned=True))
+                                                   aligned=True, precision=args.precision))
             load_before = load_average()
-            job = job_rate(args.lfw, refs_n, steps, work, args.decode_threads, aligned)
+            job = job_rate(args.lfw, refs_n, steps, work, args.decode_threads, aligned, worker.config.precision)
             engine = engine_rate(worker, refs_n, min(args.engine_images, len(refs_n)))
-            run = {"defense": f"PGD-{steps}, eps 4, away-from-self, batch 32",
+            run = {"defense": f"PGD-{steps}, eps 4, away-from-self, batch 32, {worker.config.precision} gradients",
                    "input": "pre-aligned chips (--aligned)" if aligned else "LFW JPEGs (decode + dlib alignment)",
                    "sample": len(refs_n), "load_average_before": load_before, "job": job, "engine": engine,
                    "engine_load_average_after": load_average(),

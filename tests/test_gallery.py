@@ -9,6 +9,7 @@ model "tiny-test" registered), which is how the subprocess and torchrun tests st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -34,6 +35,7 @@ from advface_fast.jobs.match import faiss_available  # noqa: E402
 from advface_fast.jobs.shard_store import read_shard  # noqa: E402
 from advface_fast.jobs.sharding import make_shards, shards_of_rank  # noqa: E402
 from advface_fast.jobs.sources import list_images  # noqa: E402
+from advface_fast.precision import resolve_precision  # noqa: E402
 
 TINY = "tiny-test"
 SIZE = 16
@@ -259,7 +261,10 @@ def test_bad_files_are_listed_good_files_embedded_changed_config_refused(tmp_pat
 
     x = torch.stack([torch.from_numpy(np.array(Image.open(src / i).convert("RGB"))).permute(2, 0, 1)
                      for i in ids]).float() / 255
-    d = AttackAsDefense(TinyFace().eval().requires_grad_(False), eps=8, steps=(3,), seed=7, batch_size=4)
+    precision = GalleryStore(out).config()["options"]["precision"]  # --precision auto, resolved and recorded
+    assert precision == resolve_precision("auto")
+    d = AttackAsDefense(TinyFace().eval().requires_grad_(False), eps=8, steps=(3,), seed=7, batch_size=4,
+                        precision=precision)
     defended = d.defend(x, ids)[3]
     with torch.no_grad():
         direct = TinyFace()(defended)
@@ -496,3 +501,43 @@ if __name__ == "__main__":  # `advface gallery` with the test-only model registe
     register_tiny()
 
     sys.exit(main())
+
+
+def defend_report(precision="bf16") -> dict:
+    """The parts of an `advface defend` defend.json that hold the calibration of each D."""
+    per_step = {"10": {"per_fold": {"1": 0.70, "2": 0.74}}, "40": {"per_fold": {"1": 0.80, "2": 0.84}}}
+    return {"model": "dlib-resnet", "config": {"objective": "away-from-self", "seed": 0},
+            "precision": {"gradients": precision, "requested": "auto", "decisions": "fp32"},
+            "thresholds": {"metric": "cosine", "undefended": {"per_fold": {"1": 0.9}},
+                           "defended": [{"defense": "pgd", "defense_eps": 4.0, "full_protocol": True,
+                                         "per_step": per_step},
+                                        {"defense": "cw", "defense_eps": 4.0, "per_step": {"40": {"per_fold": {"1": 0.5}}}}]}}
+
+
+def test_threshold_from_a_defend_report_is_that_of_the_gallerys_own_d(tmp_path):
+    from advface_fast.jobs.match import read_threshold
+
+    path = tmp_path / "defend.json"
+    path.write_text(json.dumps(defend_report()))
+    cfg = GalleryConfig(model="dlib-resnet", defense="pgd", eps=4, steps=40, seed=0, precision="bf16")
+    t, source = read_threshold(path, cfg)
+    assert t == pytest.approx(0.82) and "40 steps" in source and "full protocol" in source
+    assert read_threshold(path, dataclasses.replace(cfg, steps=10))[0] == pytest.approx(0.72)
+    assert read_threshold(path, dataclasses.replace(cfg, defense="cw"))[0] == pytest.approx(0.5)
+    for changed, named in ((dict(precision="fp32"), "precision"), (dict(seed=3), "seed"),
+                           (dict(objective="random-direction"), "objective"), (dict(model="sface"), "model")):
+        with pytest.raises(ValueError, match=named):
+            read_threshold(path, dataclasses.replace(cfg, **changed))
+    with pytest.raises(ValueError, match="no calibration of this gallery's D .*it has: pgd eps 4 steps 10/40"):
+        read_threshold(path, dataclasses.replace(cfg, steps=20))
+    with pytest.raises(ValueError, match="gallery's D"):
+        read_threshold(path)
+
+
+def test_gallery_refuses_a_calibration_of_another_d_before_any_work(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "store"
+    write_chips(src, 4, seed=5)
+    path = tmp_path / "defend.json"
+    path.write_text(json.dumps(defend_report()))
+    assert run_cli(job_args(src, out, "--threshold-from", str(path))) == 2
+    assert "model: calibrated 'dlib-resnet'" in capsys.readouterr().err and not out.exists()

@@ -43,9 +43,8 @@ from tqdm.auto import tqdm
 
 from advface_fast.attacks import FGSM, Attack, make_attack, make_objective
 from advface_fast.attacks.base import eval_mode
-from advface_fast.precision import model_device
+from advface_fast.precision import autocast, model_device, resolve_precision
 from advface_fast.seeds import derive_seed
-from advface_fast.precision import autocast
 
 DEFENSE_ATTACKS = ("pgd", "cw", "fgsm")
 
@@ -243,6 +242,18 @@ class AttackAsDefense:
                 yield {k: self.attack.last_iterates[k][:n] for k in self.steps}
         bar.close()
         self.last_stats = {"image_steps": image_steps, "images": x.shape[0]}  # image_steps includes padding
+
+
+def make_defense(net: nn.Module, attack: str, eps: float, steps, *, spec=None, objective: str = "away-from-self",
+                 seed: int = 0, precision: str = "auto", batch_size: int = 32, progress=False) -> AttackAsDefense:
+    """D as every table and gallery job builds it: gradients in ``precision`` (auto: bf16 where the
+    hardware has it), through the model's fast copy (``spec.make_fast``) when bf16; embeddings
+    and decisions by the plain fp32 ``net``. One place, so a gallery's D is the calibrated D."""
+    resolved = resolve_precision(precision, model_device(net))
+    make_fast = getattr(spec, "make_fast", None)
+    attack_model = make_fast(net) if resolved == "bf16" and make_fast is not None else net
+    return AttackAsDefense(net, attack, eps=eps, steps=steps, objective=objective, seed=seed, precision=precision,
+                           batch_size=batch_size, attack_model=attack_model, progress=progress)
 
 
 class DefendedVerifier:

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..attacks import make_attack
 from ..data.policy import InputPolicy
-from ..defenses import AttackAsDefense
+from ..defenses import AttackAsDefense, make_defense
 from ..environment import environment
 from ..models import create_model, get_model_spec
 from ..pair_chips import prepare_pairs
@@ -64,13 +64,9 @@ def paper_number(defense: str, query: str, steps: int) -> str | None:
 
 def build_defense(net, model: str, attack: str, eps: float, steps, *, objective: str = "away-from-self",
                   seed: int = 0, precision: str = "auto", batch_size: int = 32, progress=False) -> AttackAsDefense:
-    """D as every table builds it: gradients in ``precision`` (auto: bf16 where native, through the
-    model's fast copy), embeddings and decisions by the plain fp32 model."""
-    resolved = resolve_precision(precision, model_device(net))
-    spec = get_model_spec(model)
-    attack_model = spec.make_fast(net) if resolved == "bf16" and spec.make_fast is not None else net
-    return AttackAsDefense(net, attack, eps=eps, steps=steps, objective=objective, seed=seed, precision=precision,
-                           batch_size=batch_size, attack_model=attack_model, progress=progress)
+    """D as every table builds it (:func:`advface_fast.defenses.make_defense` with the model's spec)."""
+    return make_defense(net, attack, eps, steps, spec=get_model_spec(model), objective=objective, seed=seed,
+                        precision=precision, batch_size=batch_size, progress=progress)
 
 
 @dataclass

@@ -8,7 +8,8 @@ can differ only in the last float bits of a score (BLAS summation order), so tie
 score (ties by gallery row), and the accept decision ``score >= threshold`` when a threshold is
 known: given (``threshold=``), or read from a calibration file (``threshold_from=``): a JSON
 object with ``"threshold"`` (or ``{"calibration": {"threshold": ...}}``, or per-fold
-``"thresholds"``, whose mean is used and said so).
+``"thresholds"``, whose mean is used and said so), or a ``defend.json`` whose calibration of the
+gallery's own D is taken, checked against the gallery's config).
 """
 
 from __future__ import annotations
@@ -72,13 +73,20 @@ def _tie_order(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nda
     return np.take_along_axis(scores, order, 1).astype(np.float32), np.take_along_axis(rows, order, 1)
 
 
-def read_threshold(path: str | Path) -> tuple[float, str]:
-    """(threshold, where it came from) from a calibration JSON (see the module docstring)."""
+def read_threshold(path: str | Path, config: GalleryConfig | None = None) -> tuple[float, str]:
+    """(threshold, where it came from) from a calibration JSON (see the module docstring).
+
+    A ``defend.json`` (``advface defend``) holds one calibration per D: with the gallery's
+    ``config`` the one of the same D (defense, eps, step count) is taken, after checking that the
+    model, objective, seed and gradient precision are the gallery's too (a threshold fitted for
+    another D would decide with the wrong scale); any difference is refused, naming it."""
     path = Path(path)
     try:
         obj = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"--threshold-from {path}: cannot read it as JSON ({err})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("thresholds"), dict) and "defended" in obj["thresholds"]:
+        return _defend_report_threshold(obj, path, config)
     for holder in (obj, obj.get("calibration") if isinstance(obj, dict) else None):
         if isinstance(holder, dict):
             if isinstance(holder.get("threshold"), (int, float)):
@@ -87,7 +95,33 @@ def read_threshold(path: str | Path) -> tuple[float, str]:
             if isinstance(ts, list) and ts and all(isinstance(t, (int, float)) for t in ts):
                 return float(np.mean(ts)), f"{path} (mean of {len(ts)} per-fold thresholds)"
     raise ValueError(f'--threshold-from {path}: no "threshold" or "thresholds" found (expected e.g. '
-                     '{"threshold": 0.42} or {"calibration": {"thresholds": [...]}})')
+                     '{"threshold": 0.42}, {"calibration": {"thresholds": [...]}} or a defend.json)')
+
+
+def _defend_report_threshold(report: dict, path: Path, config: GalleryConfig | None) -> tuple[float, str]:
+    entries = report["thresholds"]["defended"]
+    have = ", ".join(f"{e['defense']} eps {e['defense_eps']:g} steps {'/'.join(e['per_step'])}" for e in entries)
+    if config is None:
+        raise ValueError(f"--threshold-from {path}: a defend.json holds one calibration per D ({have}); "
+                         "it can only be read against a gallery's D")
+    rc = report.get("config", {})
+    gradients = report.get("precision", {}).get("gradients")
+    differ = [f"{what}: calibrated {a!r}, gallery {b!r}" for what, a, b in (
+        ("model", report.get("model"), config.model), ("objective", rc.get("objective"), config.objective),
+        ("seed", rc.get("seed"), config.seed), ("precision", gradients, config.precision)) if a != b]
+    if differ:
+        raise ValueError(f"--threshold-from {path}: calibrated for another D than this gallery's ("
+                         + "; ".join(differ) + ")")
+    for e in entries:
+        if e["defense"] == config.defense and float(e["defense_eps"]) == float(config.eps):
+            step = e["per_step"].get(str(config.steps))
+            if step is not None:
+                ts = [float(t) for t in step["per_fold"].values()]
+                return float(np.mean(ts)), (f"{path} (D = {config.defense} eps {config.eps:g}, {config.steps} steps: "
+                                            f"mean of {len(ts)} per-fold thresholds, "
+                                            f"{'full protocol' if e.get('full_protocol') else 'subset calibration'})")
+    raise ValueError(f"--threshold-from {path}: no calibration of this gallery's D ({config.defense} eps "
+                     f"{config.eps:g}, {config.steps} steps); it has: {have}")
 
 
 def match(gallery_dir: str | Path, queries: list[ImageRef], top_k: int = 5, threshold: float | None = None,

@@ -16,13 +16,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from ..data.errors import DataError
 from ..data.images import read_image
+from ..precision import resolve_precision
 from .shard_store import encode_shard
 from .sources import ImageRef, is_image_name
 
@@ -42,7 +43,7 @@ class GalleryConfig:
     aligned: bool = False
     shard_size: int = 256
     batch_size: int = 32
-    precision: str = "fp32"
+    precision: str = "auto"  # D's gradients: auto = bf16 where the hardware has it (resolved by the worker)
     save_chips: bool = False
 
     def to_dict(self) -> dict:
@@ -72,12 +73,14 @@ class ShardWorker:
 
     def __init__(self, config: GalleryConfig, device: str | torch.device | None = None,
                  model_factory: Callable[[], torch.nn.Module] | None = None):
-        from ..defenses import AttackAsDefense
+        from ..defenses import make_defense
         from ..models import create_model
         from ..models.identity import weights_id
 
-        self.config = c = config
         self.device = torch.device(device or "cpu")
+        # "auto" is resolved here, so the store records the precision D really ran in (and a rerun on
+        # a machine where auto means something else is refused as a changed config, not mixed in).
+        self.config = c = replace(config, precision=resolve_precision(config.precision, self.device))
         self.model = (model_factory() if model_factory else create_model(c.model)).to(self.device).eval()
         self.model.requires_grad_(False)
         spec = getattr(self.model, "spec", None)
@@ -88,9 +91,9 @@ class ShardWorker:
         if spec is None:
             raise ValueError("the model needs a .spec (a ModelSpec: its input size and aligner)")
         self.input_size = tuple(spec.input_size)
-        self.defense = AttackAsDefense(self.model, attack=c.defense, eps=c.eps, steps=(c.steps,),
-                                       objective=c.objective, seed=c.seed, precision=c.precision,
-                                       batch_size=c.batch_size)
+        # D exactly as `advface defend` builds (and calibrates) it: bf16 through the model's fast copy.
+        self.defense = make_defense(self.model, c.defense, c.eps, (c.steps,), spec=spec, objective=c.objective,
+                                    seed=c.seed, precision=c.precision, batch_size=c.batch_size)
         if c.aligned:
             self.align_key, self._make_aligner = "aligned chips (--aligned)", None
         else:
