@@ -11,6 +11,8 @@ grid. Configurations, each a switch on top of the one before:
     fp32 CL                   channels_last weights and activations
     fp32 CL folded            + ChannelAffine folded into the convolution before it
     fp32 CL folded in-place   + in-place ReLU / residual add (the full fast copy)
+    ... frozen-convs          + FrozenConv2d: weights kept in the autocast dtype, stride-1 input
+                              gradients through the forward kernel on flipped weights
     bf16 ...                  the same under bf16 autocast
 
 Everything runs in ONE process, interleaved: every round times every (configuration, batch
@@ -44,10 +46,12 @@ CONFIGS = (  # label, precision, make_fast switches (None: the plain model)
     ("fp32 CL", "fp32", dict(fold_affine=False, inplace=False)),
     ("fp32 CL folded", "fp32", dict(fold_affine=True, inplace=False)),
     ("fp32 CL folded in-place", "fp32", dict(fold_affine=True, inplace=True)),
+    ("fp32 CL folded in-place frozen-convs", "fp32", dict(fold_affine=True, inplace=True, frozen_convs=True)),
     ("bf16 NCHW plain", "bf16", None),
     ("bf16 CL", "bf16", dict(fold_affine=False, inplace=False)),
     ("bf16 CL folded", "bf16", dict(fold_affine=True, inplace=False)),
     ("bf16 CL folded in-place", "bf16", dict(fold_affine=True, inplace=True)),
+    ("bf16 CL folded in-place frozen-convs", "bf16", dict(fold_affine=True, inplace=True, frozen_convs=True)),
 )
 
 

@@ -343,9 +343,9 @@ def test_fast_path_switches_script_quick(tmp_path):
     script = load_script("fast_path_switches")
     out = tmp_path / "switches.json"
     result = script.main(["--threads", "1", "--batches", "2", "--rounds", "1", "--steps", "1",
-                          "--configs", "fp32 NCHW plain,bf16 CL folded in-place", "--out", str(out)])
+                          "--configs", "fp32 NCHW plain,bf16 CL folded in-place frozen-convs", "--out", str(out)])
     assert json.loads(out.read_text())["rows"] == result["rows"]
-    assert [r["config"] for r in result["rows"]] == ["fp32 NCHW plain", "bf16 CL folded in-place"]
+    assert [r["config"] for r in result["rows"]] == ["fp32 NCHW plain", "bf16 CL folded in-place frozen-convs"]
     assert all(r["batch_2"] > 0 for r in result["rows"])
 
 

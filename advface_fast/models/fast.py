@@ -12,6 +12,10 @@
 * ``inplace``: ReLUs and the same-shape residual add write into the convolution's output,
   which autograd does not keep, so fewer activation tensors are allocated and input gradients
   still work. (Measured: at most a few percent, within the noise of a shared machine.)
+* ``frozen_convs`` (off by default until measured on a quiet machine): every convolution becomes a
+  :class:`~advface_fast.models.frozen_conv.FrozenConv2d`, which keeps its weights in the autocast
+  dtype (no per-step weight cast) and computes the input gradient of stride-1 convolutions with
+  the forward kernel on flipped weights.
 
 Parameters are frozen (attacks need input gradients only) and the model is in eval mode.
 """
@@ -25,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dlib_resnet import ChannelAffine, DlibResNet, ResidualBlock, add_zero_padded
+from .frozen_conv import freeze_convs
 
 
 @torch.no_grad()
@@ -86,9 +91,10 @@ class FastDlibResNet(nn.Module):
     input_size = DlibResNet.input_size
 
     def __init__(self, model: DlibResNet, fold_affine: bool = True, channels_last: bool = True,
-                 inplace: bool = True):
+                 inplace: bool = True, frozen_convs: bool = False):
         super().__init__()
-        self.switches = {"fold_affine": fold_affine, "channels_last": channels_last, "inplace": inplace}
+        self.switches = {"fold_affine": fold_affine, "channels_last": channels_last, "inplace": inplace,
+                         "frozen_convs": frozen_convs}
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.inplace = inplace
         mean = model.mean_rgb.detach().clone()
@@ -105,6 +111,8 @@ class FastDlibResNet(nn.Module):
         for name in ("spec", "dat_sha256", "distance_threshold"):
             if hasattr(model, name):
                 setattr(self, name, getattr(model, name))
+        if frozen_convs:
+            freeze_convs(self)
         self.to(memory_format=self.memory_format)
         self.eval().requires_grad_(False)
 
@@ -123,11 +131,12 @@ def _copy(module: nn.Module) -> nn.Module:
 
 
 def make_fast(model: nn.Module, fold_affine: bool = True, channels_last: bool = True,
-              inplace: bool = True) -> FastDlibResNet:
+              inplace: bool = True, frozen_convs: bool = False) -> FastDlibResNet:
     """A new, frozen, eval-mode fast copy of a ``DlibResNet`` (see the module docstring);
     ``model`` itself is not changed. The copy lives on the model's device."""
     if isinstance(model, FastDlibResNet):
         raise TypeError("the model is already a fast copy")
     if not isinstance(model, DlibResNet):
         raise TypeError(f"make_fast supports DlibResNet, got {type(model).__name__}")
-    return FastDlibResNet(model, fold_affine=fold_affine, channels_last=channels_last, inplace=inplace)
+    return FastDlibResNet(model, fold_affine=fold_affine, channels_last=channels_last, inplace=inplace,
+                          frozen_convs=frozen_convs)

@@ -1,0 +1,96 @@
+"""FrozenConv2d against nn.Conv2d over shapes: equal outputs and input gradients in fp32 (<= 1e-5),
+equal to autocast's bf16 convolution up to rounding, no weight cast after the first step; the fast
+dlib-resnet with frozen convolutions against the fast model without them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advface_fast.models.frozen_conv import FrozenConv2d, freeze_convs
+
+SHAPES = [  # (c_in, c_out, kernel, stride, padding, bias, spatial)
+    (3, 8, 3, 1, 1, True, 12), (8, 8, 3, 1, 0, False, 9), (4, 6, 5, 1, 2, True, 11), (4, 6, 1, 1, 0, True, 7),
+    (8, 16, 3, 2, 0, True, 13), (3, 8, 7, 2, 0, True, 21), (6, 6, (3, 1), 1, (1, 0), False, 8),
+]
+
+
+def grads(module, x, dtype=None, g=None):
+    x = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
+        y = module(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)) if g is None else g
+    (gx,) = torch.autograd.grad(y, x, g.to(y.dtype))
+    return y.float().detach(), gx.float()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fp32_output_and_input_gradient_equal_conv2d(shape, channels_last):
+    c_in, c_out, k, stride, pad, bias, hw = shape
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, bias=bias).requires_grad_(False)
+    frozen = FrozenConv2d(conv)
+    assert frozen.flip_backward == (stride == 1)
+    x = torch.randn(4, c_in, hw, hw)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        conv, frozen = conv.to(memory_format=torch.channels_last), frozen.to(memory_format=torch.channels_last)
+    (y0, g0), (y1, g1) = grads(conv, x), grads(frozen, x)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    assert (g1 - g0).abs().max() <= 1e-5 * g0.abs().max()
+
+
+@pytest.mark.parametrize("shape", SHAPES[:5], ids=str)
+def test_bf16_equals_autocast_conv_up_to_rounding_and_casts_weights_once(shape):
+    c_in, c_out, k, stride, pad, bias, hw = shape
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, bias=bias).requires_grad_(False)
+    frozen = FrozenConv2d(conv)
+    x = torch.randn(4, c_in, hw, hw)
+    (y0, g0), (y1, g1) = grads(conv, x, torch.bfloat16), grads(frozen, x, torch.bfloat16)
+    assert (y1 - y0).abs().max() <= 0.02 * y0.abs().max()
+    assert F.cosine_similarity(g0.flatten(), g1.flatten(), dim=0) > 0.999
+    cached = list(frozen._cache.values())
+    grads(frozen, x, torch.bfloat16)
+    assert len(frozen._cache) == 1 and all(a is b for a, b in zip(list(frozen._cache.values())[0], cached[0]))
+    assert cached[0][0].dtype == torch.bfloat16
+    # fp32 again: its own weights, not the bf16 copy
+    y2, _ = grads(frozen, x)
+    torch.testing.assert_close(y2, conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_no_gradient_needed_uses_the_plain_convolution():
+    conv = nn.Conv2d(3, 4, 3, padding=1).requires_grad_(False)
+    frozen = FrozenConv2d(conv)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(torch.ones(1, 3, 5, 5)), conv(torch.ones(1, 3, 5, 5)))
+
+
+def test_fast_dlib_resnet_with_frozen_convs_equals_the_fast_model():
+    from advface_fast.models import create_model
+    from advface_fast.models.fast import make_fast
+
+    dlib_model = create_model("dlib-resnet")
+    fast = make_fast(dlib_model)
+    frozen = make_fast(dlib_model, frozen_convs=True)
+    assert frozen.switches["frozen_convs"] and isinstance(frozen.blocks[0].conv1, FrozenConv2d)
+    x = torch.rand(3, 3, 150, 150, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(3, 128, generator=torch.Generator().manual_seed(2))
+    (e0, g0), (e1, g1) = grads(fast, x, g=g), grads(frozen, x, g=g)
+    torch.testing.assert_close(e1, e0, rtol=1e-5, atol=1e-5)
+    assert (g1 - g0).abs().max() <= 1e-5 * g0.abs().max()
+    (e0, g0), (e1, g1) = grads(fast, x, torch.bfloat16, g), grads(frozen, x, torch.bfloat16, g)
+    assert F.cosine_similarity(g0.flatten(), g1.flatten(), dim=0) > 0.99
+    assert (e1 - e0).abs().max() <= 0.05 * e0.abs().max()
+
+
+def test_freeze_convs_replaces_every_conv():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Sequential(nn.Conv2d(4, 4, 1)))
+    freeze_convs(copy.deepcopy(net))
+    frozen = freeze_convs(net)
+    assert [type(m).__name__ for m in frozen.modules() if "Conv" in type(m).__name__] == ["FrozenConv2d"] * 2
