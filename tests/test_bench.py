@@ -390,3 +390,12 @@ def test_embedding_sweep_script_on_ci_pairs(lfw_ci, tmp_path):
     assert len(result["rows"]) == 3 * 2 and all(r["images_per_s"] > 0 for r in result["rows"])
     assert 0.5 < result["forward_gflop_per_image"] < 0.6  # dlib-resnet at 150x150: ~0.54 GFLOP
     assert set(result["onnxruntime_vs_torch_fp32"]["at_each_batch"]) == {4, 8}
+
+
+def test_threads_vs_load_script_quick(tmp_path):
+    script = load_script("threads_vs_load")
+    out = tmp_path / "threads.json"
+    result = script.main(["--threads", "1", "--batch", "2", "--rounds", "1", "--steps", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert result["rows"][0]["threads"] == 1 and result["rows"][0]["median_step_s"] > 0
+    assert result["default_rule_picked"] >= 1 and "load average" in result["default_rule_why"]
