@@ -217,6 +217,16 @@ def test_paper_rerun_does_no_attack_or_defense_work(lfw_ci, pairs, tiny, tmp_pat
     assert "## Transfer between models" in text and "| sface |" in text
 
 
+def test_fgsm_defense_is_one_column_not_copies(run):
+    from advface_fast.experiments.defense_render import static_markdown
+
+    report, _, _ = run
+    table4 = static_markdown(report).split("### Table 4")[1]
+    assert "D (one step)" in table4 and "D 4 steps" not in table4 and "D 2 steps" not in table4
+    table2 = static_markdown(report).split("### Table 2")[1].split("### Table")[0]
+    assert "D 2 steps" in table2 and "D 4 steps" in table2
+
+
 def test_cli_paper_rejects_an_unknown_transfer_model_before_any_work(lfw_ci, tmp_path, capsys):
     assert main(["paper", "--lfw", str(lfw_ci), "--transfer-models", "sface,bogus", "--out", str(tmp_path),
                  "--quiet"]) == 2

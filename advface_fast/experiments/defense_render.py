@@ -36,6 +36,9 @@ def static_markdown(report: dict) -> str:
         by_d.setdefault((r["defense"], r["defense_eps"]), []).append(r)
     for (d, eps_d), rows in by_d.items():
         steps = sorted({r["defense_steps"] for r in rows})
+        one_step = d == "fgsm"  # FGSM is one step whatever the requested counts: one column, not copies
+        if one_step:
+            steps = steps[:1]
         table = rows[0]["table"]
         out += [f"### Table {table}: D = {d.upper() if d != 'cw' else 'C&W'}, ε_d = {eps_d:g} "
                 f"({rows[0]['objective']}); {report['n_pairs']} pairs",
@@ -44,7 +47,8 @@ def static_markdown(report: dict) -> str:
                 "CLEAN defended pairs (never refit); 'undefended' = the same queries judged by the plain model; "
                 "cost per query = D on the query and on its gallery image (image-steps, seconds).",
                 "",
-                "| query | ε | " + " | ".join(f"D {k} steps: all / matched / mismatched" for k in steps)
+                "| query | ε | " + " | ".join("D (one step): all / matched / mismatched" if one_step else
+                                               f"D {k} steps: all / matched / mismatched" for k in steps)
                 + " | undefended | AUC (D max steps) | paper (CosFace, 40 it.) | D cost/query |",
                 "|---|---|" + "---|" * len(steps) + "---|---|---|---|"]
         order = {"known": 0, "unknown": 1, "clean": 2}
