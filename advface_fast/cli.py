@@ -254,6 +254,7 @@ def cmd_defend(args) -> int:
 
 def cmd_paper(args) -> int:
     from .experiments.report import PaperConfig, run_paper
+    from .experiments.transfer import resolve_transfer_models
 
     _check_pairs_file(args)
     apply_threads(args)
@@ -262,7 +263,7 @@ def cmd_paper(args) -> int:
                       batch_size=args.batch_size, precision=args.precision, calibration_pairs=args.calibration_pairs,
                       adaptive=not args.no_adaptive, adaptive_options=_adaptive_options(args), on_bad=args.on_bad,
                       no_face=args.no_face, pairs_file=None if args.pairs_file is None else str(args.pairs_file),
-                      transfer_models=_transfer_models(args.transfer_models, args.model))
+                      transfer_models=resolve_transfer_models(args.transfer_models, args.model))
     if args.out is None:
         raise ValueError("advface paper needs --out DIR (it writes REPORT.md and the tables there)")
     report = run_paper(lfw_path(args), cfg, out_dir=args.out, workers=args.workers, progress=not args.quiet)
@@ -270,18 +271,6 @@ def cmd_paper(args) -> int:
     print(f"wrote {args.out / 'REPORT.md'} ({report['times_s']['total']} s; this run: D on "
           f"{w['defense_images_computed']} images, {w['attacked_pairs']} pairs attacked)")
     return 0
-
-
-def _transfer_models(value: str, model: str) -> tuple:
-    """--transfer-models: all (every registered model whose weights are here), none, or a list."""
-    from .models import get_model_spec, list_models
-
-    if value == "none":
-        return ()
-    names = list_models() if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
-    for name in names:
-        get_model_spec(name)  # an unknown name fails here, before any work, with the list of known ones
-    return tuple(n for n in names if n != model)
 
 
 def _defense_options(p, adaptive_flag: bool) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..data.policy import InputPolicy
 from ..fileio import write_json_atomic, write_text_atomic
-from ..models import create_model, list_models
+from ..models import create_model, get_model_spec, list_models
 from ..pair_chips import prepare_pairs
 from .runner import Runner
 from .table1 import Table1Config, run_table1
@@ -29,17 +29,26 @@ from .table1 import Table1Config, run_table1
 NOTE = "rows: crafting model; columns: judging model (its clean 10-fold thresholds); diagonal = white-box"
 
 
-def available_models(names=None) -> tuple[list[str], dict[str, str]]:
-    """The models (default: every registered one) that can be built here, and why the others cannot."""
-    ok, unavailable = [], {}
+def available_models(names=None) -> tuple[dict, dict[str, str]]:
+    """The models (default: every registered one) that can be built here, built, and why the others cannot."""
+    built, unavailable = {}, {}
     for name in names or list_models():
         try:
-            create_model(name)
+            built[name] = create_model(name)
         except Exception as err:  # missing weights or peer library: say why, in one line
             unavailable[name] = str(err).splitlines()[0] if str(err) else type(err).__name__
-        else:
-            ok.append(name)
-    return ok, unavailable
+    return built, unavailable
+
+
+def resolve_transfer_models(value: str, model: str) -> tuple:
+    """``--transfer-models``: "all" (every registered model), "none", or a comma list; minus ``model``.
+    An unknown name fails here, before any work, with the list of known ones."""
+    if value == "none":
+        return ()
+    names = list_models() if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    for name in names:
+        get_model_spec(name)
+    return tuple(n for n in names if n != model)
 
 
 def cell_key(row: dict) -> str:
@@ -99,7 +108,8 @@ def run_transfer_matrix(lfw, models, cfg: Table1Config, *, out_dir, cache_dir=No
     chips, model and attack store for that judge (``advface paper`` passes its own). Each cell's
     Table 1 files go to ``out_dir/<craft>_on_<judge>/``; the matrix to ``out_dir/transfer.{json,md}``.
     Returns the matrix with ``work``: pairs attacked by this call per judge (0 when all was cached)."""
-    models, unavailable = available_models(models)
+    nets, unavailable = available_models(models)
+    models = list(nets)
     out = Path(out_dir)
     shared = dict(shared or {})
     reports, attacked = {}, {}
@@ -110,7 +120,7 @@ def run_transfer_matrix(lfw, models, cfg: Table1Config, *, out_dir, cache_dir=No
         else:
             pairs = prepare_pairs(lfw, judge, policy=InputPolicy(cfg.on_bad, cfg.no_face), pairs_file=cfg.pairs_file,
                                   workers=workers, progress=progress)
-            net = create_model(judge)
+            net = nets[judge]
             runner = Runner(pairs, metric=cfg.metric, seed=cfg.seed, model=judge, cache_dir=cache_dir,
                             batch_size=cfg.batch_size, progress=progress)
         before = runner.work["attacked_pairs"]
@@ -140,5 +150,5 @@ def matrix_from_folder(folder) -> dict:
     return matrix_from_reports(reports)
 
 
-__all__ = ["available_models", "matrix_from_folder", "matrix_from_reports", "run_transfer_matrix",
-           "transfer_markdown", "write_matrix"]
+__all__ = ["available_models", "matrix_from_folder", "matrix_from_reports", "resolve_transfer_models",
+           "run_transfer_matrix", "transfer_markdown", "write_matrix"]
