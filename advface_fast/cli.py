@@ -226,6 +226,8 @@ def _adaptive_options(args) -> dict:
         opts["sweep_pairs"] = args.sweep_pairs
     if args.adaptive_defense_steps is not None:
         opts["defense_steps"] = args.adaptive_defense_steps
+    if args.eot_redraw is not None:
+        opts["eot_redraw"] = args.eot_redraw
     return opts
 
 
@@ -293,6 +295,9 @@ def _defense_options(p, adaptive_flag: bool) -> None:
         g.add_argument("--adaptive", action="store_true",
                        help="also run the adaptive evaluation for D = pgd and cw (Tables 2-3)")
     g.add_argument("--eot", type=_int_list, metavar="LIST", help="EOT samples S (default: 1,3; S > 1 on --sweep-pairs)")
+    g.add_argument("--eot-redraw", choices=("per-step", "fixed"),
+                   help="per-step: fresh draws of D's randomness at every attack step (default); fixed: the same "
+                        "S draws throughout, a weaker attacker that overfits them (ablation)")
     g.add_argument("--copy-steps", type=_int_list, metavar="LIST",
                    help="K of the attacker's copy of D; 0 = the full D (default: 5,0)")
     g.add_argument("--adaptive-steps", type=_int_list, metavar="LIST", help="the adaptive PGD's steps (default: 20)")

@@ -106,7 +106,7 @@ def test_bpda_gradient_is_the_models_gradient_at_d_of_x(setup):
     attack._row_seeds = seeds
     loss_fn = lambda sim: OBJ.ascent_loss(sim, setup.same_t[:4])  # noqa: E731
     grad, sim = attack.loss_and_grad(x, setup.gallery_defended[:4], loss_fn)
-    d_x = setup.defense.attack_at(K)(x, sample_seeds=[derive_seed(s, "eot/0") for s in seeds])
+    d_x = setup.defense.attack_at(K)(x, sample_seeds=[derive_seed(s, "eot/0/0") for s in seeds])
     d_x = d_x.clone().requires_grad_(True)
     want_sim = OBJ.similarity(setup.model(d_x), setup.gallery_defended[:4])
     (want,) = torch.autograd.grad(loss_fn(want_sim).sum(), d_x)
@@ -126,6 +126,36 @@ def test_eot_samples_differ_and_never_reuse_the_defenders_draws(setup):
     assert attack.last_stats["image_steps"] == 4 * 2 * 3 * (2 + 1)
     config = attack.config()["defended_model"]
     assert config["eot_samples"] == 3 and config["copy_steps"] == 2 and config["bpda"] == "identity"
+
+
+def test_eot_draws_are_fresh_at_every_step_and_independent_of_batching(setup):
+    """Per-step redraws: the views of one image differ from one evaluation to the next (the attacker
+    never optimises against one fixed draw of D), yet a row's result is the same alone or in a batch."""
+    defended = DefendedModel(setup.defense, samples=1)
+    x, seeds = setup.q[:2], [11, 12]
+    first, second = defended.views(x, seeds, 0)[0], defended.views(x, seeds, 1)[0]
+    assert not torch.equal(first, second) and torch.equal(first, defended.views(x, seeds, 0)[0])
+    fixed = DefendedModel(setup.defense, samples=1, redraw="fixed")
+    assert torch.equal(fixed.views(x, seeds, 0)[0], fixed.views(x, seeds, 5)[0])
+    assert "eot_redraw" not in fixed.config() and defended.config()["eot_redraw"] == "per-step"
+    with pytest.raises(ValueError, match="redraw"):
+        DefendedModel(setup.defense, redraw="sometimes")
+
+    seeds = [derive_seed(5, i) for i in setup.q_ids]
+    for attack, kwargs in (("pgd", dict(steps=4)), ("pgd", dict(steps=4, early_stop=True)), ("cw", dict(steps=4))):
+        a = adaptive_attack(attack, setup.defense, eps=4, seed=5, **kwargs)
+        whole = a(setup.q, setup.gallery_defended, setup.same_t, setup.thresholds(), sample_seeds=seeds)
+        parts = [a(setup.q[i:i + 5], setup.gallery_defended[i:i + 5], setup.same_t[i:i + 5],
+                   setup.thresholds()[i:i + 5], sample_seeds=seeds[i:i + 5]) for i in range(0, N, 5)]
+        assert torch.equal(whole, torch.cat(parts)), attack
+
+
+def test_fixed_draws_are_the_weaker_attacker(setup):
+    """The ablation the per-step redraw fixed: over attacker seeds, fresh draws break at least as many
+    defended decisions as one fixed draw of D at every step."""
+    fresh = sum(setup.successes(setup.adaptive("pgd", seed=s, steps=20)) for s in range(3))
+    fixed = sum(setup.successes(setup.adaptive("pgd", seed=s, steps=20, redraw="fixed")) for s in range(3))
+    assert fresh >= fixed, (fresh, fixed)
 
 
 class Recorder(nn.Module):

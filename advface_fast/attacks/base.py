@@ -198,6 +198,7 @@ class Attack:
         # "auto" is resolved here, once, so config() records what actually ran.
         self.precision = resolve_precision(precision, model_device(model, torch.device("cpu")))
         self._row_seeds: list[int] | None = None
+        self._draw = 0  # evaluations of a model with views in this call: EOT draws per evaluation
         self._recorded: dict[int, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- public
@@ -207,6 +208,7 @@ class Attack:
         x0, is_same, thresholds = self._check_inputs(queries, is_same, thresholds)
         noise = SeededNoise(x0.shape[0], x0.device, self.seed, sample_seeds)
         self._row_seeds = noise.row_seeds() if hasattr(self.model, "views") else None
+        self._draw = 0
         self._recorded = {}
         with eval_mode(self.model):
             target = self._prepare_target(target, x0, noise)
@@ -287,7 +289,10 @@ class Attack:
         if views is None:
             return [x]
         seeds = self._row_seeds if rows is None else [self._row_seeds[r] for r in rows.tolist()]
-        return views(x, seeds)
+        # The t-th evaluation of the call: every row still attacked sees the same t whatever the
+        # batch (attacks evaluate all their active rows at every step), so draws never depend on batching.
+        self._draw += 1
+        return views(x, seeds, self._draw - 1)
 
     def _embedder(self) -> nn.Module:
         return getattr(self.model, "embedder", self.model)

@@ -17,11 +17,16 @@ impersonation for mismatched. The defended gallery embedding ``f(D(g))`` is give
   give a zero or near-zero gradient through its steps; the identity is the standard choice
   (Athalye et al., 2018);
 * EOT over ``samples`` draws of D's random start (every D starts at a seeded random point by
-  default; with ``random_start=False`` C&W and FGSM are deterministic and the samples coincide): sample s of image i uses the seed
-  ``derive_seed(attacker_seed_i, "eot/s")``, where ``attacker_seed_i`` is the attack's
-  per-sample seed (or one derived from its seed and the row). These never equal the defender's
-  seeds (``derive_seed(defense_seed, image_id)``): evaluate the attacked queries against the
-  full D with its own seed;
+  default; with ``random_start=False`` C&W and FGSM are deterministic and the samples coincide),
+  drawn afresh at every evaluation (``redraw="per-step"``, the default): sample s of image i at
+  the attack's t-th gradient or score evaluation uses the seed ``derive_seed(attacker_seed_i,
+  "eot/t/s")``, where ``attacker_seed_i`` is the attack's per-sample seed (or one derived from its
+  seed and the row), so a result depends on neither batching nor sharding. With
+  ``redraw="fixed"`` (the seed ``"eot/s"`` at every step) the attacker optimises against the same
+  S draws of D throughout and overfits them: on LFW more steps then HELPED the defender (an
+  ablation, kept to show it). The attacker's seeds never equal the defender's
+  (``derive_seed(defense_seed, image_id)``): evaluate the attacked queries against the full D
+  with its own seed;
 * ``steps``: a reduced-K copy of D (e.g. K = 5 for a 20-step D, as Croce et al. 2022 did); None
   = D's largest step count. The gradient is averaged over the samples; so is the similarity
   the attack scores itself with (C&W's done test, PGD's restarts).
@@ -69,13 +74,20 @@ class DefendedModel(nn.Module):
         steps (int | None): K of the attacker's copy of D; None = D's largest. (Default: None)
         embedder (nn.Module | None): the model the attacker differentiates at D(x) (e.g. a fast
             copy of f); None = D's model f. (Default: None)
+        redraw (str): "per-step": fresh draws of D at every evaluation of the attack; "fixed":
+            the same S draws at every step (the weaker attacker, an ablation). (Default: "per-step")
     """
 
+    REDRAW = ("per-step", "fixed")
+
     def __init__(self, defense: AttackAsDefense, samples: int = 1, steps: int | None = None,
-                 embedder: nn.Module | None = None):
+                 embedder: nn.Module | None = None, redraw: str = "per-step"):
         super().__init__()
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
+        if redraw not in self.REDRAW:
+            raise ValueError(f"redraw must be one of {', '.join(self.REDRAW)}, got {redraw!r}")
+        self.redraw = redraw
         self.embedder = defense.model if embedder is None else embedder
         self.defense = defense
         self.samples = int(samples)
@@ -85,13 +97,15 @@ class DefendedModel(nn.Module):
         self.copy = defense.attack_at(self.steps)
         self.step_cost = self.samples * (defense.image_steps_per_image(self.steps) + 1)
 
-    def views(self, x: torch.Tensor, seeds: list[int]) -> list[torch.Tensor]:
-        """D_s(round(x)) for s = 0..S-1, detached: where the gradient is taken (BPDA)."""
+    def views(self, x: torch.Tensor, seeds: list[int], draw: int = 0) -> list[torch.Tensor]:
+        """D_s(round(x)) for s = 0..S-1, detached: where the gradient is taken (BPDA). ``draw``:
+        the attack's evaluation count t (fresh draws per t with ``redraw="per-step"``)."""
         if len(seeds) != x.shape[0]:
             raise ValueError(f"views: {len(seeds)} seeds for {x.shape[0]} images")
         q = round_to_uint8_grid(x.detach(), x, None)
+        tag = f"eot/{int(draw)}/" if self.redraw == "per-step" else "eot/"
         with torch.no_grad():
-            return [self.copy(q, sample_seeds=[derive_seed(seed, f"eot/{s}") for seed in seeds]).detach()
+            return [self.copy(q, sample_seeds=[derive_seed(seed, f"{tag}{s}") for seed in seeds]).detach()
                     for s in range(self.samples)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,15 +115,17 @@ class DefendedModel(nn.Module):
 
     def config(self) -> dict:
         return {"bpda": "identity", "eot_samples": self.samples, "copy_steps": self.steps,
+                # Only when per-step, so the fixed-draw attacker's earlier cache keys still hold.
+                **({"eot_redraw": self.redraw} if self.redraw != "fixed" else {}),
                 **({} if self.embedder is self.defense.model else {"embedder": type(self.embedder).__name__}),
                 "defense": self.defense.step_config(max(self.defense.steps)) | {"copy": self.copy.config()}}
 
 
 def adaptive_attack(attack: str, defense: AttackAsDefense, eps: float = 4, samples: int = 1,
                     copy_steps: int | None = None, seed: int = 0, precision: str = "fp32",
-                    embedder: nn.Module | None = None, **options) -> Attack:
+                    embedder: nn.Module | None = None, redraw: str = "per-step", **options) -> Attack:
     """An attack ("fgsm", "pgd", "cw", "cw-l2") on :class:`DefendedModel` (BPDA + EOT), verification
     objective: call it with the defended gallery embeddings and the defended thresholds.
     ``config()`` records the wrapper under ``"defended_model"``."""
-    model = DefendedModel(defense, samples=samples, steps=copy_steps, embedder=embedder)
+    model = DefendedModel(defense, samples=samples, steps=copy_steps, embedder=embedder, redraw=redraw)
     return make_attack(attack, model, eps=eps, seed=seed, precision=precision, **options)

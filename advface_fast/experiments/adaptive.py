@@ -43,6 +43,7 @@ class AdaptiveConfig:
     steps: tuple = (20,)  # the adaptive PGD's steps (an iteration curve when several)
     eot: tuple = (1, 3)  # EOT samples S; S > 1 on the sweep subset
     copy_steps: tuple = (5, None)  # K of the attacker's copy of D (None: the full D)
+    eot_redraw: str = "per-step"  # fresh EOT draws of D at every step; "fixed": the same S draws (ablation)
     kappas: tuple = (0.1, 0.3)  # high-confidence margins past the undefended threshold (cosine units)
     hc_eps_factors: tuple = (1.0, 2.0)  # high-confidence eps = factor x eps_d (>= eps_d)
     sweep_pairs: int | None = 200  # subset for S > 1 and for the eps_a / step sweeps (None: all pairs)
@@ -105,7 +106,7 @@ def run_adaptive(ctx: Context, acfg: AdaptiveConfig, store, cals: dict, queries:
                     kc = cap(copy, cfg) if copy is not None else k
                     attack = adaptive_attack("pgd", d, eps=eps, samples=samples, copy_steps=min(kc, k),
                                              seed=seed, precision=cfg.precision, embedder=embedder,
-                                             steps=cap(steps, cfg))
+                                             redraw=acfg.eot_redraw, steps=cap(steps, cfg))
                     q = attacked_queries(ctx, attack, target=cal, sel=s, extra_key={"adaptive": "bpda-eot"})
                     add("bpda-eot", eps, q, s, pos, eot_samples=samples, copy_steps=min(kc, k),
                         full_copy=min(kc, k) == k, attack_steps=cap(steps, cfg))
