@@ -71,9 +71,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def add_input_options(p: argparse.ArgumentParser) -> None:
-    """--on-bad, --no-face and --pairs-file: the input rules every command that reads images shares
-    (advface_fast.data.policy)."""
+def add_input_options(p: argparse.ArgumentParser, pairs_file: bool = True) -> None:
+    """--on-bad, --no-face and (for commands that read pairs) --pairs-file: the input rules every
+    command that reads images shares (advface_fast.data.policy)."""
     from .data.policy import NO_FACE_CHOICES, ON_BAD_CHOICES
 
     g = p.add_argument_group("bad input (the same rules in every command)")
@@ -86,6 +86,8 @@ def add_input_options(p: argparse.ArgumentParser) -> None:
                    help="an image where no face detector finds a face: score it on a fixed centre box "
                         "(center, the default: the LFW protocol keeps every pair), drop its pairs (skip), "
                         "or stop (error). Every such image is counted and listed in the output and results")
+    if not pairs_file:
+        return
     g.add_argument("--pairs-file", type=Path, metavar="FILE",
                    help="your own pairs file (pairs.txt format) instead of the dataset's pairs.txt; checked "
                         "against a SHA256SUMS in the dataset folder or beside the file, or the published LFW "
@@ -200,114 +202,6 @@ def cmd_attack(args) -> int:
                         progress=not args.quiet)
     print(table1_markdown(report))
     return _print_input_and_outputs(report, args.out, "table1.json", "table1.md, accuracy_vs_eps.png, examples.png")
-
-
-def _names(text: str, allowed, what: str) -> tuple:
-    names = tuple(a.strip() for a in text.split(",") if a.strip())
-    unknown = [a for a in names if a not in allowed]
-    if unknown or not names:
-        raise ValueError(f"unknown {what} {unknown or text!r}; available: {', '.join(allowed)}")
-    return names
-
-
-def _adaptive_options(args) -> dict:
-    opts = {}
-    if args.eot is not None:
-        opts["eot"] = args.eot
-    if args.copy_steps is not None:
-        opts["copy_steps"] = tuple(None if k == 0 else k for k in args.copy_steps)
-    if args.adaptive_steps is not None:
-        opts["steps"] = args.adaptive_steps
-    if args.adaptive_eps is not None:
-        opts["eps"] = args.adaptive_eps
-    if args.kappa is not None:
-        opts["kappas"] = args.kappa
-    if args.sweep_pairs is not None:
-        opts["sweep_pairs"] = args.sweep_pairs
-    if args.adaptive_defense_steps is not None:
-        opts["defense_steps"] = args.adaptive_defense_steps
-    if args.eot_redraw is not None:
-        opts["eot_redraw"] = args.eot_redraw
-    return opts
-
-
-def cmd_defend(args) -> int:
-    from .defenses import DEFENSE_ATTACKS
-    from .experiments.defense_render import defend_markdown
-    from .experiments.defense_tables import DefendConfig, run_defend
-
-    _check_pairs_file(args)
-    apply_threads(args)
-    cfg = DefendConfig(model=args.model, defenses=_names(args.defense, DEFENSE_ATTACKS, "defense"),
-                       defense_eps=args.defense_eps, defense_steps=args.defense_steps,
-                       attacks=_names(args.attacks, ("fgsm", "pgd", "cw"), "attack"), eps=args.eps,
-                       attack_steps=args.attack_steps,
-                       folds=tuple(args.folds) if args.folds else (None if args.all_folds else (1,)),
-                       max_pairs=args.pairs, objective=args.objective, seed=args.seed, batch_size=args.batch_size,
-                       defense_batch_size=args.defense_batch_size, precision=args.precision,
-                       fast_model=args.fast_model, calibration_pairs=args.calibration_pairs,
-                       adaptive=args.adaptive, adaptive_options=_adaptive_options(args), on_bad=args.on_bad,
-                       no_face=args.no_face, pairs_file=None if args.pairs_file is None else str(args.pairs_file))
-    report = run_defend(lfw_path(args), cfg, out_dir=args.out, workers=args.workers, progress=not args.quiet)
-    print(defend_markdown(report))
-    return _print_input_and_outputs(report, args.out, "defend.json",
-                                    "defend.md, accuracy_vs_defense_steps.png, price_vs_gain.png")
-
-
-def cmd_paper(args) -> int:
-    from .experiments.report import PaperConfig, run_paper
-    from .experiments.transfer import resolve_transfer_models
-
-    _check_pairs_file(args)
-    apply_threads(args)
-    cfg = PaperConfig(model=args.model, folds=tuple(args.folds) if args.folds else (None if args.all_folds else (1,)),
-                      max_pairs=args.pairs, steps=args.steps, eps=args.eps, seed=args.seed,
-                      batch_size=args.batch_size, precision=args.precision, calibration_pairs=args.calibration_pairs,
-                      adaptive=not args.no_adaptive, adaptive_options=_adaptive_options(args), on_bad=args.on_bad,
-                      no_face=args.no_face, pairs_file=None if args.pairs_file is None else str(args.pairs_file),
-                      transfer_models=resolve_transfer_models(args.transfer_models, args.model))
-    if args.out is None:
-        raise ValueError("advface paper needs --out DIR (it writes REPORT.md and the tables there)")
-    report = run_paper(lfw_path(args), cfg, out_dir=args.out, workers=args.workers, progress=not args.quiet)
-    w = report["work"]
-    print(f"wrote {args.out / 'REPORT.md'} ({report['times_s']['total']} s; this run: D on "
-          f"{w['defense_images_computed']} images, {w['attacked_pairs']} pairs attacked)")
-    return 0
-
-
-def _defense_options(p, adaptive_flag: bool) -> None:
-    """Options shared by defend and paper: D, calibration and the adaptive attacker."""
-    from .precision import PRECISIONS
-
-    p.add_argument("--pairs", type=_pair_count, metavar="N",
-                   help="only the first N pairs of the folds, half matched (thresholds: see --calibration-pairs)")
-    p.add_argument("--all-folds", action="store_true", help="all folds (default without --folds: fold 1)")
-    p.add_argument("--seed", type=int, default=0, help="run seed; per-pair and per-image seeds derive from it (default: 0)")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="gradients of the attacks and of D (auto: bf16 where native, D through the fast model); "
-                        "embeddings and decisions are always fp32 (default: %(default)s)")
-    p.add_argument("--calibration-pairs", type=_pair_count, metavar="N",
-                   help="fit the defended thresholds on a balanced subset of N pairs spread over every fold "
-                        "(faster; recorded loudly in the report). Default: the full protocol, every pair of the "
-                        "dataset (D on ~7,700 images, once, cached)")
-    g = p.add_argument_group("adaptive attacker (BPDA + EOT, high confidence, worst case)")
-    if adaptive_flag:
-        g.add_argument("--adaptive", action="store_true",
-                       help="also run the adaptive evaluation for D = pgd and cw (Tables 2-3)")
-    g.add_argument("--eot", type=_int_list, metavar="LIST", help="EOT samples S (default: 1,3; S > 1 on --sweep-pairs)")
-    g.add_argument("--eot-redraw", choices=("per-step", "fixed"),
-                   help="per-step: fresh draws of D's randomness at every attack step (default); fixed: the same "
-                        "S draws throughout, a weaker attacker that overfits them (ablation)")
-    g.add_argument("--copy-steps", type=_int_list, metavar="LIST",
-                   help="K of the attacker's copy of D; 0 = the full D (default: 5,0)")
-    g.add_argument("--adaptive-steps", type=_int_list, metavar="LIST", help="the adaptive PGD's steps (default: 20)")
-    g.add_argument("--adaptive-eps", type=_float_list, metavar="LIST", help="eps_a (default: eps_d)")
-    g.add_argument("--kappa", type=_float_list, metavar="LIST",
-                   help="high-confidence margins past the undefended threshold (default: 0.1,0.3)")
-    g.add_argument("--sweep-pairs", type=_pair_count, metavar="N",
-                   help="pairs for S > 1 and the eps_a / step sweeps (default: 200)")
-    g.add_argument("--adaptive-defense-steps", type=int, metavar="K",
-                   help="the D step count attacked and judged (default: D's smallest)")
 
 
 def cmd_download(args) -> int:
@@ -443,63 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parsers(sub)
 
-    p = sub.add_parser(
-        "defend", help="the paper's Tables 2-4: attack-as-defense (D re-attacks query and gallery)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="The defender applies its own attack D (pgd: Table 2, cw: Table 3, fgsm: Table 4; "
-                    "label-free objective) to the query and to the gallery image and compares the two. The "
-                    "defended pipeline is calibrated like any verifier: D on both clean images of every pair, "
-                    "k-fold thresholds on those CLEAN defended pairs, then fixed (never refit on attacked data). "
-                    "Rows: the known attack (query attacked by D's own method), the unknown attacks and the "
-                    "clean query (the price); columns D's steps (one run of the largest records all). Attacked "
-                    "queries are Table 1's (shared cache); D's embeddings are cached per image. 50% is chance.",
-        epilog="examples:\n"
-               "  advface defend --lfw data/lfw --defense pgd,cw,fgsm --defense-eps 4 --defense-steps 10,20,40 "
-               "--attacks fgsm,pgd,cw --eps 4 --folds 1 --out runs/defend\n"
-               "  advface defend --lfw data/lfw --defense pgd --defense-eps 1,2,4,8 --pairs 200 "
-               "--calibration-pairs 1000 --out runs/eps-sweep\n"
-               "  advface defend --lfw data/lfw --defense pgd --adaptive --eot 1,3 --copy-steps 5,0 --out runs/adaptive\n\n"
-               + EPILOG_PATHS)
-    _common(p)
-    p.set_defaults(batch_size=32)
-    p.add_argument("--defense", default="pgd", metavar="LIST", help="D's attack(s): pgd, cw, fgsm (default: %(default)s)")
-    p.add_argument("--defense-eps", type=_float_list, default=(4.0,), metavar="LIST", help="eps_d in 0-255 levels (default: 4)")
-    p.add_argument("--defense-steps", type=_int_list, default=(10, 20, 40), metavar="LIST",
-                   help="D's step counts, the table's columns (default: 10,20,40)")
-    p.add_argument("--defense-batch-size", type=int, default=32, metavar="N",
-                   help="D's batch size (D's results depend on it; part of its cache key) (default: %(default)s)")
-    p.add_argument("--objective", choices=("away-from-self", "random-direction"), default="away-from-self",
-                   help="D's label-free objective (default: %(default)s)")
-    p.add_argument("--attacks", default="fgsm,pgd,cw", metavar="LIST", help="attacked query conditions (default: %(default)s)")
-    p.add_argument("--eps", type=_float_list, default=(4.0,), metavar="LIST", help="the query attacks' eps (default: 4)")
-    p.add_argument("--attack-steps", type=int, metavar="N", help="PGD / C&W steps of the query attacks (default: 40, as Table 1)")
-    p.add_argument("--fast-model", action="store_true", help="query attacks through the fast model (as advface attack --fast-model)")
-    _defense_options(p, adaptive_flag=True)
-    p.set_defaults(func=cmd_defend)
+    from .experiments.cli import add_subparsers as add_experiment_parsers
 
-    p = sub.add_parser(
-        "paper", help="Table 1, Tables 2-4 and the adaptive evaluation in one resumable plan -> REPORT.md",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="One plan that reuses every shared artefact (chips, clean embeddings, Table 1's attacked "
-                    "queries, D's embeddings per image) and writes REPORT.md with every table beside the "
-                    "paper's numbers, plots, example grids, parameters, times and the image-steps spent vs a "
-                    "naive run. Resumable: rerun the same command to continue; a fully cached rerun does no "
-                    "attack work.",
-        epilog="examples:\n  advface paper --lfw data/lfw --folds 1 --out runs/paper\n"
-               "  advface paper --lfw data/lfw --pairs 40 --steps 5 --calibration-pairs 200 --transfer-models none "
-               "--out runs/quick\n\n"
-               + EPILOG_PATHS)
-    _common(p)
-    p.set_defaults(batch_size=32)
-    p.add_argument("--steps", type=int, metavar="K", help="cap every iteration count at K (quick runs)")
-    p.add_argument("--eps", type=_float_list, default=(2.0, 4.0, 8.0), metavar="LIST", help="Table 1's eps (default: 2,4,8)")
-    p.add_argument("--no-adaptive", action="store_true", help="skip the adaptive evaluation")
-    p.add_argument("--transfer-models", default="all", metavar="LIST|all|none",
-                   help="the transfer matrix: Table 1's attacks at the queries' eps crafted on each of these models "
-                        "and --model, judged by each (all: every registered model whose weights are on this "
-                        "machine; the others are listed with the reason; none: skip) (default: %(default)s)")
-    _defense_options(p, adaptive_flag=False)
-    p.set_defaults(func=cmd_paper)
+    add_experiment_parsers(sub)
 
     p = sub.add_parser("download-lfw", help="download LFW and its pairs files (checksums verified, resumable)",
                        description="Download LFW (scikit-learn's public mirrors) with resume and checksum checks.")

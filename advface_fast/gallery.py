@@ -16,13 +16,18 @@ store (DIR):
   shards/shard-NNNNNN.safetensors   "embeddings" float32 (n, D) [+ "chips" uint8 (n, H, W, 3)]
   Open them with sqlite3 and safetensors (see the README). A crash at any moment leaves complete
   shards and a consistent manifest: rerun the same command to resume; a finished shard is never
-  recomputed. Bad files (empty, truncated, undecodable, unsupported, no face) get a row with the
-  reason and are listed in the summary; they never stop the job.
+  recomputed. Bad input follows the input rules of every command: a bad file (empty, truncated,
+  undecodable, unsupported, not RGB) stops the job with an error naming it, before any work where its
+  header shows it (--on-bad error, the default), gets a "bad" row with the reason (skip), or is converted
+  to RGB when it can be (convert); an image without a detected face is embedded on the centre box
+  (--no-face center, the default), gets a "no_face" row (skip), or stops the job (error). Rows, the
+  summary and config.json say what was done; a rerun with other rules is refused like any config change.
 
 examples:
   advface gallery --model dlib-resnet --defense pgd --defense-eps 4 --defense-steps 40 \\
       --input photos/ --out gallery-store
   advface gallery --input chips.csv --aligned --out gallery-store --shard-size 512 --threads 4
+  advface gallery --input photos/ --out gallery-store --on-bad skip --no-face skip   (record bad files, go on)
   torchrun --nproc_per_node 8 -m advface_fast.gallery --input photos/ --out gallery-store
   advface gallery --input photos/ --out gallery-store --executor ray --ray-address auto
 """
@@ -38,7 +43,7 @@ threshold: --threshold T, else --threshold-from FILE, else the one recorded in t
 
 
 def add_gallery_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import add_threads_option
+    from .cli import add_input_options, add_threads_option
     from .defenses.attack_as_defense import DEFENSE_ATTACKS
     from .models import list_models
     from .precision import PRECISIONS
@@ -77,24 +82,27 @@ def add_gallery_arguments(p: argparse.ArgumentParser) -> None:
                         '"thresholds") in the store; `advface match` then decides with it')
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_input_options(p, pairs_file=False)
     add_threads_option(p)
 
 
 def cmd_gallery(args) -> int:
-    from .cli import apply_threads
+    from .cli import apply_threads, input_policy
     from .jobs import GalleryConfig, GalleryJob, run
     from .jobs.job import bad_rows, format_summary
     from .jobs.shard_store import GalleryStore
     from .precision import resolve_precision
 
     apply_threads(args)
+    policy = input_policy(args)
     for name in ("shard_size", "batch_size", "defense_steps", "decode_threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     config = GalleryConfig(model=args.model, defense=args.defense, eps=args.defense_eps, steps=args.defense_steps,
                            objective=args.defense_objective, seed=args.seed, aligned=args.aligned,
                            shard_size=args.shard_size, batch_size=args.batch_size,
-                           precision=resolve_precision(args.precision, args.device), save_chips=args.save_chips)
+                           precision=resolve_precision(args.precision, args.device), save_chips=args.save_chips,
+                           on_bad=policy.on_bad, no_face=policy.no_face)
     calibration = None
     if args.threshold_from is not None:  # checked against this D before any work
         from .fileio import sha256_file

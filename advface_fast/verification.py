@@ -6,7 +6,6 @@ the 10-fold protocol (:mod:`advface_fast.verify`) -> report (JSON, ROC plot, a r
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 from .data.policy import InputPolicy
 from .engine import make_engine
 from .environment import environment
+from .fileio import write_json_atomic
 from .pair_chips import PairChips, format_input_summary, prepare_pairs
 from .verify import METRICS, VerificationResult, evaluate_embeddings, plot_roc
 
@@ -81,7 +81,7 @@ def run_verify(lfw, model: str = "dlib-resnet", *, folds=None, out_dir: str | Pa
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "verify.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        write_json_atomic(out / "verify.json", report, indent=2)
         plot_roc({k: results[k] for k in ("cosine", "l2", "cosine+flip")}, out / "roc.png",
                  title=f"{model} on LFW ({len(pairs)} pairs)")
     return report

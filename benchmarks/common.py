@@ -83,9 +83,10 @@ def load_average() -> list[float] | None:
 
 
 def write_json(result: dict, out: Path | None) -> None:
-    """Write a benchmark script's result (if ``out`` is given), creating the folder."""
+    """Write a benchmark script's result (if ``out`` is given, atomically), creating the folder."""
     import json
 
+    from advface_fast.fileio import write_text_atomic
+
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(out, json.dumps(result, indent=2) + "\n")

@@ -59,7 +59,7 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         src = tmp / "src"
         write_chips(src, args.images, seed=1)
-        n_bad = len(plant_bad_files(src)) + 1  # and a grayscale image, converted and embedded
+        n_bad = len(plant_bad_files(src))  # bad files and a grayscale image: "bad" rows under --on-bad skip
         extra = ("--defense-steps", "12")
         t0 = time.perf_counter()
         r = subprocess.run(script_cmd(*job_args(src, tmp / "ref", *extra, "--json")), env=env, check=True,

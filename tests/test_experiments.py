@@ -3,6 +3,8 @@ resume after an interruption, shared rows across selections, damage reported, fi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -131,3 +133,62 @@ def test_weights_id_names_the_weights_of_any_model():
     assert weights_id(a.to(torch.bfloat16)) != weights_id(b)  # dtype is part of the identity
     # The row cache keys by it: a model with other weights gets another entry.
     assert ModelVerifier(b, "m").config() != ModelVerifier(nn.Linear(3, 2), "m").config()
+
+
+# --- advface paper: the "Adversarial training and cost" section -------------------------------------
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks/results"
+AT_RUNS = [RESULTS / "advtrain_cpu_finetune" / m for m in ("clean", "fgsm-rs", "pgd")]
+
+
+def test_paper_cost_section_not_run_shows_the_command():
+    from advface_fast.experiments.report import cost_section
+
+    text = "\n".join(cost_section(None))
+    assert "## Adversarial training and cost" in text and "Not run" in text
+    assert "--train-runs" in text and "advface cost --train" in text
+
+
+def test_paper_takes_train_runs_and_keeps_the_defense_options():
+    from advface_fast.cli import build_parser
+    from advface_fast.experiments.cli import cmd_defend, cmd_paper
+
+    parse = build_parser().parse_args
+    args = parse(["paper", "--train-runs", "runs/clean", "runs/pgd", "--eot-redraw", "fixed", "--out", "x"])
+    assert args.train_runs == ["runs/clean", "runs/pgd"] and args.func is cmd_paper and args.eot_redraw == "fixed"
+    assert parse(["paper", "--out", "x"]).train_runs is None
+    args = parse(["defend", "--adaptive", "--eot-redraw", "fixed"])
+    assert args.func is cmd_defend and args.adaptive and args.eot_redraw == "fixed"
+
+
+def test_paper_rejects_a_missing_train_run_before_any_work(tmp_path):
+    from advface_fast.experiments.report import PaperConfig, run_paper
+
+    with pytest.raises(FileNotFoundError, match="train.json"):
+        run_paper(tmp_path / "no-lfw", PaperConfig(train_runs=(str(tmp_path / "nowhere"),)), out_dir=tmp_path / "out",
+                  progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_paper_with_train_runs_writes_the_cost_section(lfw_ci, pairs, tiny, tmp_path, monkeypatch):
+    import json
+
+    from advface_fast.experiments.report import PaperConfig, run_paper
+
+    monkeypatch.setenv("ADVFACE_HOME", str(tmp_path / "home"))
+    cfg = PaperConfig(folds=(1, 2), max_pairs=8, steps=2, eps=(4.0,), defense_steps=(1, 2), precision="fp32",
+                      batch_size=8, defenses=("pgd", "fgsm"), attacks=("fgsm", "pgd"),
+                      adaptive_options=dict(steps=(2,), eot=(1,), copy_steps=(None,), kappas=(0.1,),
+                                            hc_eps_factors=(1.0,), sweep_pairs=4),
+                      train_runs=tuple(str(p) for p in AT_RUNS))
+    report = run_paper(lfw_ci, cfg, out_dir=tmp_path / "p", progress=False, net=tiny, pairs=pairs)
+    worst = next(w["accuracy"] for a in report["defend"]["adaptive"] for w in a["worst_case"]
+                 if w["pairs"] == "all pairs" and w["defense_steps"] == 1)
+    d1 = next(d for d in report["cost"]["defense"] if d["defense"] == "pgd" and d["defense_steps"] == 1)
+    assert d1["adaptive_accuracy"] == worst and d1["files"] == ["defend/defend.json"]
+    text = (tmp_path / "p" / "REPORT.md").read_text()
+    section = text.split("## Adversarial training and cost")[1].split("## Parameters")[0]
+    assert "Not run" not in section and "Break-even" in section and "cost/accuracy_vs_compute.png" in section
+    assert (tmp_path / "p" / "cost" / "accuracy_vs_compute.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "p" / "paper.json").read_text())
+    assert str(RESULTS.parents[1]) not in json.dumps(saved["config"]) + json.dumps(saved["cost"])

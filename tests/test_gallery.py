@@ -132,15 +132,27 @@ def plant_bad_files(folder: Path) -> dict[str, str]:
     (bad / "garbage.jpg").write_bytes(b"this is not an image at all" * 10)
     (bad / "notes.txt").write_text("hello")
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(bad / "wrong_size.png")
-    Image.fromarray(np.full((SIZE, SIZE), 77, np.uint8)).save(folder / "gray.png")  # converted, embedded
+    Image.fromarray(np.full((SIZE, SIZE), 77, np.uint8)).save(folder / "gray.png")  # bad unless --on-bad convert
     return {"bad/empty.jpg": "empty", "bad/truncated.png": "truncated", "bad/garbage.jpg": "not a recognised image",
-            "bad/notes.txt": "unsupported format", "bad/wrong_size.png": "expected 16x16"}
+            "bad/notes.txt": "unsupported format", "bad/wrong_size.png": "expected 16x16",
+            "gray.png": "mode 'L' (grayscale)"}
 
 
 def job_args(src: Path, out: Path, *extra) -> list[str]:
+    """A tiny job that records bad files as "bad" rows (--on-bad skip) and goes on."""
     return ["--model", TINY, "--defense", "pgd", "--defense-eps", "8", "--defense-steps", "3", "--input", str(src),
             "--out", str(out), "--aligned", "--shard-size", "4", "--batch-size", "4", "--threads", "1",
-            "--seed", "7", "--quiet", *extra]
+            "--seed", "7", "--on-bad", "skip", "--quiet", *extra]
+
+
+def with_option(args: list[str], option: str, value: str) -> list[str]:
+    """``args`` with ``option`` set to ``value`` (replaced when present, else added)."""
+    args = list(args)
+    if option in args:
+        args[args.index(option) + 1] = value
+    else:
+        args += [option, value]
+    return args
 
 
 def run_cli(args) -> int:
@@ -246,15 +258,13 @@ def test_bad_files_are_listed_good_files_embedded_changed_config_refused(tmp_pat
     assert run_cli(job_args(src, out)) == 0
     printed = capsys.readouterr().out
     rows = {r[0]: r for r in GalleryStore(out).rows()}
-    assert set(rows) == set(good) | set(bad) | {"gray.png"}
+    assert set(rows) == set(good) | set(bad)
     for image_id, word in bad.items():
         assert rows[image_id][3] == "bad" and word in rows[image_id][4], rows[image_id]
         assert image_id in printed
     assert all(rows[i][3] == "ok" and rows[i][4] is None for i in good)
-    assert rows["gray.png"][3:5] == ("ok", "converted from mode L to RGB")
-    good = good + ["gray.png"]
     ids, emb = GalleryStore(out).embeddings()
-    assert sorted(ids) == sorted(good) and emb.shape == (11, 8) and np.isfinite(emb).all()
+    assert sorted(ids) == sorted(good) and emb.shape == (10, 8) and np.isfinite(emb).all()
     assert "bad input" in printed and str(len(bad)) in printed
     # The store's embeddings are D's: equal to a direct AttackAsDefense run on those chips.
     from advface_fast.defenses import AttackAsDefense
@@ -409,7 +419,7 @@ def test_ray_local_equals_one_process(tmp_path):
     write_chips(src, 20, seed=3)
     plant_bad_files(src)
     one, viaray = tmp_path / "one", tmp_path / "ray"
-    cfg = GalleryConfig(model=TINY, eps=8, steps=3, seed=7, aligned=True, shard_size=4, batch_size=4)
+    cfg = GalleryConfig(model=TINY, eps=8, steps=3, seed=7, aligned=True, shard_size=4, batch_size=4, on_bad="skip")
     run_local(GalleryJob(cfg, str(src), str(one), progress=False, model_factory=tiny_model))
     from advface_fast.jobs import run_ray
 
@@ -426,9 +436,9 @@ def test_ray_local_equals_one_process(tmp_path):
         summary2 = run_ray(crashy)
     finally:
         ray.shutdown()
-    assert summary["ok"] == 21 and summary["bad"] == 5
+    assert summary["ok"] == 20 and summary["bad"] == 6
     assert content(one) == content(viaray)
-    assert marker.exists() and summary2["ok"] == 21
+    assert marker.exists() and summary2["ok"] == 20
     assert content(one) == content(tmp_path / "ray-crash")
 
 
@@ -479,7 +489,54 @@ def test_match_defends_queries_and_finds_them(tmp_path, capsys):
     assert any(m["accept"] for r in report3["results"] for m in r["matches"])
 
 
-def test_images_without_a_face_get_a_no_face_row(tmp_path, lfw_ci):
+def test_the_on_bad_rule_stops_records_or_converts_and_a_changed_rule_is_refused(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "store"
+    good = write_chips(src, 6, seed=6)
+    Image.fromarray(np.full((SIZE, SIZE), 77, np.uint8)).save(src / "gray.png")
+    rgba = np.zeros((SIZE, SIZE, 4), np.uint8)
+    rgba[..., 0], rgba[:8, :, 3] = 200, 255  # the lower half transparent
+    Image.fromarray(rgba, "RGBA").save(src / "rgba.png")
+    (src / "bad").mkdir()
+    (src / "bad" / "empty.jpg").write_bytes(b"")
+    default = job_args(src, out)
+    del default[default.index("--on-bad"):default.index("--on-bad") + 2]
+    # error (every command's default): one line naming the file, before any work; nothing is recorded
+    assert run_cli(default) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("advface gallery: error: ") and "bad/empty.jpg: image file is empty" in line, line
+    assert "--on-bad skip" in line
+    assert not (out / "config.json").exists() and not (out / "shards").exists()
+    # skip: the bad file and the non-RGB ones get "bad" rows with the reason; the rule is in the config
+    assert run_cli(with_option(default, "--on-bad", "skip")) == 0
+    rows = {r[0]: r for r in GalleryStore(out).rows()}
+    assert [rows[i][3] for i in ("bad/empty.jpg", "gray.png", "rgba.png")] == ["bad"] * 3
+    assert "mode 'L'" in rows["gray.png"][4] and all(rows[i][3:5] == ("ok", None) for i in good)
+    config = GalleryStore(out).config()
+    assert config["input"]["on_bad"] == config["options"]["on_bad"] == "skip"
+    # another rule for the same store is refused like any changed option
+    capsys.readouterr()
+    assert run_cli(with_option(default, "--on-bad", "convert")) == 2
+    err = capsys.readouterr().err
+    assert "another config" in err and "--on-bad: 'skip' -> 'convert'" in err, err
+    # convert: grayscale and alpha images are converted (alpha onto white) and their rows say so;
+    # a file no conversion mends still stops the job
+    conv = tmp_path / "converted"
+    assert run_cli(with_option(job_args(src, conv), "--on-bad", "convert")) == 2
+    assert "bad/empty.jpg" in capsys.readouterr().err
+    (src / "bad" / "empty.jpg").unlink()
+    assert run_cli(with_option(job_args(src, conv, "--json"), "--on-bad", "convert")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["input"]["on_bad"] == "convert" and (summary["ok"], summary["bad"]) == (8, 0)
+    rows = {r[0]: r for r in GalleryStore(conv).rows()}
+    assert rows["gray.png"][3:5] == ("ok", "converted L (grayscale) -> RGB")
+    assert rows["rgba.png"][3] == "ok" and "alpha composited onto (255, 255, 255)" in rows["rgba.png"][4]
+    # a gallery has no pairs: --pairs-file is no gallery option (refused, not ignored)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(job_args(src, tmp_path / "other", "--pairs-file", str(src / "gray.png")))
+    assert stop.value.code == 2 and "unrecognized arguments: --pairs-file" in capsys.readouterr().err
+
+
+def test_the_no_face_rule_gives_a_no_face_row_a_centre_box_or_an_error(tmp_path, lfw_ci, capsys):
     pytest.importorskip("dlib")
     src = tmp_path / "src"
     src.mkdir()
@@ -487,12 +544,23 @@ def test_images_without_a_face_get_a_no_face_row(tmp_path, lfw_ci):
     for p in faces:
         (src / p.name).write_bytes(p.read_bytes())
     Image.fromarray(np.full((120, 120, 3), 128, np.uint8)).save(src / "blank.jpg")
-    out = tmp_path / "store"
-    args = [a for a in job_args(src, out) if a != "--aligned"]
-    assert run_cli(args) == 0
-    rows = {r[0]: r for r in GalleryStore(out).rows()}
-    assert rows["blank.jpg"][3:5] == ("no_face", "no face detected")
-    assert [rows[p.name][3] for p in faces] == ["ok", "ok"]
+
+    def run_with(no_face: str) -> tuple[int, Path]:
+        out = tmp_path / no_face
+        return run_cli(with_option([a for a in job_args(src, out) if a != "--aligned"], "--no-face", no_face)), out
+
+    for no_face, want in (("skip", ("no_face", "no face detected")),
+                          ("center", ("ok", "no face detected: the centre box is embedded"))):
+        code, out = run_with(no_face)
+        rows = {r[0]: r for r in GalleryStore(out).rows()}
+        assert code == 0 and rows["blank.jpg"][3:5] == want
+        assert [rows[p.name][3:5] for p in faces] == [("ok", None), ("ok", None)]
+        assert GalleryStore(out).config()["input"]["no_face"] == no_face
+    capsys.readouterr()
+    code, out = run_with("error")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "blank.jpg: no face detected" in line and "--no-face center" in line, line
+    assert GalleryStore(out).done_shards() == set()
 
 
 if __name__ == "__main__":  # `advface gallery` with the test-only model registered (subprocess / torchrun tests)

@@ -1,5 +1,9 @@
-"""The README's Python API example runs as written: as a plain script (no `if __name__ == "__main__":`
-guard), in a fresh interpreter, with a cold chip cache (so alignment really starts), on lfw_ci."""
+"""README.md's Python examples run as written. Every ```python block is either run by a test here
+(with only the data swapped for lfw_ci or a scratch store) or listed in FRAGMENTS with the reason it
+cannot run alone; a new block that is neither fails test_every_readme_python_block_is_run_or_listed.
+
+The Python API example runs as a plain script (no `if __name__ == "__main__":` guard), in a fresh
+interpreter, with a cold chip cache (so alignment really starts), on lfw_ci."""
 
 from __future__ import annotations
 
@@ -11,28 +15,93 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A block is named by a piece of its code (not its line number, which any README edit above it shifts).
+API_EXAMPLE = "from advface_fast.pair_chips import prepare_pairs"
+GALLERY_STORE = 'con = sqlite3.connect("gallery-store/manifest.sqlite")'
+# block -> the test that runs it
+RUN = {API_EXAMPLE: "test_readme_api_example_runs_as_a_plain_script",
+       GALLERY_STORE: "test_readme_gallery_store_example_reads_a_real_store"}
+# block -> why no test runs it
+FRAGMENTS = {
+    "attack = PGD(model, eps=4": "a fragment of the attacks section: model, queries, gallery_embeddings, is_same "
+                                 "and thresholds are the reader's own tensors, defined nowhere in README",
+    'create_model("facenet", weights=': "needs the FaceNet and CosFace weight files, which the package cannot "
+                                        "download and no test machine has",
+}
 
-def api_example() -> str:
-    """The ```python blocks of the README's "Python API" section, joined."""
-    text = (REPO / "README.md").read_text()
-    section = re.search(r"^## Python API\n(.*?)(?=^## )", text, re.S | re.M)
-    assert section, "README has no '## Python API' section"
-    blocks = re.findall(r"```python\n(.*?)```", section.group(1), re.S)
-    assert blocks, "the Python API section has no ```python block"
-    return "\n".join(blocks)
+
+def python_blocks() -> list[tuple[int, str]]:
+    """(line number of the opening fence, code) of every ```python block of README.md."""
+    blocks, start, code = [], None, []
+    for number, line in enumerate((REPO / "README.md").read_text().splitlines(), 1):
+        if start is None and re.match(r"```\s*(python3?|py)\s*$", line.strip()):
+            start, code = number, []
+        elif start is not None and line.strip().startswith("```"):
+            blocks.append((start, "\n".join(code) + "\n"))
+            start = None
+        elif start is not None:
+            code.append(line)
+    assert start is None, f"README.md line {start}: a ```python block is never closed"
+    return blocks
+
+
+def readme_block(name: str) -> str:
+    """The one ```python block of README.md that contains ``name``."""
+    found = [code for _, code in python_blocks() if name in code]
+    assert len(found) == 1, f"{len(found)} README python blocks contain {name!r} (expected one)"
+    return found[0]
+
+
+def run_script(code: str, cwd: Path, **env) -> subprocess.CompletedProcess:
+    script = cwd / "example.py"
+    script.write_text(code)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env)
+    env.pop("ADVFACE_LFW", None)
+    return subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_every_readme_python_block_is_run_or_listed():
+    blocks = python_blocks()
+    names = {**RUN, **FRAGMENTS}
+    for line, code in blocks:
+        matched = [name for name in names if name in code]
+        assert len(matched) == 1, (
+            f"README.md line {line}: a ```python block " + ("that no test here runs and FRAGMENTS does not list"
+                                                          if not matched else f"matched by several names {matched}")
+            + "; run it in tests/test_readme_api.py (add it to RUN) or list it in FRAGMENTS with the reason")
+    for name in names:
+        assert sum(name in code for _, code in blocks) == 1, f"{name!r} names no README python block (or several)"
+    assert all(callable(globals().get(test)) for test in RUN.values())
+    assert not set(RUN) & set(FRAGMENTS)
 
 
 def test_readme_api_example_runs_as_a_plain_script(lfw_ci, tmp_path):
-    code = api_example()
+    code = readme_block(API_EXAMPLE)
     assert "path/to/lfw" in code and "__main__" not in code
-    script = tmp_path / "example.py"
     # Only the data changes: lfw_ci for the path, and Table 1 on 4 pairs of its fold (the example's
     # 20 would attack for a minute and test nothing more).
-    script.write_text(code.replace("path/to/lfw", str(lfw_ci)).replace("Table1Config(", "Table1Config(max_pairs=4, "))
-    env = dict(os.environ, ADVFACE_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    env.pop("ADVFACE_LFW", None)
-    result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=900)
+    code = code.replace("path/to/lfw", str(lfw_ci)).replace("Table1Config(", "Table1Config(max_pairs=4, ")
+    result = run_script(code, tmp_path, ADVFACE_HOME=str(tmp_path / "home"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "BrokenProcessPool" not in result.stderr
     assert (tmp_path / "runs" / "verify" / "verify.json").is_file()
+
+
+def test_readme_gallery_store_example_reads_a_real_store(tmp_path):
+    """The store example, unchanged, in a folder holding a gallery-store made by `advface gallery`:
+    one aligned chip under the id the example reads, D = one PGD step."""
+    import numpy as np
+    from PIL import Image
+
+    from advface_fast.cli import main
+
+    photos = tmp_path / "photos" / "Aaron_Eckhart"
+    photos.mkdir(parents=True)
+    chip = np.random.default_rng(0).integers(0, 256, (150, 150, 3), dtype=np.uint8)
+    Image.fromarray(chip).save(photos / "Aaron_Eckhart_0001.jpg", quality=95)
+    assert main(["gallery", "--input", str(tmp_path / "photos"), "--out", str(tmp_path / "gallery-store"), "--aligned",
+                 "--defense-steps", "1", "--batch-size", "1", "--threads", "1", "--quiet"]) == 0
+    result = run_script(readme_block(GALLERY_STORE) + "print(emb.dtype, emb.shape)\n", tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["float32", "(128,)"]  # what the example's comment says

@@ -272,3 +272,61 @@ def test_cli_advtrain_then_heldout_evaluation(lfw_ci, tmp_path, capsys):
                  "--workers", "1", "--quiet", "--out", str(out)]) == 0
     evals = json.loads((out / "train.json").read_text())["evaluations"]
     assert len(evals) == 1 and set(evals[0]["rows"]) == {"fgsm@2"} and (tmp_path / "ev2" / "table1.json").exists()
+
+
+def test_cli_advtrain_honours_the_input_rules(lfw_ci, tmp_path, capsys):
+    """--on-bad / --no-face reach the training images and the held-out pairs, are recorded, and a resume
+    with other rules is refused."""
+    import hashlib
+    import shutil
+
+    from advface_fast.cli import main
+    from advface_fast.data import parse_pairs
+
+    lfw = tmp_path / "lfw"
+    shutil.copytree(lfw_ci, lfw)
+    people = write_people(lfw, tmp_path / "people.txt")
+    limits = ["--max-identities", "3", "--max-images-per-identity", "2"]
+    split = make_split(lfw, [2], people_file=people, max_identities=3, max_images_per_identity=2)
+    in_fold_1 = {i for p in parse_pairs(lfw / "pairs.txt").pairs if p.fold == 1 for i in (p.a, p.b)}
+    victim = next(i for i in split.image_ids if i in in_fold_1)  # a training image a held-out pair uses too
+    image = lfw / "lfw-deepfunneled" / f"{victim}.jpg"
+    image.write_bytes(image.read_bytes()[:300])  # truncated; SHA256SUMS is kept true, so only the image is bad
+    sums = lfw / "SHA256SUMS"
+    sums.write_text("".join(f"{hashlib.sha256(image.read_bytes()).hexdigest()}  ./lfw-deepfunneled/{victim}.jpg\n"
+                            if line.endswith(f"/{victim}.jpg") else line + "\n"
+                            for line in sums.read_text().splitlines()))
+    out = tmp_path / "run"
+    train_args = ["advtrain", "--lfw", str(lfw), "--people-file", str(people), "--test-folds", "2", "--no-eval",
+                  "--method", "clean", "--epochs", "0", *limits, "--threads", "1", "--workers", "1", "--quiet",
+                  "--out", str(out)]
+    # error (every command's default): one line naming the file, before any training
+    assert main(train_args) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("advface advtrain: error: ") and f"{victim}.jpg" in line and "--on-bad skip" in line, line
+    assert not (out / "split.json").exists()
+    # skip: trained without it (its identity, left with one image, goes too), and recorded; the pairs
+    # file that says who is held out can be the user's own (--pairs-file, like every command)
+    own_pairs = tmp_path / "my_pairs.txt"
+    own_pairs.write_bytes((lfw / "pairs.txt").read_bytes())
+    assert main(train_args + ["--on-bad", "skip", "--pairs-file", str(own_pairs)]) == 0
+    assert "training input: 1 image(s) dropped (--on-bad skip" in capsys.readouterr().out
+    recorded = json.loads((out / "split.json").read_text())
+    assert recorded["input"]["on_bad"] == "skip" and [s["image"] for s in recorded["input"]["skipped"]] == [victim]
+    assert victim not in recorded["image_ids"] and recorded["identities_dropped"] == [victim.split("/")[0]]
+    assert recorded["n_identities"] == 2 and json.loads((out / "train.json").read_text())["split"]["input"]
+    assert recorded["pairs_file"].endswith("my_pairs.txt")
+    # a resume with other input rules is refused, naming the change
+    assert main(train_args + ["--on-bad", "skip", "--no-face", "skip", "--resume"]) == 2
+    assert "other input rules (--no-face center -> skip)" in capsys.readouterr().err
+    # the held-out pairs are loaded with the same rules
+    evaluate = ["advtrain", "--lfw", str(lfw), "--test-folds", "1,2", "--eval-only", "--eval-attacks", "",
+                "--eval-pairs", "4", "--threads", "1", "--workers", "1", "--quiet", "--out", str(out)]
+    assert main(evaluate) == 2
+    assert f"{victim}.jpg" in capsys.readouterr().err
+    assert main(evaluate + ["--on-bad", "skip", "--pairs-file", str(own_pairs)]) == 0
+    assert "pair(s) skipped (--on-bad skip" in capsys.readouterr().out
+    table = json.loads((out / "eval" / "table1.json").read_text())
+    assert table["input"]["on_bad"] == "skip" and table["config"]["on_bad"] == "skip"
+    assert table["input"]["pairs_file"].endswith("my_pairs.txt")
+    assert table["input"]["skipped"] and all(victim in s["reason"] for s in table["input"]["skipped"])

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..fileio import write_text_atomic
 from ..precision import PRECISIONS
 from .context import DEFAULT_SECTIONS, SECTIONS, BenchConfig
 from .harness import host_id
@@ -111,7 +112,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     report = run_benchmarks(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_table(report))
     if out is not None:
-        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_text_atomic(out, json.dumps(report, indent=2, default=str) + "\n")
         print(f"wrote {out}")
     if args.json:
         print(json.dumps(report, indent=2, default=str))

@@ -91,7 +91,8 @@ def plot_accuracy_vs_eps(report: dict, path: Path) -> None:
     ax.set_ylim(-2, 102)
     ax.set_title(f"{report['model']}: {report['n_pairs']} LFW pairs, fixed clean thresholds")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # no attack rows (clean only): no legend
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -47,13 +47,17 @@ class PaperConfig:
     no_face: str = "center"
     pairs_file: str | None = None
     transfer_models: tuple = ()  # the transfer matrix over these models and `model` (empty: no matrix)
+    train_runs: tuple = ()  # finished advtrain run folders, weighed against this run's defense (empty: no cost section)
 
 
 def run_paper(lfw, cfg: PaperConfig | None = None, *, out_dir, cache_dir=None, defended_dir=None, workers=None,
               progress: bool = True, net=None, pairs=None) -> dict:
+    from ..train.cost import cost_from, display_path, load_training_runs, write_cost
+
     cfg = cfg or PaperConfig()
     out = Path(out_dir)
     t0 = time.perf_counter()
+    runs = load_training_runs(cfg.train_runs) if cfg.train_runs else None  # a bad folder fails before any work
     dcfg = DefendConfig(model=cfg.model, defenses=cfg.defenses, defense_eps=cfg.defense_eps,
                         defense_steps=cfg.defense_steps, attacks=cfg.attacks, eps=(cfg.attack_eps,), folds=cfg.folds,
                         max_pairs=cfg.max_pairs, seed=cfg.seed, batch_size=cfg.batch_size, precision=cfg.precision,
@@ -82,10 +86,15 @@ def run_paper(lfw, cfg: PaperConfig | None = None, *, out_dir, cache_dir=None, d
                                        out_dir=out / "transfer", cache_dir=cache_dir, workers=workers,
                                        progress=progress, shared={cfg.model: (ctx.pairs, ctx.net, ctx.runner)})
     t_transfer = time.perf_counter() - t_transfer
+    cost = None
+    if runs is not None:  # the training runs' cost and accuracy against this run's own defense results
+        cost = cost_from(runs, [dict(defend, _file="defend/defend.json")], eps=cfg.attack_eps)
+        write_cost(cost, out / "cost")
     work = work_record(ctx)  # the main model's runner counts the cells it judged; add the other judges'
     if transfer is not None:
         work["attacked_pairs"] += sum(n for judge, n in transfer["work"]["attacked_pairs"].items() if judge != cfg.model)
-    report = {"config": asdict(cfg), "table1": table1, "defend": defend, "transfer": transfer,
+    config = {**asdict(cfg), "train_runs": [display_path(p) for p in cfg.train_runs]}
+    report = {"config": config, "table1": table1, "defend": defend, "transfer": transfer, "cost": cost,
               "times_s": {"table1": round(t_table1, 1), "tables_2_4_and_adaptive": round(t_def, 1),
                           "transfer": round(t_transfer, 1), "total": round(time.perf_counter() - t0, 1)},
               "work": work, "reuse": reuse_record(table1, defend, ctx),
@@ -180,6 +189,7 @@ def report_markdown(report: dict) -> str:
         "Example grid (clean query, PGD-attacked query, the defense's re-attack of it): ![examples](examples_defended.png)",
         "",
         *transfer_section(report.get("transfer"), times.get("transfer")),
+        *cost_section(report.get("cost")),
         "## Parameters",
         "",
         "```",
@@ -197,4 +207,20 @@ def transfer_section(matrix: dict | None, seconds) -> list[str]:
             transfer_markdown(matrix), ""]
 
 
-__all__ = ["PaperConfig", "report_markdown", "run_paper"]
+def cost_section(cost: dict | None) -> list[str]:
+    """Adversarial training vs this run's defense: cost, break-even, accuracy bought, the plot."""
+    from ..train.cost import cost_markdown
+
+    title = "## Adversarial training and cost"
+    if cost is None:
+        return [title, "", "Not run (no --train-runs). Train and judge models with `advface advtrain` first, then add "
+                "their folders: `advface paper ... --train-runs runs/clean runs/fgsm-rs runs/pgd`, or weigh them "
+                "against this report's defense afterwards: `advface cost --train runs/clean runs/fgsm-rs runs/pgd "
+                "--defense-report <out>/defend/defend.json --out <out>/cost`.", ""]
+    runs = ", ".join(f"`{t['file']}`" for t in cost["training"])
+    return [title, "", f"The adversarially trained models ({runs}) are judged on their own held-out folds; the "
+            "defense's numbers are this report's (its pairs, its adaptive worst case). Files: cost/cost.json, "
+            "cost/cost.md.", "", cost_markdown(cost), "![accuracy vs compute](cost/accuracy_vs_compute.png)", ""]
+
+
+__all__ = ["PaperConfig", "cost_section", "report_markdown", "run_paper"]

@@ -44,7 +44,7 @@ def run_local(job: GalleryJob) -> dict:
     with store.lock():
         worker = ShardWorker(job.config, job.device, job.model_factory)
         plan = make_plan(job, worker)
-        prep = prepare_store(store, plan)
+        prep = prepare_store(store, plan, worker)
         stats = run_shards(worker, plan, store, list(range(len(plan.shards))), job)
         record = {**run_record(job, worker, plan, stats, executor="local", started=started), **prep}
         store.record_run(record)
@@ -76,7 +76,7 @@ def run_torchrun(job: GalleryJob) -> dict | None:
         if rank == 0:
             try:
                 hold.enter_context(store.lock())  # one job per store, held by rank 0 for the whole run
-                prep = prepare_store(store, plan)
+                prep = prepare_store(store, plan, worker)
             except Exception as err:  # noqa: BLE001 - re-raised on every rank below
                 error = [f"{type(err).__name__}: {err}"]
                 prep = {}
@@ -151,7 +151,7 @@ def run_ray(job: GalleryJob, address: str | None = None, max_retries: int = 3, n
     with store.lock():
         worker = ShardWorker(job.config, job.device, job.model_factory)  # the config's weights identity
         plan = make_plan(job, worker)
-        prep = prepare_store(store, plan)
+        prep = prepare_store(store, plan, worker)
         todo = [k for k in range(len(plan.shards)) if k not in store.done_shards()]
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False)

@@ -54,9 +54,24 @@ def make_plan(job: GalleryJob, worker: ShardWorker) -> Plan:
                 paths={r.id: r.path for r in refs})
 
 
-def prepare_store(store: GalleryStore, plan: Plan) -> dict:
-    """Check the config (refuse a changed one), clear temporary files, adopt complete shards a
-    crash left uncommitted. Returns what it found."""
+def check_inputs(worker: ShardWorker, plan: Plan, store: GalleryStore) -> None:
+    """Unless bad files are to be skipped (--on-bad skip), look at the name, header and tail of every image
+    still to do, so that a bad file stops the job with an error naming it before any work (as every
+    command checks its images first). Damage only a full decode finds, and faces, are found in the run."""
+    if worker.config.on_bad == "skip":
+        return
+    done = store.done_shards()
+    for k, ids in enumerate(plan.shards):
+        if k not in done:
+            for image_id in ids:
+                worker.check(plan.refs[image_id])
+
+
+def prepare_store(store: GalleryStore, plan: Plan, worker: ShardWorker) -> dict:
+    """Check the inputs (before the config is written, so that a rerun with other input rules is a
+    fresh start, not a changed config) and the config (refuse a changed one), clear temporary files,
+    adopt complete shards a crash left uncommitted. Returns what it found."""
+    check_inputs(worker, plan, store)
     store.ensure_config(plan.store_config)
     removed = store.remove_temp_files()
     adopted = store.adopt(plan.config_sha, plan.shards, plan.paths)
@@ -123,7 +138,7 @@ def summary(store: GalleryStore, plan: Plan, runs: list[dict]) -> dict:
     busy = [r["model_busy_fraction"] for r in runs if r.get("images") and r.get("model_busy_fraction") is not None]
     return {"store": str(store.root), "images": len(plan.refs), "shards": len(plan.shards), "shards_done": n_done,
             "ok": counts.get("ok", 0), "bad": counts.get("bad", 0), "no_face": counts.get("no_face", 0),
-            "pending": len(plan.refs) - sum(counts.values()),
+            "pending": len(plan.refs) - sum(counts.values()), "input": plan.store_config["input"],
             "this_run": {"images": images, "seconds": seconds, "images_per_s": images / seconds if seconds else 0.0,
                          "image_steps_per_s": steps / seconds if seconds else 0.0,
                          "model_busy_fraction": min(busy) if busy else None, "workers": len(runs)}}
@@ -139,6 +154,7 @@ def format_summary(s: dict, limit: int = 10, bad_rows: list | None = None) -> st
              f"  {'bad input':<22}{s['bad']:>10}",
              f"  {'no face':<22}{s['no_face']:>10}",
              f"  {'pending':<22}{s['pending']:>10}",
+             f"  input rules: --on-bad {s['input']['on_bad']}, --no-face {s['input']['no_face']}",
              f"  this run: {r['images']} images in {r['seconds']:.1f} s on {r['workers']} worker(s): "
              f"{r['images_per_s']:.2f} img/s, {r['image_steps_per_s']:.1f} image-steps/s, model busy {busy}"]
     for image_id, status, error in (bad_rows or [])[:limit]:
@@ -157,5 +173,5 @@ def started_now() -> str:
     return utc_now()
 
 
-__all__ = ["GalleryJob", "Plan", "bad_rows", "format_summary", "make_plan", "prepare_store", "run_record",
-           "run_shards", "summary"]
+__all__ = ["GalleryJob", "Plan", "bad_rows", "check_inputs", "format_summary", "make_plan", "prepare_store",
+           "run_record", "run_shards", "summary"]

@@ -3,7 +3,8 @@
 Layout of ``DIR``::
 
     DIR/config.json                   what every row depends on (model weights, D, seed, alignment,
-                                      shard size, the id set); written once, checked on every rerun
+                                      shard size, the input rules, the id set); written once, checked
+                                      on every rerun
     DIR/shards/shard-000042.safetensors
         tensors   "embeddings"  float32 (n_ok, D): defended embeddings, one row per embedded image
                   "chips"       uint8 (n_ok, H, W, 3): the defended chips (only with --save-chips)
@@ -89,15 +90,16 @@ _OPTION = {"model": "--model", "weights_sha256": "the model weights", "defense":
            "seed": "--seed", "alignment": "the alignment (--aligned / the model's aligner)",
            "shard_size": "--shard-size", "ids_sha256": "the set of input images (--input)",
            "n_images": "the set of input images (--input)", "save_chips": "--save-chips",
-           "format": "the store format"}
+           "input": "the input rules (--on-bad / --no-face)", "format": "the store format"}
 
 
 # The command-line option of each recorded job option.
 _FLAG = {"model": "--model", "defense": "--defense", "eps": "--defense-eps", "steps": "--defense-steps",
          "objective": "--defense-objective", "seed": "--seed", "aligned": "--aligned", "shard_size": "--shard-size",
-         "batch_size": "--batch-size", "precision": "--precision", "save_chips": "--save-chips"}
+         "batch_size": "--batch-size", "precision": "--precision", "save_chips": "--save-chips",
+         "on_bad": "--on-bad", "no_face": "--no-face"}
 # Keys that follow from the options: named only when no option explains the change.
-_DERIVED = ("model", "defense", "seed", "alignment.aligned", "shard_size", "save_chips")
+_DERIVED = ("model", "defense", "seed", "alignment.aligned", "shard_size", "save_chips", "input")
 
 
 def describe_changes(old: dict, new: dict) -> str:

@@ -4,11 +4,14 @@ into shard bytes (:func:`advface_fast.jobs.shard_store.encode_shard`).
 ``GalleryConfig`` is the job's picklable description (what a torchrun rank or a Ray task needs to
 rebuild the worker); ``store_config()`` is what the store records and checks on every rerun.
 
-Bad input never stops a shard: every image gets a row. Statuses: ``ok`` (embedded), ``bad``
-(missing, 0-byte, truncated or undecodable file, unsupported format, a chip of the wrong size with
-``--aligned``), ``no_face`` (no detector found a face; the centre box is never used for a gallery).
-Grayscale, palette, CMYK or alpha images are converted to RGB (alpha onto white) and embedded; their
-row says so in its error column.
+Bad input follows the input policy every command shares (``--on-bad``, ``--no-face``;
+:mod:`advface_fast.data.policy`), recorded in the store's config. A bad file (missing, 0-byte,
+truncated or undecodable, unsupported format, not RGB, a chip of the wrong size with ``--aligned``)
+gets a ``bad`` row with the reason (on_bad "skip") or stops the job with an error naming it ("error";
+"convert" converts grayscale / palette / CMYK / alpha images to RGB, alpha onto white, and stops on
+the rest). An image where no detector finds a face gets a ``no_face`` row (no_face "skip"), is
+embedded on the fixed centre box ("center") or stops the job ("error"). Conversions and centre boxes
+are said in the ok row's error column.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import numpy as np
 import torch
 
 from ..data.errors import DataError
-from ..data.images import read_image
+from ..data.images import conversion_of, probe_image, read_bytes, read_image
+from ..data.policy import InputPolicy
 from ..precision import resolve_precision
 from .shard_store import encode_shard
 from .sources import ImageRef, is_image_name
@@ -45,27 +49,18 @@ class GalleryConfig:
     batch_size: int = 32
     precision: str = "auto"  # D's gradients: auto = bf16 where the hardware has it (resolved by the worker)
     save_chips: bool = False
+    on_bad: str = "error"  # input rules (data.policy.InputPolicy): error | skip | convert
+    no_face: str = "center"  # error | skip | center
+
+    def __post_init__(self):
+        InputPolicy(on_bad=self.on_bad, no_face=self.no_face)  # a clear error for an unknown choice
+
+    @property
+    def policy(self) -> InputPolicy:
+        return InputPolicy(on_bad=self.on_bad, no_face=self.no_face)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _aligner_of(spec):
-    """(key, factory) of the model's aligner without the centre-box fallback: a gallery image
-    without a face gets a ``no_face`` row instead of an embedding of a guessed box."""
-    align = dict(spec.alignment)
-    if align.get("aligner", "dlib") == "mtcnn":
-        from ..align.mtcnn import MtcnnAligner, MtcnnConfig
-
-        cfg = MtcnnConfig(**{k: v for k, v in align.items() if k != "aligner"})
-        return cfg.key(), lambda: MtcnnAligner(cfg)
-    if align.get("aligner", "dlib") != "dlib":
-        raise ValueError(f"model {spec.name}: aligner {align['aligner']!r} is not supported by gallery jobs; "
-                         "align the images yourself and pass --aligned")
-    from ..align import AlignConfig, DlibAligner
-
-    cfg = AlignConfig(**{k: v for k, v in align.items() if k != "aligner"}, detector_chain=("hog", "cnn"))
-    return cfg.key(), lambda: DlibAligner(cfg)
 
 
 class ShardWorker:
@@ -96,8 +91,11 @@ class ShardWorker:
                                     seed=c.seed, precision=c.precision, batch_size=c.batch_size)
         if c.aligned:
             self.align_key, self._make_aligner = "aligned chips (--aligned)", None
-        else:
-            self.align_key, self._make_aligner = _aligner_of(spec)
+        else:  # the model's aligner as every command uses it: a faceless image gets the centre box (path "center")
+            from ..align import make_align_config
+
+            align = make_align_config(spec.alignment)
+            self.align_key, self._make_aligner = align.key(), align.make_aligner
         self._local = threading.local()
         self.weights_sha256 = weights_id(self.model)
 
@@ -108,42 +106,69 @@ class ShardWorker:
         return {"format": STORE_FORMAT, "model": c.model, "weights_sha256": self.weights_sha256,
                 "defense": self.defense.step_config(c.steps), "seed": c.seed,
                 "alignment": {"aligned": c.aligned, "aligner": self.align_key}, "shard_size": c.shard_size,
-                "save_chips": c.save_chips, "options": c.to_dict()}
+                "save_chips": c.save_chips, "input": c.policy.to_dict(), "options": c.to_dict()}
 
     # -- decoding (runs in background threads) ----------------------------------------------------
 
     def load(self, ref: ImageRef) -> tuple[np.ndarray | None, str, str | None]:
-        """(chip or None, status, error) of one image; never raises for bad input."""
-        if not is_image_name(ref.path):
-            return None, "bad", f"unsupported format ({ref.path.rsplit('.', 1)[-1] if '.' in ref.path else 'no suffix'})"
+        """(chip or None, status, error) of one image, by the input policy: a bad file is a ``bad`` row
+        or a DataError naming it, a faceless image a ``no_face`` row, a centre-box chip or a DataError."""
         try:
-            image, mode = read_image(ref.path, convert=True)
+            image, note = self._decode(ref)
+            if self._make_aligner is None:
+                if image.shape[:2] != self.input_size:
+                    h, w = self.input_size
+                    raise DataError(f"chip is {image.shape[0]}x{image.shape[1]}, expected {h}x{w} (--aligned)")
+                return image, "ok", note
+            aligner = getattr(self._local, "aligner", None)
+            if aligner is None:
+                aligner = self._local.aligner = self._make_aligner()
+            try:
+                chip, path = aligner.align(image)
+            except Exception as err:  # noqa: BLE001 - bad input must not pass as a crash
+                raise DataError(f"alignment failed ({type(err).__name__}: {err})") from None
         except DataError as err:
-            return None, "bad", err.reason
-        except Exception as err:  # noqa: BLE001 - bad input must never stop the job
-            return None, "bad", f"cannot decode ({type(err).__name__}: {err})"
-        if self._make_aligner is None:
-            if image.shape[:2] != self.input_size:
-                h, w = self.input_size
-                return None, "bad", f"chip is {image.shape[0]}x{image.shape[1]}, expected {h}x{w} (--aligned)"
-            return image, "ok", self._note(mode)
-        aligner = getattr(self._local, "aligner", None)
-        if aligner is None:
-            aligner = self._local.aligner = self._make_aligner()
-        from ..align import NoFaceError
-
-        try:
-            chip, _ = aligner.align(image)
-        except NoFaceError:
+            return self._bad(ref, err.reason)
+        if path != "center":
+            return chip, "ok", note
+        if self.config.no_face == "skip":
             return None, "no_face", "no face detected"
-        except Exception as err:  # noqa: BLE001
-            return None, "bad", f"alignment failed ({type(err).__name__}: {err})"
-        return chip, "ok", self._note(mode)
+        if self.config.no_face == "error":
+            raise DataError("no face detected; use --no-face skip to give it a no_face row, or --no-face center "
+                            "to embed its centre box", file=ref.path)
+        return chip, "ok", "; ".join(filter(None, [note, "no face detected: the centre box is embedded"]))
 
-    @staticmethod
-    def _note(mode: str) -> str | None:
-        """An ok row's error column says when the image was converted to RGB (grayscale, CMYK, ...)."""
-        return None if mode == "RGB" else f"converted from mode {mode} to RGB"
+    def check(self, ref: ImageRef) -> None:
+        """The cheap part of load (name, header and tail; no decoding or alignment): a DataError now
+        for a file load would refuse (on_bad "error" / "convert"), so the job can stop before any work."""
+        try:
+            if not is_image_name(ref.path):
+                raise DataError(_unsupported(ref.path))
+            probe_image(ref.path, name=ref.path, convert=self.config.on_bad == "convert")
+        except DataError as err:
+            self._bad(ref, err.reason)
+
+    def _decode(self, ref: ImageRef) -> tuple[np.ndarray, str | None]:
+        """(uint8 RGB image, what conversion was made or None); a DataError for a file it cannot use."""
+        if not is_image_name(ref.path):
+            raise DataError(_unsupported(ref.path))
+        data, _ = read_bytes(ref.path)
+        try:
+            image, mode = read_image(data, name=ref.path, convert=self.config.on_bad == "convert")
+        except DataError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged file can make a decoder raise anything
+            raise DataError(f"cannot decode ({type(err).__name__}: {err})") from None
+        return image, (None if mode == "RGB" else f"converted {conversion_of(data)}")
+
+    def _bad(self, ref: ImageRef, reason: str) -> tuple[None, str, str]:
+        """A ``bad`` row (on_bad "skip"), else the one-line error naming the file."""
+        if self.config.on_bad == "skip":
+            return None, "bad", reason
+        hint = "; use --on-bad skip to give it a bad row and go on"
+        if "mode" in reason and self.config.on_bad != "convert":
+            hint += ", or --on-bad convert to convert it to RGB"
+        raise DataError(reason + hint, file=ref.path)
 
     # -- the model side --------------------------------------------------------------------------
 
@@ -190,6 +215,10 @@ class ShardWorker:
                     chunk = torch.cat([chunk, chunk[-1:].expand(b - n, *chunk.shape[1:])])
                 out.append(self.model(chunk).float()[:n].cpu())
         return torch.cat(out)
+
+
+def _unsupported(path: str) -> str:
+    return f"unsupported format ({path.rsplit('.', 1)[-1] if '.' in path else 'no suffix'})"
 
 
 __all__ = ["GalleryConfig", "ShardWorker"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import (EPILOG_PATHS, _float_list, _int_list, _pair_count, add_threads_option, apply_threads, lfw_path,
-                   parse_folds)
+from ..cli import (EPILOG_PATHS, _check_pairs_file, _float_list, _int_list, _pair_count, add_input_options,
+                   add_threads_option, apply_threads, input_policy, lfw_path, parse_folds)
 from ..precision import PRECISIONS
 
 
@@ -16,7 +16,9 @@ def cmd_advtrain(args) -> int:
     from . import TrainConfig
     from .run import run_advtrain
 
+    _check_pairs_file(args)
     apply_threads(args)
+    policy = input_policy(args)
     eval_attacks = tuple(a for a in args.eval_attacks.split(",") if a)
     if args.eval_only:
         from .run import evaluate_run
@@ -24,18 +26,16 @@ def cmd_advtrain(args) -> int:
         ev = evaluate_run(lfw_path(args), args.out, args.test_folds, model=args.model, eval_out=args.eval_out,
                           eval_attacks=eval_attacks, eval_eps=args.eval_eps, eval_steps=args.eval_steps,
                           eval_pairs=args.eval_pairs, eval_precision=args.precision, seed=args.seed,
-                          workers=args.workers, progress=not args.quiet)
-        rows = ", ".join(f"{k} {100 * v:.1f}%" for k, v in ev["rows"].items())
-        print(f"held-out folds {ev['held_out_folds']} ({ev['n_pairs']} pairs): clean {100 * ev['clean_accuracy']:.1f}%"
-              + (f", {rows}" if rows else "") + f"; wrote {ev['file']}")
+                          policy=policy, pairs_file=args.pairs_file, workers=args.workers, progress=not args.quiet)
+        _print_evaluation(ev, ev["file"])
         return 0
     cfg = TrainConfig(method=args.method, eps=args.eps, steps=1 if args.method == "fgsm-rs" else args.steps,
                       alpha=args.alpha, epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
                       lr=args.lr, weight_decay=args.weight_decay, scale=args.scale, margin=args.margin,
                       seed=args.seed, precision=args.precision)
     report = run_advtrain(lfw_path(args), cfg, args.out, model=args.model, test_folds=args.test_folds,
-                          people_file=args.people_file, max_identities=args.max_identities,
-                          max_images_per_identity=args.max_images_per_identity, resume=args.resume,
+                          people_file=args.people_file, pairs_file=args.pairs_file, max_identities=args.max_identities,
+                          max_images_per_identity=args.max_images_per_identity, policy=policy, resume=args.resume,
                           checkpoint_every=args.checkpoint_every, evaluate=not args.no_eval,
                           eval_attacks=eval_attacks, eval_eps=args.eval_eps,
                           eval_steps=args.eval_steps, eval_pairs=args.eval_pairs, eval_precision=args.precision,
@@ -43,45 +43,56 @@ def cmd_advtrain(args) -> int:
     split = report["split"]
     print(f"trained {args.model} ({args.method}) on {split['n_identities']} identities / {split['n_images']} images "
           f"outside folds {split['test_folds']}: {report['epochs_done']} epoch(s)")
+    if _training_input_summary(split["input"]):
+        print(_training_input_summary(split["input"]))
     for r in report["history"]:
         rob = "—" if r["robust_accuracy"] is None else f"{100 * r['robust_accuracy']:.1f}%"
         print(f"  epoch {r['epoch']}: loss {r['loss']:.4f}, clean train acc {100 * r['clean_accuracy']:.1f}%, "
               f"robust train acc {rob}, {r['images_per_s']} img/s")
     ev = report.get("evaluation")
     if ev:
-        rows = ", ".join(f"{k} {100 * v:.1f}%" for k, v in ev["rows"].items())
-        print(f"held-out folds {ev['held_out_folds']} ({ev['n_pairs']} pairs): clean {100 * ev['clean_accuracy']:.1f}%"
-              + (f", {rows}" if rows else ""))
+        _print_evaluation(ev)
     if args.json:
         print(json.dumps(report, indent=1))
     print(f"wrote weights.safetensors, checkpoint.safetensors, log.jsonl, train.json to {args.out}")
     return 0
 
 
-def cmd_cost(args) -> int:
-    import json
+def _print_evaluation(ev: dict, wrote: str | None = None) -> None:
+    from ..pair_chips import format_input_summary
 
-    from ..fileio import write_json_atomic, write_text_atomic
+    rows = ", ".join(f"{k} {100 * v:.1f}%" for k, v in ev["rows"].items())
+    print(f"held-out folds {ev['held_out_folds']} ({ev['n_pairs']} pairs): clean {100 * ev['clean_accuracy']:.1f}%"
+          + (f", {rows}" if rows else "") + (f"; wrote {wrote}" if wrote else ""))
+    summary = format_input_summary(ev["input"], ev["file"])
+    if summary:
+        print(summary)
+
+
+def _training_input_summary(record: dict) -> str:
+    """One line on what the input rules did to the training images (each one is listed in split.json)."""
+    parts = []
+    if record["skipped"]:
+        parts.append(f"{len(record['skipped'])} image(s) dropped (--on-bad {record['on_bad']}, "
+                     f"--no-face {record['no_face']})")
+    if record["converted"]:
+        parts.append(f"{len(record['converted'])} image(s) converted to RGB (--on-bad convert)")
+    centre = [n for n in record["no_face_images"] if n["action"] != "dropped"]
+    if centre:
+        parts.append(f"{len(centre)} image(s) without a detected face, trained on the centre box (--no-face center)")
+    return f"training input: {'; '.join(parts)} (all in split.json)" if parts else ""
+
+
+def cmd_cost(args) -> int:
     from . import cost
 
     runs = cost.load_training_runs(args.train)
-    step_s = cost.attack_step_seconds(runs)
-    if args.defense_report:
-        defense = cost.defense_rows(json.loads(Path(args.defense_report).read_text()), step_seconds=step_s)
-    else:
-        if step_s is None:
-            raise ValueError("no attack steps were measured in these training runs; give --defense-report FILE "
-                             "or include an adversarially trained run")
-        defense = cost.estimated_defense_rows(args.defense_steps, step_s)
-    report = cost.cost_report(runs, defense, full_images=args.full_images, full_epochs=args.epochs_full,
-                              gallery_images=args.gallery_images, step_seconds=step_s)
-    md = cost.cost_markdown(report)
-    print(md)
+    reports = cost.load_defense_reports(args.defense_report or [])
+    report = cost.cost_from(runs, reports, defense_steps=args.defense_steps, eps=args.eps,
+                            full_images=args.full_images, full_epochs=args.epochs_full,
+                            gallery_images=args.gallery_images)
+    print(cost.write_cost(report, args.out, queries=args.queries) if args.out else cost.cost_markdown(report))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(args.out / "cost.json", report, indent=2)
-        write_text_atomic(args.out / "cost.md", md)
-        cost.plot_cost(report, args.out / "accuracy_vs_compute.png", queries=args.queries)
         print(f"wrote cost.json, cost.md, accuracy_vs_compute.png to {args.out}")
     return 0
 
@@ -142,6 +153,7 @@ def add_subparsers(sub) -> None:
     p.add_argument("--eval-steps", type=_int_list, default=(10,), metavar="LIST", help="PGD / C&W steps (default: 10)")
     p.add_argument("--eval-pairs", type=_pair_count, metavar="N", help="judge the first N held-out pairs (half matched)")
     p.add_argument("--workers", type=int, metavar="N", help="alignment processes (default: all cores)")
+    add_input_options(p)
     add_threads_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="also print train.json")
@@ -153,13 +165,19 @@ def add_subparsers(sub) -> None:
         description="Training: measured seconds and image-steps per training image per epoch from advtrain runs, "
                     "their totals and the extrapolation to CASIA-WebFace scale (--full-images x --epochs-full). "
                     "Defense: image-steps and seconds per query and per gallery image from --defense-report "
-                    "(defend.json), else estimated as D steps x the attack step time measured in the training runs. "
-                    "Then the break-even number of queries and the accuracy each approach buys, and a plot of "
-                    "robust accuracy vs compute.",
-        epilog="example:\n  advface cost --train runs/clean runs/pgd runs/fgsm --defense-report runs/defend/defend.json "
-               "--out runs/cost")
+                    "(defend.json reports, merged per D setting), else estimated as D steps x the attack step time "
+                    "measured in the training runs. Then the break-even number of queries, the accuracy each "
+                    "approach buys at --eps (clean; static: the strongest attack measured; adaptive: the per-pair "
+                    "worst case of the defense's adaptive evaluation, and for a trained model its white-box attack) "
+                    "and a plot of worst-case robust accuracy vs compute, one curve per approach.",
+        epilog="example:\n  advface cost --train runs/clean runs/pgd runs/fgsm --defense-report runs/pgd_adaptive/defend.json "
+               "runs/cw_adaptive/defend.json --out runs/cost")
     p.add_argument("--train", nargs="+", required=True, metavar="DIR", help="advtrain run folders (or train.json files)")
-    p.add_argument("--defense-report", metavar="FILE", help="defend.json of the defense runs")
+    p.add_argument("--defense-report", nargs="+", metavar="FILE",
+                   help="defend.json reports of the defense runs (e.g. D = PGD and D = C&W with --adaptive, and a "
+                        "static D = FGSM run); reports on the same pairs merge per D setting")
+    p.add_argument("--eps", type=float, default=4.0,
+                   help="the attack budget (0-255 levels) at which every accuracy is compared (default: %(default)s)")
     p.add_argument("--defense-steps", type=_int_list, default=(10, 40), metavar="LIST",
                    help="without a report: defense step counts D to estimate (default: 10,40)")
     p.add_argument("--full-images", type=int, default=494_414, help="training set size to extrapolate to "

@@ -16,14 +16,16 @@ Examples (official LFW, identities with >= 2 images): held out fold 10 -> 1,499 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..data import DataError, image_id, parse_pairs, parse_people
-from ..data.images import read_image
+from ..data.images import conversion_of, probe_image, read_bytes, read_image
 from ..data.paths import resolve_lfw_path, shown_path
+from ..data.policy import InputPolicy
 
 IMAGE_DIR_NAMES = ("lfw-deepfunneled", "lfw_funneled", "lfw")
 
@@ -46,6 +48,22 @@ class TrainSplit:
     def summary(self) -> dict:
         return {"test_folds": list(self.test_folds), "n_identities": self.n_identities,
                 "n_images": len(self.image_ids), **self.stats}
+
+    def without(self, images) -> "TrainSplit":
+        """The split without ``images`` (ids, e.g. bad input); an identity left with fewer than
+        ``min_images`` images goes too (listed in stats["identities_dropped"]), and labels are renumbered."""
+        images = set(images)
+        kept = [(i, label) for i, label in zip(self.image_ids, self.labels) if i not in images]
+        counts = Counter(label for _, label in kept)
+        keep = [k for k in range(self.n_identities) if counts[k] >= self.stats.get("min_images", 2)]
+        if not keep:
+            raise DataError("no training identities left after dropping the unusable images")
+        new_label = {k: n for n, k in enumerate(keep)}
+        kept = [(i, new_label[label]) for i, label in kept if label in new_label]
+        dropped = [name for k, name in enumerate(self.identities) if k not in new_label]
+        return replace(self, identities=tuple(self.identities[k] for k in keep), image_ids=tuple(i for i, _ in kept),
+                       labels=tuple(label for _, label in kept),
+                       stats={**self.stats, "identities_dropped": self.stats.get("identities_dropped", []) + dropped})
 
 
 def _check_folds(test_folds, n_folds: int) -> tuple[int, ...]:
@@ -125,36 +143,73 @@ def image_folder(lfw) -> Path:
     return found[0]
 
 
-def load_train_chips(lfw, split: TrainSplit, model: str = "dlib-resnet", *, cache_dir=None, workers=None,
-                     progress: bool = True) -> tuple[np.ndarray, dict]:
-    """Aligned chips (uint8 N x S x S x 3, in ``split.image_ids`` order) for ``model``'s alignment,
-    through the chip cache (keyed by each image's content hash, as the verification pipeline)."""
+def load_train_chips(lfw, split: TrainSplit, model: str = "dlib-resnet", *, policy: InputPolicy | None = None,
+                     cache_dir=None, workers=None, progress: bool = True) -> tuple[np.ndarray, dict, TrainSplit]:
+    """Aligned chips for ``model``'s alignment, through the chip cache (keyed by each image's content
+    hash, as the verification pipeline): (uint8 N x S x S x 3 chips, info, the split they are of).
+
+    The input rules (``policy``, as every command: data.policy.InputPolicy) decide what happens to a
+    training image that cannot be used as it is (checked by name, header and tail before aligning:
+    stop with an error naming it, drop it, or convert it to RGB) and to one where no detector finds a
+    face (train on the centre box, drop it, or stop). The split returned is ``split`` without the
+    dropped images (see TrainSplit.without); ``info["input"]`` says what was done to which image.
+    """
     from ..align import AlignConfig, align_images
     from ..data.checksums import sha256_bytes
     from ..models import get_model_spec
     from ..pair_chips import CHIP_CACHE_SCHEME
 
+    policy = policy or InputPolicy()
+    convert = policy.on_bad == "convert"
     folder = image_folder(lfw)
-    data = {}
+    data, problems, converted = {}, {}, {}
     for i in split.image_ids:
         path = folder / f"{i}.jpg"
         try:
-            data[i] = path.read_bytes()
-        except FileNotFoundError:
-            raise DataError("training image is missing (people.txt lists it)", file=path) from None
-    digest = {i: sha256_bytes(b) for i, b in data.items()}
-    first = {}
+            data[i], _ = read_bytes(path)
+            mode = probe_image(data[i], name=str(path), convert=convert)
+        except DataError as err:
+            problems[i] = err
+            continue
+        if mode != "RGB":
+            converted[i] = f"converted {conversion_of(data[i])}"
+    if problems and policy.on_bad != "skip":
+        first = next(iter(problems.values()))
+        more = f" ({len(problems) - 1} more bad image(s))" if len(problems) > 1 else ""
+        raise DataError(f"{first.reason}{more}; use --on-bad skip (on_bad='skip') to train without it"
+                        + (", or --on-bad convert to convert it to RGB" if "mode" in first.reason else ""),
+                        file=first.file)
+    usable = [i for i in split.image_ids if i not in problems]
+    digest = {i: sha256_bytes(data[i]) for i in usable}
+    first_id = {}
     for i, d in digest.items():
-        first.setdefault(d, i)
+        first_id.setdefault(d, i)
     config = AlignConfig(**get_model_spec(model).alignment)
-    chips = align_images(list(first), lambda d: read_image(data[first[d]], name=first[d])[0], config,
-                         cache_dir=cache_dir, dataset_fingerprint=CHIP_CACHE_SCHEME, progress=progress,
+    chips = align_images(list(first_id),
+                         lambda d: read_image(data[first_id[d]], name=str(folder / f"{first_id[d]}.jpg"),
+                                              convert=convert)[0],
+                         config, cache_dir=cache_dir, dataset_fingerprint=CHIP_CACHE_SCHEME, progress=progress,
                          workers=workers)
-    rows = np.array([chips.index(digest[i]) for i in split.image_ids], dtype=np.int64)
+    # "center" is the path of an image where no detector found a face (the fixed box was used).
+    faceless = [i for i in usable if chips.paths[chips.index(digest[i])] == "center"]
+    if faceless and policy.no_face == "error":
+        shown = ", ".join(faceless[:5]) + (f" and {len(faceless) - 5} more" if len(faceless) > 5 else "")
+        raise DataError(f"no face detected in {len(faceless)} training image(s): {shown}; use --no-face center "
+                        "(no_face='center') to train on the centre box, or --no-face skip to train without them",
+                        file=folder)
+    dropped = {i: err.reason for i, err in problems.items()}
+    if policy.no_face == "skip":
+        dropped.update(dict.fromkeys(faceless, "no face detected"))
+    used = split.without(dropped) if dropped else split
+    rows = np.array([chips.index(digest[i]) for i in used.image_ids], dtype=np.int64)
     paths = {}
     for r in rows.tolist():
         paths[chips.paths[r]] = paths.get(chips.paths[r], 0) + 1
-    return chips.chips[rows], {"alignment_paths": paths}
+    action = "dropped" if policy.no_face == "skip" else "trained on the centre box"
+    record = {**policy.to_dict(), "skipped": [{"image": i, "reason": r} for i, r in dropped.items()],
+              "converted": [{"image": i, "reason": c} for i, c in converted.items()],
+              "no_face_images": [{"image": i, "action": action} for i in faceless]}
+    return chips.chips[rows], {"alignment_paths": paths, "input": record}, used
 
 
 __all__ = ["TrainSplit", "image_folder", "load_train_chips", "make_split"]
