@@ -478,8 +478,9 @@ def cost_markdown(report: dict) -> str:
     if any(d["adaptive_accuracy"] is None for d in measured):
         lines.append("² No adaptive evaluation of this D setting: only its static number is known, an upper bound "
                      "on its robust accuracy.")
-    lines += ["", f"### Break-even queries (defense cost = training cost; gallery of {a['gallery_images']} images "
-                  "paid once)", "",
+    gallery = (f"plus a gallery of {a['gallery_images']:,} images defended once" if a["gallery_images"]
+               else "queries only; each gallery image adds one query's cost, once")
+    lines += ["", f"### Break-even queries (defense cost = training cost; {gallery})", "",
               "| training | defense | run (s) | run (image-steps) | full scale (s) | full scale (image-steps) "
               "| full scale, extra over clean (s) | full scale, extra over clean (image-steps) |",
               "|---|---|---|---|---|---|---|---|"]
