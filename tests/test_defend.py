@@ -253,3 +253,24 @@ def test_clean_embeddings_are_stored_once_per_chip(pairs, tiny, tmp_path):
     np.testing.assert_array_equal(first.embeddings, second.embeddings)
     np.testing.assert_allclose(first.embeddings, embed_chips(tiny, pairs.chips.chips, batch_size=64), atol=1e-6)
     assert first.thresholds == second.thresholds
+
+
+def test_price_vs_gain_plots_the_adaptive_worst_case_beside_the_static_rows(tmp_path):
+    """The trade-off plot over eps_d shows what D buys against attackers who know it, not only the static
+    rows: on the committed eps_d sweep the worst-case points are the reports' own worst cases."""
+    import json
+    from pathlib import Path
+
+    from advface_fast.experiments.defense_render import plot_tradeoff
+
+    report = json.loads((Path(__file__).parents[1] / "benchmarks/results/defense_eps_sweep/defend.json").read_text())
+    points = plot_tradeoff(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
+    worst = {ed: gain for ed, _, gain in points["worst_case"][("pgd", 4.0)]}
+    want = {a["defense_eps"]: next(w["accuracy"] for w in a["worst_case"] if w["pairs"] == "all pairs")
+            for a in report["adaptive"]}
+    und = min(r["undefended_accuracy"] for r in report["rows"] if r["query"] != "clean")
+    assert sorted(worst) == [1.0, 2.0, 4.0, 8.0]
+    assert all(abs(worst[e] - 100 * (want[e] - und)) < 1e-9 for e in worst)
+    static = points["static"]
+    assert all(len(pts) == 4 for pts in static.values()) and len(static) == 3  # three attacked queries x 4 eps_d

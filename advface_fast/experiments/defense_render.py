@@ -159,8 +159,9 @@ def plot_steps(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_tradeoff(report: dict, path: Path) -> None:
-    """Price (clean accuracy lost) vs gain (attacked accuracy won) over ε_d, at D's largest steps."""
+def plot_tradeoff(report: dict, path: Path) -> dict:
+    """Price (clean accuracy lost) vs gain (attacked accuracy won) over ε_d, at D's largest steps; with
+    an adaptive evaluation also the per-pair worst case (at the adaptive D's steps) — the real gain."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
     top = {}
@@ -176,9 +177,29 @@ def plot_tradeoff(report: dict, path: Path) -> None:
         price = 100 * (clean["undefended_accuracy"] - clean["accuracy"])
         gain = 100 * (r["accuracy"] - r["undefended_accuracy"])
         series.setdefault((r["defense"], r["query"], r["eps"]), []).append((r["defense_eps"], price, gain))
+    worst: dict = {}  # the adaptive per-pair worst case: what D really buys against attackers who know it
+    for a in report.get("adaptive", []):
+        for w in a["worst_case"]:
+            if w["pairs"] != "all pairs":
+                continue
+            clean = next((c for c in report["rows"] if c["query"] == "clean" and c["defense"] == a["defense"]
+                          and c["defense_eps"] == a["defense_eps"] and c["defense_steps"] == a["defense_steps"]), None)
+            static = [r["undefended_accuracy"] for r in report["rows"] if r["query"] != "clean"
+                      and r["eps"] <= w["eps"] + 1e-9 and r["undefended_accuracy"] is not None]
+            if clean is None or not static:
+                continue
+            price = 100 * (clean["undefended_accuracy"] - clean["accuracy"])
+            gain = 100 * (w["accuracy"] - min(static))  # vs the undefended model's worst static row
+            worst.setdefault((a["defense"], w["eps"]), []).append((a["defense_eps"], price, gain))
     for (d, q, e), pts in series.items():
         pts.sort()
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=f"D={d}, query {q} ε={e:g}")
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=f"D={d}, query {q} ε={e:g} (static)")
+        for ed, x, y in pts:
+            ax.annotate(f"ε_d={ed:g}", (x, y), fontsize=6)
+    for (d, e), pts in worst.items():
+        pts.sort()
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="s", color="black", linewidth=2,
+                label=f"D={d}: adaptive per-pair worst case, ε_a={e:g}")
         for ed, x, y in pts:
             ax.annotate(f"ε_d={ed:g}", (x, y), fontsize=6)
     ax.set_xlabel("price: clean accuracy lost (points)")
@@ -188,6 +209,7 @@ def plot_tradeoff(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+    return {"static": series, "worst_case": worst}  # (ε_d, price, gain) points, as plotted
 
 
 def plot_adaptive(report: dict, path: Path) -> bool:
