@@ -173,7 +173,9 @@ def report_markdown(report: dict) -> str:
         "",
         f"Times: Table 1 {times['table1']} s, Tables 2-4 + adaptive {times['tables_2_4_and_adaptive']} s, total "
         f"{times['total']} s. Work done by this run: D on {w['defense_images_computed']} images, "
-        f"{w['attacked_pairs']} pairs attacked (0 and 0: everything came from the caches).",
+        f"{w['attacked_pairs']} pairs attacked"
+        + (" (everything came from the caches)." if not (w["defense_images_computed"] or w["attacked_pairs"])
+           else " (the rest came from the caches)."),
         f"Image-steps the report rests on: {reuse['image_steps_with_reuse']:,} with reuse vs "
         f"{reuse['image_steps_naive']:,} for a naive run without reuse ({reuse['note']}).",
         "",
