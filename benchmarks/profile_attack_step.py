@@ -111,6 +111,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--gemm-size", type=int, default=2048, help="GEMM side for the reference rates")
     ap.add_argument("--torchattacks-rate", type=float,
                     help="torchattacks' fp32 PGD image-steps/s measured on this machine (for the ceiling ratio)")
+    ap.add_argument("--frozen-convs", action="store_true",
+                    help="also profile the fast path with FrozenConv2d (make_fast(frozen_convs=True))")
     ap.add_argument("--out", type=Path, help="write the JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -119,6 +121,9 @@ def main(argv=None) -> dict:
     plain = create_model("dlib-resnet")
     configs = {"fp32 eager (plain model, NCHW)": PGD(plain, eps=4, precision="fp32"),
                f"fast path ({precision}, channels_last, folded)": PGD(make_fast(plain), eps=4, precision=precision)}
+    if args.frozen_convs:  # the switch under test: the fast path with FrozenConv2d (before / after in one run)
+        configs[f"fast path + frozen convs ({precision})"] = PGD(make_fast(plain, frozen_convs=True), eps=4,
+                                                                 precision=precision)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (args.batch, 3, 150, 150), generator=gen).float().div_(255.0)
     with torch.no_grad():

@@ -2,8 +2,8 @@
 
     python benchmarks/threads_vs_load.py --threads 1,2 --out benchmarks/results/threads_vs_load.json
 
-The evidence behind ``advface_fast.threads.default_threads`` (usable cores minus the rounded
-1-minute load average, at least 1): run it on an idle machine and next to other jobs. One attack
+The evidence behind ``advface_fast.threads.default_threads`` (usable cores minus the tasks other
+processes keep runnable now, at least 1): run it on an idle machine and next to other jobs. One attack
 step is ``Attack._ascent_gradient`` of PGD (bf16 where native, the fast dlib-resnet) on a batch of
 N x 3 x 150 x 150 images; every round times every thread count (warm-up step first, order rotated),
 so load changes hit all counts alike. Reports median and worst step time per thread count, the

@@ -268,12 +268,39 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
     import advface_fast.threads as threads
 
     monkeypatch.setattr(threads, "usable_cores", lambda: 8)
+    # what other processes keep runnable NOW decides, not the lagging 1-minute load average: a machine
+    # that just finished a job (load average still high) gets all its cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (7.5, 0.0, 0.0))
+    for running, want in ((0, 8), (5, 3), (30, 1)):
+        monkeypatch.setattr(threads, "running_elsewhere", lambda r=running: float(r))
+        assert threads.default_threads()[0] == want
+    # without /proc/stat, the load average is the fallback
+    monkeypatch.setattr(threads, "running_elsewhere", lambda: None)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
     assert threads.default_threads()[0] == 8
     monkeypatch.setattr(os, "getloadavg", lambda: (5.4, 0.0, 0.0))
     assert threads.default_threads()[0] == 3
     monkeypatch.setattr(os, "getloadavg", lambda: (30.0, 0.0, 0.0))
     assert threads.default_threads()[0] == 1
+
+
+def test_running_elsewhere_counts_a_busy_neighbour():
+    """A real busy process elsewhere shows up as one more runnable task (this process excluded)."""
+    import subprocess
+    import sys
+
+    import advface_fast.threads as threads
+
+    idle = threads.running_elsewhere(samples=9)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+        time.sleep(0.3)
+        loaded = threads.running_elsewhere(samples=9)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert idle is not None and loaded is not None and loaded >= 1
 
 
 # -- interruption ---------------------------------------------------------------------------------
