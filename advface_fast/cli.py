@@ -105,7 +105,7 @@ def add_threads_option(p: argparse.ArgumentParser) -> None:
     """--threads: torch's CPU threads for this command (see advface_fast.threads)."""
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for the model (torch intra- and inter-op). Default: the usable cores "
-                        "minus the ones other processes keep busy (1-minute load average), at least 1 - a "
+                        "minus the ones other processes keep busy (tasks runnable now, from /proc/stat), at least 1 - a "
                         "thread pool larger than the free cores runs many times slower, not faster. "
                         "Recorded in every results file")
 
