@@ -198,7 +198,7 @@ def test_help_states_the_defaults(capsys):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "(center, the default" in text and "(error, the default)" in text
-        assert "--threads N" in text and "load average" in text and "--pairs-file FILE" in text
+        assert "--threads N" in text and "tasks runnable now" in text and "--pairs-file FILE" in text
 
 
 def _custom_pairs(lfw_ci: Path, folder: Path) -> Path:

@@ -17,24 +17,17 @@ def _names(text: str, allowed, what: str) -> tuple:
 
 
 def _adaptive_options(args) -> dict:
-    opts = {}
-    if args.eot is not None:
-        opts["eot"] = args.eot
-    if args.copy_steps is not None:
+    opts = {field: getattr(args, option) for option, field in _ADAPTIVE_FIELDS.items()
+            if getattr(args, option) is not None}
+    if args.copy_steps is not None:  # 0 on the command line = the full D
         opts["copy_steps"] = tuple(None if k == 0 else k for k in args.copy_steps)
-    if args.adaptive_steps is not None:
-        opts["steps"] = args.adaptive_steps
-    if args.adaptive_eps is not None:
-        opts["eps"] = args.adaptive_eps
-    if args.kappa is not None:
-        opts["kappas"] = args.kappa
-    if args.sweep_pairs is not None:
-        opts["sweep_pairs"] = args.sweep_pairs
-    if args.adaptive_defense_steps is not None:
-        opts["defense_steps"] = args.adaptive_defense_steps
-    if args.eot_redraw is not None:
-        opts["eot_redraw"] = args.eot_redraw
     return opts
+
+
+# command-line option -> AdaptiveConfig field (given only when the option was)
+_ADAPTIVE_FIELDS = {"eot": "eot", "adaptive_steps": "steps", "adaptive_eps": "eps", "kappa": "kappas",
+                    "sweep_pairs": "sweep_pairs", "adaptive_defense_steps": "defense_steps",
+                    "eot_redraw": "eot_redraw"}
 
 
 def cmd_defend(args) -> int:
