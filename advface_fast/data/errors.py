@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,17 @@ class DataError(ValueError):
         if line is not None:
             where = f"{where}:{line}" if where else f"line {line}"
         super().__init__(f"{where}: {reason}" if where else reason)
+
+
+def bad_input_error(problems: Iterable[DataError], remedy: str, convert_hint: bool = True) -> DataError:
+    """The one-line error that stops a run on bad input (on_bad "error" / "convert"): the first problem,
+    how many more there are, and ``remedy`` (e.g. "use --on-bad skip ... to drop the pairs that use it");
+    a mode problem also suggests --on-bad convert (unless ``convert_hint`` is False)."""
+    problems = list(problems)
+    first = problems[0]
+    more = f" ({len(problems) - 1} more bad image(s))" if len(problems) > 1 else ""
+    hint = ", or --on-bad convert to convert it to RGB" if convert_hint and "mode" in first.reason else ""
+    return DataError(f"{first.reason}{more}; {remedy}{hint}", file=first.file, line=first.line)
 
 
 @dataclass(frozen=True)

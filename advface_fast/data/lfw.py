@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .checksums import PUBLISHED_SHA256, SUMS_NAME, read_sha256sums, sha256_bytes, sha256_file, verify_file
-from .errors import DataError, DataIssue, check_on_bad
+from .errors import DataError, DataIssue, bad_input_error, check_on_bad
 from .images import conversion_of, probe_image, read_bytes, read_image
 from .policy import DataWarning
 from .insightface_bin import BIN_FOLDS, bin_pairs, load_bin
@@ -269,11 +269,7 @@ def _drop_bad_pairs(pairs, lines, problems, *, on_bad: str, pairs_label: str):
     if not problems:
         return pairs, []
     if on_bad != "skip":
-        first = next(iter(problems.values()))
-        more = f" ({len(problems) - 1} more bad image(s))" if len(problems) > 1 else ""
-        raise DataError(f"{first.reason}{more}; use --on-bad skip (on_bad='skip') to drop the pairs that "
-                        "use it" + (", or --on-bad convert to convert it to RGB" if "mode" in first.reason else ""),
-                        file=first.file, line=first.line)
+        raise bad_input_error(problems.values(), "use --on-bad skip (on_bad='skip') to drop the pairs that use it")
     kept, skipped = [], []
     for pair, line in zip(pairs, lines):
         bad = [image for image in (pair.a, pair.b) if image in problems]

@@ -159,6 +159,13 @@ def plot_steps(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _price(report: dict, defense: str, eps_d: float, steps: int) -> float | None:
+    """Clean accuracy lost (points) by D (defense, eps_d, steps): undefended minus defended clean row."""
+    clean = next((c for c in report["rows"] if c["query"] == "clean" and c["defense"] == defense
+                  and c["defense_eps"] == eps_d and c["defense_steps"] == steps), None)
+    return None if clean is None else 100 * (clean["undefended_accuracy"] - clean["accuracy"])
+
+
 def plot_tradeoff(report: dict, path: Path) -> dict:
     """Price (clean accuracy lost) vs gain (attacked accuracy won) over ε_d, at D's largest steps; with
     an adaptive evaluation also the per-pair worst case (at the adaptive D's steps) — the real gain."""
@@ -172,34 +179,25 @@ def plot_tradeoff(report: dict, path: Path) -> dict:
     for r in report["rows"]:
         if r["defense_steps"] != top[(r["defense"], r["defense_eps"])] or r["query"] == "clean":
             continue
-        clean = next(c for c in report["rows"] if c["query"] == "clean" and c["defense"] == r["defense"]
-                     and c["defense_eps"] == r["defense_eps"] and c["defense_steps"] == r["defense_steps"])
-        price = 100 * (clean["undefended_accuracy"] - clean["accuracy"])
+        price = _price(report, r["defense"], r["defense_eps"], r["defense_steps"])
         gain = 100 * (r["accuracy"] - r["undefended_accuracy"])
         series.setdefault((r["defense"], r["query"], r["eps"]), []).append((r["defense_eps"], price, gain))
     worst: dict = {}  # the adaptive per-pair worst case: what D really buys against attackers who know it
     for a in report.get("adaptive", []):
+        price = _price(report, a["defense"], a["defense_eps"], a["defense_steps"])
         for w in a["worst_case"]:
-            if w["pairs"] != "all pairs":
+            undefended = [r["undefended_accuracy"] for r in report["rows"] if r["query"] != "clean"
+                          and r["eps"] <= w["eps"] + 1e-9 and r["undefended_accuracy"] is not None]
+            if w["pairs"] != "all pairs" or price is None or not undefended:
                 continue
-            clean = next((c for c in report["rows"] if c["query"] == "clean" and c["defense"] == a["defense"]
-                          and c["defense_eps"] == a["defense_eps"] and c["defense_steps"] == a["defense_steps"]), None)
-            static = [r["undefended_accuracy"] for r in report["rows"] if r["query"] != "clean"
-                      and r["eps"] <= w["eps"] + 1e-9 and r["undefended_accuracy"] is not None]
-            if clean is None or not static:
-                continue
-            price = 100 * (clean["undefended_accuracy"] - clean["accuracy"])
-            gain = 100 * (w["accuracy"] - min(static))  # vs the undefended model's worst static row
+            gain = 100 * (w["accuracy"] - min(undefended))  # vs the undefended model's worst static row
             worst.setdefault((a["defense"], w["eps"]), []).append((a["defense_eps"], price, gain))
-    for (d, q, e), pts in series.items():
+    curves = [(pts, dict(marker="o", label=f"D={d}, query {q} ε={e:g} (static)")) for (d, q, e), pts in series.items()]
+    curves += [(pts, dict(marker="s", color="black", linewidth=2, label=f"D={d}: adaptive per-pair worst case, ε_a={e:g}"))
+               for (d, e), pts in worst.items()]
+    for pts, style in curves:
         pts.sort()
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=f"D={d}, query {q} ε={e:g} (static)")
-        for ed, x, y in pts:
-            ax.annotate(f"ε_d={ed:g}", (x, y), fontsize=6)
-    for (d, e), pts in worst.items():
-        pts.sort()
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="s", color="black", linewidth=2,
-                label=f"D={d}: adaptive per-pair worst case, ε_a={e:g}")
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], **style)
         for ed, x, y in pts:
             ax.annotate(f"ε_d={ed:g}", (x, y), fontsize=6)
     ax.set_xlabel("price: clean accuracy lost (points)")

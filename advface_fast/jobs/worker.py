@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from ..data.errors import DataError
+from ..data.errors import DataError, bad_input_error
 from ..data.images import conversion_of, probe_image, read_bytes, read_image
 from ..data.policy import InputPolicy
 from ..precision import resolve_precision
@@ -165,10 +165,8 @@ class ShardWorker:
         """A ``bad`` row (on_bad "skip"), else the one-line error naming the file."""
         if self.config.on_bad == "skip":
             return None, "bad", reason
-        hint = "; use --on-bad skip to give it a bad row and go on"
-        if "mode" in reason and self.config.on_bad != "convert":
-            hint += ", or --on-bad convert to convert it to RGB"
-        raise DataError(reason + hint, file=ref.path)
+        raise bad_input_error([DataError(reason, file=ref.path)], "use --on-bad skip to give it a bad row and go on",
+                              convert_hint=self.config.on_bad != "convert")
 
     # -- the model side --------------------------------------------------------------------------
 

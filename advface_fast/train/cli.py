@@ -43,8 +43,9 @@ def cmd_advtrain(args) -> int:
     split = report["split"]
     print(f"trained {args.model} ({args.method}) on {split['n_identities']} identities / {split['n_images']} images "
           f"outside folds {split['test_folds']}: {report['epochs_done']} epoch(s)")
-    if _training_input_summary(split["input"]):
-        print(_training_input_summary(split["input"]))
+    input_line = _training_input_summary(split["input"])
+    if input_line:
+        print(input_line)
     for r in report["history"]:
         rob = "—" if r["robust_accuracy"] is None else f"{100 * r['robust_accuracy']:.1f}%"
         print(f"  epoch {r['epoch']}: loss {r['loss']:.4f}, clean train acc {100 * r['clean_accuracy']:.1f}%, "

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataError, image_id, parse_pairs, parse_people
+from ..data.errors import bad_input_error
 from ..data.images import conversion_of, probe_image, read_bytes, read_image
 from ..data.paths import resolve_lfw_path, shown_path
 from ..data.policy import InputPolicy
@@ -174,11 +175,7 @@ def load_train_chips(lfw, split: TrainSplit, model: str = "dlib-resnet", *, poli
         if mode != "RGB":
             converted[i] = f"converted {conversion_of(data[i])}"
     if problems and policy.on_bad != "skip":
-        first = next(iter(problems.values()))
-        more = f" ({len(problems) - 1} more bad image(s))" if len(problems) > 1 else ""
-        raise DataError(f"{first.reason}{more}; use --on-bad skip (on_bad='skip') to train without it"
-                        + (", or --on-bad convert to convert it to RGB" if "mode" in first.reason else ""),
-                        file=first.file)
+        raise bad_input_error(problems.values(), "use --on-bad skip (on_bad='skip') to train without it")
     usable = [i for i in split.image_ids if i not in problems]
     digest = {i: sha256_bytes(data[i]) for i in usable}
     first_id = {}
