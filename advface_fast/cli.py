@@ -110,11 +110,15 @@ def add_threads_option(p: argparse.ArgumentParser) -> None:
                         "Recorded in every results file")
 
 
-def apply_threads(args) -> dict:
+def apply_runtime(args) -> dict:
+    """Once per compute command: torch's threads (--threads) and the allocator setting that keeps
+    freed memory for reuse (advface_fast.allocator). Returns the thread choice."""
+    from .allocator import keep_freed_memory
     from .threads import set_threads
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    keep_freed_memory()
     return set_threads(args.threads)
 
 
@@ -130,7 +134,7 @@ def cmd_verify(args) -> int:
     from .verification import format_report, run_verify
 
     _check_pairs_file(args)
-    apply_threads(args)
+    apply_runtime(args)
     report = run_verify(lfw_path(args), args.model, folds=args.folds, out_dir=args.out,
                         batch_size=args.batch_size, policy=input_policy(args), pairs_file=args.pairs_file,
                         workers=args.workers, engine=args.engine, precision=args.precision,
@@ -186,7 +190,7 @@ def cmd_attack(args) -> int:
     from .experiments.table1 import Table1Config, run_table1
 
     _check_pairs_file(args)
-    apply_threads(args)
+    apply_runtime(args)
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
     unknown = [a for a in attacks if a not in list_attacks()]
     if unknown:

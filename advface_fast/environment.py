@@ -7,6 +7,7 @@ import platform
 import torch
 
 from . import __version__
+from .allocator import allocator_info
 from .threads import thread_info
 
 
@@ -19,5 +20,6 @@ def environment() -> dict:
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         **thread_info(),
+        **allocator_info(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }

@@ -87,13 +87,13 @@ def add_gallery_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_gallery(args) -> int:
-    from .cli import apply_threads, input_policy
+    from .cli import apply_runtime, input_policy
     from .jobs import GalleryConfig, GalleryJob, run
     from .jobs.job import bad_rows, format_summary
     from .jobs.shard_store import GalleryStore
     from .precision import resolve_precision
 
-    apply_threads(args)
+    apply_runtime(args)
     policy = input_policy(args)
     for name in ("shard_size", "batch_size", "defense_steps", "decode_threads"):
         if getattr(args, name) < 1:
@@ -158,11 +158,11 @@ def query_refs(items) -> list:
 
 
 def cmd_match(args) -> int:
-    from .cli import apply_threads
+    from .cli import apply_runtime
     from .fileio import write_json_atomic
     from .jobs.match import format_matches, match, read_threshold
 
-    apply_threads(args)
+    apply_runtime(args)
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     threshold, source = args.threshold, ("--threshold" if args.threshold is not None else None)

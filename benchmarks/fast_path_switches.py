@@ -11,8 +11,12 @@ grid. Configurations, each a switch on top of the one before:
     fp32 CL                   channels_last weights and activations
     fp32 CL folded            + ChannelAffine folded into the convolution before it
     fp32 CL folded in-place   + in-place ReLU / residual add (the full fast copy)
-    ... frozen-convs          + FrozenConv2d: weights kept in the autocast dtype, stride-1 input
-                              gradients through the forward kernel on flipped weights
+    ... polyphase-stem        + the stem's input gradient as one forward convolution of its
+                              polyphase sub-kernels (FrozenConv2d, input_grad="polyphase")
+    ... fused-stem            instead: shift, stem convolution and max-pool in cache-sized chunks
+                              of images, polyphase input gradient (ChunkedStem; the default)
+    ... frozen-convs          + every convolution a FrozenConv2d: weights kept in the autocast
+                              dtype (no per-step weight cast)
     bf16 ...                  the same under bf16 autocast
 
 Everything runs in ONE process, interleaved: every round times every (configuration, batch
@@ -36,23 +40,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, write_json  # noqa: E402
 
+from advface_fast.allocator import keep_freed_memory
 from advface_fast.attacks import PGD
 from advface_fast.models import create_model
 from advface_fast.models.fast import make_fast
 from advface_fast.precision import device_features
 
-CONFIGS = (  # label, precision, make_fast switches (None: the plain model)
-    ("fp32 NCHW plain", "fp32", None),
-    ("fp32 CL", "fp32", dict(fold_affine=False, inplace=False)),
-    ("fp32 CL folded", "fp32", dict(fold_affine=True, inplace=False)),
-    ("fp32 CL folded in-place", "fp32", dict(fold_affine=True, inplace=True)),
-    ("fp32 CL folded in-place frozen-convs", "fp32", dict(fold_affine=True, inplace=True, frozen_convs=True)),
-    ("bf16 NCHW plain", "bf16", None),
-    ("bf16 CL", "bf16", dict(fold_affine=False, inplace=False)),
-    ("bf16 CL folded", "bf16", dict(fold_affine=True, inplace=False)),
-    ("bf16 CL folded in-place", "bf16", dict(fold_affine=True, inplace=True)),
-    ("bf16 CL folded in-place frozen-convs", "bf16", dict(fold_affine=True, inplace=True, frozen_convs=True)),
+_SWITCHES = (  # label suffix, make_fast switches; each adds one switch to the one before
+    ("CL", dict(fold_affine=False, inplace=False, stem="plain")),
+    ("CL folded", dict(fold_affine=True, inplace=False, stem="plain")),
+    ("CL folded in-place", dict(fold_affine=True, inplace=True, stem="plain")),
+    ("CL folded in-place polyphase-stem", dict(fold_affine=True, inplace=True, stem="polyphase")),
+    ("CL folded in-place fused-stem", dict(fold_affine=True, inplace=True, stem="fused")),
+    ("CL folded in-place fused-stem frozen-convs", dict(fold_affine=True, inplace=True, stem="fused", frozen_convs=True)),
 )
+CONFIGS = tuple(  # label, precision, make_fast switches (None: the plain model)
+    item for precision in ("fp32", "bf16")
+    for item in [(f"{precision} NCHW plain", precision, None)]
+    + [(f"{precision} {suffix}", precision, switches) for suffix, switches in _SWITCHES])
 
 
 def main(argv=None) -> dict:
@@ -66,8 +71,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, help="write the JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the command-line tools do
     batches = [int(b) for b in args.batches.split(",")]
-    configs = [c for c in CONFIGS if not args.configs or c[0] in args.configs.split(",")]
+    wanted = args.configs.split(",") if args.configs else [c[0] for c in CONFIGS]
+    unknown = [w for w in wanted if w not in {c[0] for c in CONFIGS}]
+    if unknown:
+        ap.error(f"unknown --configs {unknown}; choose from: {', '.join(c[0] for c in CONFIGS)}")
+    configs = [c for c in CONFIGS if c[0] in wanted]
 
     plain = create_model("dlib-resnet")
     attacks = {}

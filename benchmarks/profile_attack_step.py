@@ -3,9 +3,12 @@
     python benchmarks/profile_attack_step.py --threads 2 --out benchmarks/results/profile_attack_step.json
 
 One attack step is ``Attack._ascent_gradient`` (forward, cosine similarity to fixed gallery
-embeddings, input gradient) on a batch of N x 3 x 150 x 150 images, for two configurations:
-the fp32 plain model (the eager baseline) and the fast path (folded, channels_last copy under
-bf16 autocast where the CPU has native bf16). For each, the profiler's self CPU time per step
+embeddings, input gradient) on a batch of N x 3 x 150 x 150 images, for the fp32 plain model
+(the eager baseline) and the fast path (folded, channels_last copy with the fused stem under bf16
+autocast where the CPU has native bf16); ``--plain-stem`` and ``--frozen-convs`` add the fast
+path with PyTorch's own stem (the "before" of the fused stem) and with FrozenConv2d, in the same
+run. The stem's polyphase input gradient is a forward convolution, so it counts in "conv forward".
+For each, the profiler's self CPU time per step
 is summed into groups (convolution forward, convolution backward, dtype casts, layout reorders,
 element-wise, pooling, the rest), and the step's useful FLOPs (FlopCounterMode: convolutions
 forward and to-input backward) are divided by
@@ -35,6 +38,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_average, write_json  # noqa: E402
 
+from advface_fast.allocator import keep_freed_memory
 from advface_fast.attacks import PGD
 from advface_fast.bench import count_fwd_bwd_flops
 from advface_fast.models import create_model
@@ -113,14 +117,21 @@ def main(argv=None) -> dict:
                     help="torchattacks' fp32 PGD image-steps/s measured on this machine (for the ceiling ratio)")
     ap.add_argument("--frozen-convs", action="store_true",
                     help="also profile the fast path with FrozenConv2d (make_fast(frozen_convs=True))")
+    ap.add_argument("--plain-stem", action="store_true",
+                    help="also profile the fast path with PyTorch's own stem (make_fast(stem='plain')): the "
+                         "fast path before the fused stem, in the same run")
     ap.add_argument("--out", type=Path, help="write the JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the command-line tools do
 
     precision = resolve_precision("auto", "cpu")
     plain = create_model("dlib-resnet")
-    configs = {"fp32 eager (plain model, NCHW)": PGD(plain, eps=4, precision="fp32"),
-               f"fast path ({precision}, channels_last, folded)": PGD(make_fast(plain), eps=4, precision=precision)}
+    configs = {"fp32 eager (plain model, NCHW)": PGD(plain, eps=4, precision="fp32")}
+    if args.plain_stem:
+        configs[f"fast path, plain stem ({precision})"] = PGD(make_fast(plain, stem="plain"), eps=4, precision=precision)
+    configs[f"fast path ({precision}, channels_last, folded, fused stem)"] = PGD(make_fast(plain), eps=4,
+                                                                                precision=precision)
     if args.frozen_convs:  # the switch under test: the fast path with FrozenConv2d (before / after in one run)
         configs[f"fast path + frozen convs ({precision})"] = PGD(make_fast(plain, frozen_convs=True), eps=4,
                                                                  precision=precision)

@@ -343,10 +343,12 @@ def test_fast_path_switches_script_quick(tmp_path):
     script = load_script("fast_path_switches")
     out = tmp_path / "switches.json"
     result = script.main(["--threads", "1", "--batches", "2", "--rounds", "1", "--steps", "1",
-                          "--configs", "fp32 NCHW plain,bf16 CL folded in-place frozen-convs", "--out", str(out)])
+                          "--configs", "fp32 NCHW plain,bf16 CL folded in-place fused-stem frozen-convs", "--out", str(out)])
     assert json.loads(out.read_text())["rows"] == result["rows"]
-    assert [r["config"] for r in result["rows"]] == ["fp32 NCHW plain", "bf16 CL folded in-place frozen-convs"]
+    assert [r["config"] for r in result["rows"]] == ["fp32 NCHW plain", "bf16 CL folded in-place fused-stem frozen-convs"]
     assert all(r["batch_2"] > 0 for r in result["rows"])
+    with pytest.raises(SystemExit):  # a misspelt configuration is an error, not silently skipped
+        script.main(["--configs", "bf16 CL folded in-place frozen-convs"])
 
 
 def test_equal_strength_script_quick(lfw_ci, tmp_path):

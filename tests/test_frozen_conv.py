@@ -1,6 +1,8 @@
-"""FrozenConv2d against nn.Conv2d over shapes: equal outputs and input gradients in fp32 (<= 1e-5),
-equal to autocast's bf16 convolution up to rounding, no weight cast after the first step; the fast
-dlib-resnet with frozen convolutions against the fast model without them."""
+"""FrozenConv2d against nn.Conv2d over shapes and input-gradient forms (aten, flipped, polyphase):
+equal outputs and input gradients in fp32 (<= 1e-5), equal to autocast's bf16 convolution up to
+rounding, no weight cast after the first step, gradients in the input's own dtype and layout; the
+polyphase kernel against a direct construction; the fast dlib-resnet with frozen convolutions
+against the fast model without them."""
 
 from __future__ import annotations
 
@@ -11,12 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advface_fast.models.frozen_conv import FrozenConv2d, freeze_convs
+from advface_fast.models.frozen_conv import FrozenConv2d, freeze_convs, polyphase_input_grad, polyphase_weight
 
 SHAPES = [  # (c_in, c_out, kernel, stride, padding, bias, spatial)
     (3, 8, 3, 1, 1, True, 12), (8, 8, 3, 1, 0, False, 9), (4, 6, 5, 1, 2, True, 11), (4, 6, 1, 1, 0, True, 7),
     (8, 16, 3, 2, 0, True, 13), (3, 8, 7, 2, 0, True, 21), (6, 6, (3, 1), 1, (1, 0), False, 8),
+    (3, 32, 7, 2, 0, True, 150), (8, 16, 3, 2, 1, True, 14), (4, 6, 5, 3, 2, False, 17),
+    (4, 6, (3, 5), (2, 3), (1, 2), True, 19), (4, 6, 2, 2, 0, True, 8),
 ]
+
+
+def modes(shape):
+    stride = shape[3] if isinstance(shape[3], tuple) else (shape[3], shape[3])
+    return ["aten", "polyphase", "auto"] + (["flipped"] if stride == (1, 1) else [])
 
 
 def grads(module, x, dtype=None, g=None):
@@ -34,15 +43,61 @@ def test_fp32_output_and_input_gradient_equal_conv2d(shape, channels_last):
     c_in, c_out, k, stride, pad, bias, hw = shape
     torch.manual_seed(0)
     conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, bias=bias).requires_grad_(False)
-    frozen = FrozenConv2d(conv)
-    assert frozen.flip_backward == (stride == 1)
-    x = torch.randn(4, c_in, hw, hw)
+    x = torch.randn(2, c_in, hw, hw)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-        conv, frozen = conv.to(memory_format=torch.channels_last), frozen.to(memory_format=torch.channels_last)
-    (y0, g0), (y1, g1) = grads(conv, x), grads(frozen, x)
-    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
-    assert (g1 - g0).abs().max() <= 1e-5 * g0.abs().max()
+        conv = conv.to(memory_format=torch.channels_last)
+    y0, g0 = grads(conv, x)
+    for mode in modes(shape):
+        frozen = FrozenConv2d(conv, mode)
+        y1, g1 = grads(frozen, x)
+        torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+        assert (g1 - g0).abs().max() <= 1e-5 * g0.abs().max(), mode
+        # the input gradient comes back in the input's own dtype and layout
+        x_leaf = x.clone().requires_grad_(True)
+        frozen(x_leaf).sum().backward()
+        assert x_leaf.grad.dtype == torch.float32
+        assert x_leaf.grad.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format) \
+            or mode == "polyphase" and tuple(np_pad(pad)) != (0, 0), mode
+
+
+def np_pad(pad):
+    return pad if isinstance(pad, tuple) else (pad, pad)
+
+
+def test_auto_picks_polyphase_for_strided_convs_on_few_channels_only():
+    assert FrozenConv2d(nn.Conv2d(3, 32, 7, stride=2)).input_grad == "polyphase"
+    assert FrozenConv2d(nn.Conv2d(32, 64, 3, stride=2)).input_grad == "aten"
+    assert FrozenConv2d(nn.Conv2d(3, 32, 3, padding=1)).input_grad == "aten"
+    with pytest.raises(ValueError, match="flipped"):
+        FrozenConv2d(nn.Conv2d(3, 8, 3, stride=2), "flipped")
+    with pytest.raises(ValueError, match="polyphase"):
+        FrozenConv2d(nn.Conv2d(4, 8, 3, stride=2, groups=2), "polyphase")
+    with pytest.raises(ValueError, match="input_grad"):
+        FrozenConv2d(nn.Conv2d(3, 8, 3), "fastest")
+
+
+def test_polyphase_weight_holds_each_phase_taps_flipped():
+    """Output channel (a, b, c), tap (T-1-u, T-1-v) is W[:, c, a + s*u, b + s*v] (zero past the kernel)."""
+    w = torch.randn(5, 3, 7, 7)
+    wp = polyphase_weight(w, (2, 2)).view(2, 2, 3, 5, 4, 4)
+    for a in range(2):
+        for b in range(2):
+            for u in range(4):
+                for v in range(4):
+                    want = w[:, :, a + 2 * u, b + 2 * v].t() if a + 2 * u < 7 and b + 2 * v < 7 else torch.zeros(3, 5)
+                    assert torch.equal(wp[a, b, :, :, 3 - u, 3 - v], want)
+
+
+def test_polyphase_input_grad_writes_into_out():
+    torch.manual_seed(0)
+    w, g = torch.randn(8, 3, 7, 7), torch.randn(2, 8, 72, 72)
+    want = torch.ops.aten.convolution_backward(g, torch.empty(2, 3, 150, 150), w, None, (2, 2), (0, 0), (1, 1), False,
+                                               (0, 0), 1, (True, False, False))[0]
+    out = torch.full((2, 3, 150, 150), float("nan"))
+    got = polyphase_input_grad(g, polyphase_weight(w, (2, 2)), (2, 2), (0, 0), out, out=out)
+    assert got is out and not out.isnan().any()
+    assert (out - want).abs().max() <= 1e-5 * want.abs().max()
 
 
 @pytest.mark.parametrize("shape", SHAPES[:5], ids=str)

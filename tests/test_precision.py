@@ -138,7 +138,8 @@ def chips(ci_chips):
 
 
 SWITCHES = [dict(), dict(fold_affine=False), dict(channels_last=False), dict(inplace=False),
-            dict(fold_affine=False, channels_last=False, inplace=False)]
+            dict(fold_affine=False, channels_last=False, inplace=False), dict(stem="plain"), dict(stem="polyphase"),
+            dict(channels_last=False, stem="polyphase"), dict(frozen_convs=True)]
 
 
 @pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "all")
@@ -166,7 +167,7 @@ def test_fast_copy_input_gradients_match_and_params_stay_frozen(plain, chips):
     gradient entries: the fast gradient must be as close to the fp64 one as the plain one is."""
     fast = make_fast(plain)
     assert all(not p.requires_grad for p in fast.parameters())
-    assert fast.stem_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.blocks[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = chips[:4]
     g_plain, g_fast = input_gradient(plain, x), input_gradient(fast, x)
     g_exact = input_gradient(make_fast(plain, fold_affine=False, channels_last=False, inplace=False).double(),
@@ -183,7 +184,8 @@ def test_fast_copy_leaves_the_original_alone(plain, chips):
     before = {k: v.clone() for k, v in plain.state_dict().items()}
     fast = make_fast(plain)
     with torch.no_grad():
-        fast.stem_conv.weight.zero_()
+        fast.stem.weight.zero_()
+        fast.blocks[0].conv1.weight.zero_()
     assert all(torch.equal(before[k], v) for k, v in plain.state_dict().items())
     assert all(not v.is_contiguous(memory_format=torch.channels_last) or v.ndim < 4 or v.shape[-1] == 1
                for v in plain.state_dict().values())

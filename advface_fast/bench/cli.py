@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..allocator import keep_freed_memory
 from ..fileio import write_text_atomic
 from ..precision import PRECISIONS
 from .context import DEFAULT_SECTIONS, SECTIONS, BenchConfig
@@ -109,6 +110,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run, print the table, write the JSON. Exit status 1 when a row errored (not for unmet targets)."""
     out = None if args.no_write else report_path(args.out, args.bench_default_out_dir)
     cfg = config_from_args(args).resolved()  # bad settings fail here, before the work too
+    keep_freed_memory()  # as every compute command does (advface_fast.allocator); recorded in the report
     report = run_benchmarks(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_table(report))
     if out is not None:

@@ -1,8 +1,9 @@
 """What every comparison works on: the configuration, the models and the pairs.
 
 The pairs are LFW fold 1 (the first ``batch_size`` pairs, half matched) or synthetic on-grid
-images; one fixed cosine threshold judges every attack's success. ``pgd_one_step`` is the one
-attack step the FLOP-rate and CUDA-graph rows time: the PGD class itself, one step.
+images; one fixed cosine threshold judges every attack's success. ``pgd_one_step`` is the
+attack step the FLOP-rate and CUDA-graph rows time: the PGD class itself, one step (or K steps
+of one PGD-K run, whose per-attack setup the K steps share).
 """
 
 from __future__ import annotations
@@ -116,15 +117,16 @@ class BenchContext:
 
 
 def pgd_one_step(model: nn.Module, precision: str, queries: torch.Tensor, gallery: torch.Tensor,
-                 is_same: torch.Tensor, eps: float) -> Callable[[], torch.Tensor]:
+                 is_same: torch.Tensor, eps: float, steps: int = 1) -> Callable[[], torch.Tensor]:
     """A callable doing one PGD step (forward, input gradient of the objective, fused update) with
-    the PGD class, from the clean queries (no random start, no rounding).
+    the PGD class, from the clean queries (no random start, no rounding); with ``steps`` = K, one
+    PGD-K run (K such steps after the attack's setup: the eps box, the start, the result copy).
 
     It calls ``PGD.perturb`` rather than the attack itself: ``__call__``'s input checks read
     values back to the host, which a CUDA graph cannot capture and which the FLOP rate should not
     include. ``queries`` must already be float32, contiguous and on the model's device.
     """
-    attack = PGD(model, eps=eps, steps=1, random_start=False, round_output=False, precision=precision)
+    attack = PGD(model, eps=eps, steps=steps, random_start=False, round_output=False, precision=precision)
     noise = SeededNoise(queries.shape[0], queries.device, 0)  # unused without a random start
 
     def step():

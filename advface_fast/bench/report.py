@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..allocator import allocator_info
 from ..precision import cpu_features
 from .context import SECTIONS, BenchConfig, BenchContext
 from .embedding import section_embedding
@@ -87,6 +88,7 @@ def run_benchmarks(cfg: BenchConfig | None = None, *, command: str | None = None
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "versions": versions(),
         "threads": cfg.threads,
+        "allocator": allocator_info(),
         "precision": {"requested": cfg.precision, "fast_path": fast_precision},
         "data": None if data is None else {"source": data.source, "pairs": len(data.is_same),
                                            "threshold": data.threshold, "threshold_source": data.threshold_source},

@@ -210,7 +210,11 @@ class AttackAsDefense:
     def _model_note(self) -> dict:
         if self.attack_model is self.model:
             return {}
-        return {"attack_model": type(self.attack_model).__name__}
+        from ..models import arithmetic_key
+
+        key = arithmetic_key(self.attack_model)
+        # the class name alone, as before, for a copy without switches (its keys stay valid)
+        return {"attack_model": key["class"], **({"attack_model_switches": key["switches"]} if "switches" in key else {})}
 
     def seeds(self, ids: Sequence[str]) -> list[int]:
         """The per-image seeds of D's randomness."""

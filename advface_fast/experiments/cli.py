@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli import (EPILOG_PATHS, _check_pairs_file, _common, _float_list, _int_list, _pair_count,
-                   _print_input_and_outputs, apply_threads, lfw_path)
+                   _print_input_and_outputs, apply_runtime, lfw_path)
 
 
 def _names(text: str, allowed, what: str) -> tuple:
@@ -36,7 +36,7 @@ def cmd_defend(args) -> int:
     from .defense_tables import DefendConfig, run_defend
 
     _check_pairs_file(args)
-    apply_threads(args)
+    apply_runtime(args)
     cfg = DefendConfig(model=args.model, defenses=_names(args.defense, DEFENSE_ATTACKS, "defense"),
                        defense_eps=args.defense_eps, defense_steps=args.defense_steps,
                        attacks=_names(args.attacks, ("fgsm", "pgd", "cw"), "attack"), eps=args.eps,
@@ -58,7 +58,7 @@ def cmd_paper(args) -> int:
     from .transfer import resolve_transfer_models
 
     _check_pairs_file(args)
-    apply_threads(args)
+    apply_runtime(args)
     cfg = PaperConfig(model=args.model, folds=tuple(args.folds) if args.folds else (None if args.all_folds else (1,)),
                       max_pairs=args.pairs, steps=args.steps, eps=args.eps, seed=args.seed,
                       batch_size=args.batch_size, precision=args.precision, calibration_pairs=args.calibration_pairs,

@@ -39,7 +39,7 @@ from ..attacks import make_attack
 from ..data.policy import InputPolicy
 from ..defenses import AttackAsDefense, make_defense
 from ..environment import environment
-from ..models import create_model, get_model_spec
+from ..models import arithmetic_key, create_model, get_model_spec
 from ..pair_chips import prepare_pairs
 from ..precision import device_features, model_device, resolve_precision
 from ..verify import evaluate_embeddings, roc_auc
@@ -145,7 +145,7 @@ def attacked_queries(ctx: Context, attack, target: Calibration | None = None, se
                      extra_key: dict | None = None):
     """Queries attacked against ``target`` (default: the undefended model), from the runner's store:
     computed once per config and pair (``runner.work`` counts the attack work actually done)."""
-    key = {"fast_model": True} if ctx.cfg.fast_model and target is None else {}
+    key = {"fast_model": arithmetic_key(ctx.attacked_net)} if ctx.cfg.fast_model and target is None else {}
     return ctx.runner.attack_queries(attack, target or ctx.plain, sel or ctx.sel, ctx.net,
                                      extra_key={**key, **(extra_key or {})} or None)
 

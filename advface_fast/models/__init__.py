@@ -53,6 +53,18 @@ def get_model_spec(name: str, **onnx_settings) -> ModelSpec:
         raise KeyError(f"unknown model '{name}'; available: {', '.join(list_models())}") from None
 
 
+def arithmetic_key(model: nn.Module) -> dict:
+    """What identifies a model copy's arithmetic beyond its weights, for cache keys: its class and,
+    for a fast copy, its switches (a new fast path changes bf16 rounding, so its results are new
+    entries, never mixed with those of the old one). Looks through a ``.model`` wrapper."""
+    inner = getattr(model, "model", model) if not hasattr(model, "switches") else model
+    key = {"class": type(inner).__name__}
+    switches = getattr(inner, "switches", None)
+    if switches is not None:
+        key["switches"] = dict(switches)
+    return key
+
+
 def create_model(name: str, device=None, frozen: bool = True, fast: bool = False, **kwargs) -> nn.Module:
     """Build a registered model in eval mode; ``frozen`` turns off parameter gradients
     (attacks need gradients w.r.t. the input only). ``fast=True`` returns the model's fast copy
@@ -211,4 +223,4 @@ def _onnx_spec(name: str, aligner: str | None = None, **settings) -> ModelSpec:
                      description=f"ONNX model {path} (sha256 {probe.weights_sha256[:12]}...)")
 
 
-__all__ = ["ONNX_PREFIX", "ModelSpec", "create_model", "get_model_spec", "list_models", "register_model"]
+__all__ = ["ONNX_PREFIX", "ModelSpec", "arithmetic_key", "create_model", "get_model_spec", "list_models", "register_model"]

@@ -1,6 +1,6 @@
 """A faster copy of dlib-resnet for attacks: same function, cheaper memory traffic.
 
-``make_fast(model)`` returns a new module (the original is untouched) with three switches:
+``make_fast(model)`` returns a new module (the original is untouched) with these switches:
 
 * ``fold_affine``: each ChannelAffine (dlib's folded batch norm, y = gamma * conv(x) + beta)
   is folded into the convolution before it: W' = W * gamma[c_out], b' = b * gamma + beta. In
@@ -12,10 +12,15 @@
 * ``inplace``: ReLUs and the same-shape residual add write into the convolution's output,
   which autograd does not keep, so fewer activation tensors are allocated and input gradients
   still work. (Measured: at most a few percent, within the noise of a shared machine.)
-* ``frozen_convs`` (off by default until measured on a quiet machine): every convolution becomes a
-  :class:`~advface_fast.models.frozen_conv.FrozenConv2d`, which keeps its weights in the autocast
-  dtype (no per-step weight cast) and computes the input gradient of stride-1 convolutions with
-  the forward kernel on flipped weights.
+* ``stem``: "plain" (PyTorch's operations), "polyphase" (the stem convolution becomes a
+  :class:`~advface_fast.models.frozen_conv.FrozenConv2d` whose input gradient is one stride-1
+  forward convolution of the four polyphase sub-kernels: oneDNN's backward-data kernel for this
+  7x7 / 2, 3 <- 32 channel shape was a quarter of a bf16 attack step) or "fused" (default: shift,
+  convolution and max-pool in cache-sized chunks of images with the polyphase input gradient,
+  :class:`~advface_fast.models.stem.ChunkedStem`; "plain" without ``fold_affine``). See
+  ``benchmarks/fast_path_switches.py``.
+* ``frozen_convs``: every convolution becomes a ``FrozenConv2d`` (weights kept in the autocast
+  dtype, no per-step weight cast; polyphase input gradients for the strided ones).
 
 Parameters are frozen (attacks need input gradients only) and the model is in eval mode.
 """
@@ -29,7 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dlib_resnet import ChannelAffine, DlibResNet, ResidualBlock, add_zero_padded
-from .frozen_conv import freeze_convs
+from .frozen_conv import FrozenConv2d, freeze_convs
+from .stem import ChunkedStem
+
+STEMS = ("plain", "polyphase", "fused")
 
 
 @torch.no_grad()
@@ -91,18 +99,27 @@ class FastDlibResNet(nn.Module):
     input_size = DlibResNet.input_size
 
     def __init__(self, model: DlibResNet, fold_affine: bool = True, channels_last: bool = True,
-                 inplace: bool = True, frozen_convs: bool = False):
+                 inplace: bool = True, stem: str | None = None, frozen_convs: bool = False):
         super().__init__()
+        stem = stem or ("fused" if fold_affine else "plain")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        if stem != "plain" and not fold_affine:
+            raise ValueError(f"stem={stem!r} needs fold_affine=True (the stem's affine folded into its convolution)")
         self.switches = {"fold_affine": fold_affine, "channels_last": channels_last, "inplace": inplace,
-                         "frozen_convs": frozen_convs}
+                         "stem": stem, "frozen_convs": frozen_convs}
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.inplace = inplace
         mean = model.mean_rgb.detach().clone()
-        # (x * 255 - mean) / 256 as one op, x * (255/256) - mean/256; fp32 even under autocast.
-        self.pixel_scale = 255.0 / 256.0
-        self.register_buffer("pixel_shift", -mean / 256.0)
+        # dlib's input layer (x * 255 - mean) / 256 as one op, x * (255/256) - mean/256, fp32 even
+        # under autocast. Folded: (255/256) * (x - mean/255), the scale inside the stem's weights
+        # (exact for its zero padding), so the input gradient passes the add untouched.
+        self.pixel_scale = 1.0 if fold_affine else 255.0 / 256.0
+        self.register_buffer("pixel_shift", -mean / (255.0 if fold_affine else 256.0))
         if fold_affine:
             self.stem_conv = fold_affine_into_conv(model.stem_conv, model.stem_affine)
+            with torch.no_grad():
+                self.stem_conv.weight.mul_(255.0 / 256.0)
             self.stem_affine = nn.Identity()
         else:
             self.stem_conv, self.stem_affine = _copy(model.stem_conv), _copy(model.stem_affine)
@@ -111,16 +128,29 @@ class FastDlibResNet(nn.Module):
         for name in ("spec", "dat_sha256", "distance_threshold"):
             if hasattr(model, name):
                 setattr(self, name, getattr(model, name))
-        if frozen_convs:
+        self.stem = None
+        if stem == "polyphase":  # takes the input in any layout, convolves in self.memory_format
+            self.stem_conv = FrozenConv2d(self.stem_conv, "polyphase", memory_format=self.memory_format)
+        elif stem == "fused":  # shift + stem convolution + max-pool (the ReLU follows the pool)
+            self.stem = ChunkedStem(self.stem_conv, self.pixel_shift, pool=(3, 2), memory_format=self.memory_format)
+            del self.stem_conv
+        if frozen_convs:  # the other convolutions (FrozenConv2d modules are left as they are)
             freeze_convs(self)
         self.to(memory_format=self.memory_format)
         self.eval().requires_grad_(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.contiguous(memory_format=self.memory_format)
-        x = torch.add(self.pixel_shift.to(x.dtype), x, alpha=self.pixel_scale)
-        x = F.relu(self.stem_affine(self.stem_conv(x)), inplace=self.inplace)
-        x = F.max_pool2d(x, 3, 2)
+        # max-pool before the ReLU: the same function and input gradient (ReLU is monotone, so
+        # both pick the same maximum and zero the same gradients), with the ReLU and its backward
+        # on the pooled tensor, a quarter of the stem's output.
+        if self.stem is not None:
+            x = self.stem(images)
+        else:
+            x = torch.add(self.pixel_shift.to(images.dtype), images, alpha=self.pixel_scale)
+            if not isinstance(self.stem_conv, FrozenConv2d):
+                x = x.contiguous(memory_format=self.memory_format)
+            x = F.max_pool2d(self.stem_affine(self.stem_conv(x)), 3, 2)
+        x = F.relu(x, inplace=self.inplace)
         x = self.blocks(x)
         x = x.mean(dim=(2, 3))
         return self.fc(x).contiguous()
@@ -131,7 +161,7 @@ def _copy(module: nn.Module) -> nn.Module:
 
 
 def make_fast(model: nn.Module, fold_affine: bool = True, channels_last: bool = True,
-              inplace: bool = True, frozen_convs: bool = False) -> FastDlibResNet:
+              inplace: bool = True, stem: str | None = None, frozen_convs: bool = False) -> FastDlibResNet:
     """A new, frozen, eval-mode fast copy of a ``DlibResNet`` (see the module docstring);
     ``model`` itself is not changed. The copy lives on the model's device."""
     if isinstance(model, FastDlibResNet):
@@ -139,4 +169,4 @@ def make_fast(model: nn.Module, fold_affine: bool = True, channels_last: bool = 
     if not isinstance(model, DlibResNet):
         raise TypeError(f"make_fast supports DlibResNet, got {type(model).__name__}")
     return FastDlibResNet(model, fold_affine=fold_affine, channels_last=channels_last, inplace=inplace,
-                          frozen_convs=frozen_convs)
+                          stem=stem, frozen_convs=frozen_convs)

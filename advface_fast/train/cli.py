@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..cli import (EPILOG_PATHS, _check_pairs_file, _float_list, _int_list, _pair_count, add_input_options,
-                   add_threads_option, apply_threads, input_policy, lfw_path, parse_folds)
+                   add_threads_option, apply_runtime, input_policy, lfw_path, parse_folds)
 from ..precision import PRECISIONS
 
 
@@ -17,7 +17,7 @@ def cmd_advtrain(args) -> int:
     from .run import run_advtrain
 
     _check_pairs_file(args)
-    apply_threads(args)
+    apply_runtime(args)
     policy = input_policy(args)
     eval_attacks = tuple(a for a in args.eval_attacks.split(",") if a)
     if args.eval_only:

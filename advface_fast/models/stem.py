@@ -1,0 +1,128 @@
+"""An image stem for attacks: shift -> strided convolution -> max-pool, in cache-sized chunks.
+
+The stem of a face network is the part of an attack step that the GEMM rate does not predict: its
+tensors are the largest (dlib-resnet: 32 x 72 x 72 per image after a 7 x 7 / 2 convolution on
+3 channels) and its arithmetic the thinnest (3 input channels forward, 3 output channels in the
+input gradient). Profiled on a 2-core AVX512-BF16 machine it took about a third of a bf16 step for
+9% of the FLOPs, most of it streaming those tensors through memory one operation at a time.
+
+``ChunkedStem`` computes ``max_pool(conv(x + shift))`` for a few images at a time, so that each
+chunk's convolution output, pooling indices and gradients stay in cache between the operations
+that make and use them, and gives the input gradient through the polyphase forward convolution of
+:mod:`~advface_fast.models.frozen_conv` (oneDNN's backward-data kernel starves on 3 output
+channels), written straight into the fp32 gradient of the image in the image's own layout. The
+shift is added in fp32 before the cast to the compute dtype (bf16 keeps 8 bits of mantissa, so
+the centred image keeps finer steps than the raw [0, 1] one).
+
+In fp32 the output and the input gradient equal the plain operations up to summation order (the
+pooling picks the same maxima, so the same pixels receive gradient); in bf16 they are autocast's
+up to rounding. The image's master copy and every decision stay fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .frozen_conv import polyphase_input_grad, polyphase_weight
+
+DEFAULT_CHUNK = 8  # images per chunk: measured best among 2-32 at batch 32 (PGD-5, bf16, 2 threads)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
+def _prepare(images: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype, memory_format) -> torch.Tensor:
+    return (images + shift).to(dtype).contiguous(memory_format=memory_format)
+
+
+class _ChunkedStemFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, images, shift, weight, weight_p, bias, conv_stride, pool, chunk):
+        memory_format = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) \
+            and not weight.is_contiguous() else torch.contiguous_format
+        kernel, stride = pool
+        outs, saved = [], []
+        for start in range(0, images.shape[0], chunk):
+            x = _prepare(images[start:start + chunk], shift, weight.dtype, memory_format)
+            y = F.conv2d(x, weight, bias, conv_stride)
+            pooled, indices = torch.ops.aten.max_pool2d_with_indices(y, [kernel, kernel], [stride, stride])
+            outs.append(pooled)
+            saved.append(indices)
+        ctx.save_for_backward(weight_p, *saved)
+        ctx.meta = (images.shape, images.dtype, images.device, images.is_contiguous(memory_format=torch.channels_last)
+                    and not images.is_contiguous(), y.shape[1:], memory_format, conv_stride, pool, chunk)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        weight_p, *saved = ctx.saved_tensors
+        shape, dtype, device, channels_last, conv_shape, memory_format, conv_stride, pool, chunk = ctx.meta
+        kernel, stride = pool
+        grad = grad.to(weight_p.dtype)
+        out = torch.empty(shape, dtype=dtype, device=device,
+                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for i, start in enumerate(range(0, shape[0], chunk)):
+            g = grad[start:start + chunk]
+            like = torch.empty((g.shape[0], *conv_shape), dtype=weight_p.dtype, device=device,
+                               memory_format=memory_format)
+            g_conv = torch.ops.aten.max_pool2d_with_indices_backward(
+                g, like, [kernel, kernel], [stride, stride], [0, 0], [1, 1], False, saved[i])
+            polyphase_input_grad(g_conv, weight_p, conv_stride, (0, 0), out[start:start + chunk],
+                                 out=out[start:start + chunk])
+        return out, None, None, None, None, None, None, None
+
+
+class ChunkedStem(nn.Module):
+    """``max_pool2d(conv(images + shift), kernel, stride)`` for input-gradient attacks (see the
+    module docstring). ``conv``: an ``nn.Conv2d`` with zero padding, stride > 1, groups 1;
+    ``shift``: a 1 x C x 1 x 1 fp32 offset added to the images first. Runs in ``memory_format``
+    and in the autocast dtype when autocast is on (weights cached in that dtype). No gradient
+    needed: the plain operations on the whole batch.
+    """
+
+    def __init__(self, conv: nn.Conv2d, shift: torch.Tensor, pool: tuple[int, int] = (3, 2), chunk: int = DEFAULT_CHUNK,
+                 memory_format: torch.memory_format = torch.channels_last):
+        super().__init__()
+        if conv.padding != (0, 0) or conv.groups != 1 or conv.dilation != (1, 1) or conv.stride == (1, 1):
+            raise ValueError("ChunkedStem needs a strided convolution without padding, groups or dilation")
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.register_buffer("shift", shift.detach().clone().float().reshape(1, -1, 1, 1))
+        self.stride, self.pool, self.chunk, self.memory_format = conv.stride, tuple(pool), chunk, memory_format
+        self._cache: dict = {}
+
+    def _weights(self, dtype: torch.dtype) -> tuple:
+        key = (dtype, self.weight.device, self.weight._version)
+        if key not in self._cache:
+            self._cache.clear()
+            # normal tensors even when first built under inference_mode: an attack saves them for backward
+            with torch.inference_mode(False):
+                w = self.weight.detach()
+                self._cache[key] = (w.to(dtype).contiguous(memory_format=self.memory_format),
+                                    polyphase_weight(w, self.stride).to(dtype).contiguous(memory_format=self.memory_format),
+                                    None if self.bias is None else self.bias.detach().to(dtype))
+        return self._cache[key]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(images)
+        w, w_p, b = self._weights(dtype)
+        with torch.autocast(images.device.type, enabled=False):
+            if torch.is_grad_enabled() and images.requires_grad:
+                return _ChunkedStemFunction.apply(images, self.shift, w, w_p, b, self.stride, self.pool, self.chunk)
+            x = _prepare(images, self.shift, dtype, self.memory_format)
+            return F.max_pool2d(F.conv2d(x, w, b, self.stride), self.pool[0], self.pool[1])
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel_size={tuple(self.weight.shape[2:])}, "
+                f"stride={self.stride}, pool={self.pool}, chunk={self.chunk}")
+
+
+__all__ = ["DEFAULT_CHUNK", "ChunkedStem"]
