@@ -267,6 +267,7 @@ def cmd_cache(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .attacks import DEFAULT_ATTACK_BATCH
     from .precision import PRECISIONS
     from .verify import METRICS
 
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  advface attack --lfw data/lfw --attacks pgd --eps 1,2 --steps 3,10,40 --pairs 300 --out runs/pgd\n\n"
                + EPILOG_PATHS)
     _common(p)
-    p.set_defaults(batch_size=32)
+    p.set_defaults(batch_size=DEFAULT_ATTACK_BATCH)
     p.add_argument("--attacks", default="fgsm,pgd,cw", metavar="LIST",
                    help="comma list of fgsm, pgd, cw, cw-l2, noise (default: %(default)s)")
     p.add_argument("--eps", type=_float_list, default=(2.0, 4.0, 8.0), metavar="LIST",

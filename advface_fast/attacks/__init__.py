@@ -11,7 +11,7 @@ see :class:`~advface_fast.attacks.base.Attack`. What they push lives in one swap
 
 from __future__ import annotations
 
-from advface_fast.attacks.base import Attack, check_on_uint8_grid, eval_mode, round_to_uint8_grid
+from advface_fast.attacks.base import DEFAULT_ATTACK_BATCH, Attack, check_on_uint8_grid, eval_mode, round_to_uint8_grid
 from advface_fast.attacks.cw import CW, CWL2
 from advface_fast.attacks.fgsm import FGSM
 from advface_fast.attacks.noise import Noise
@@ -57,6 +57,7 @@ def make_attack(name: str, model, metric: str | None = None, objective=None, **c
 
 
 __all__ = [
+    "DEFAULT_ATTACK_BATCH",
     "ATTACKS",
     "CW",
     "CWL2",

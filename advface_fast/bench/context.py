@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..attacks import PGD, VerificationObjective
+from ..attacks import DEFAULT_ATTACK_BATCH, PGD, VerificationObjective
 from ..attacks.base import SeededNoise
 from ..engine import chips_to_tensor, embed_chips
 from ..precision import PRECISIONS, resolve_precision
@@ -38,7 +38,7 @@ class BenchConfig:
     precision: str = "auto"  # precision of the fast path: auto, fp32 or bf16
     sections: tuple = DEFAULT_SECTIONS
     table1: bool = False  # add the (long) end-to-end Table 1 section
-    batch_size: int | None = None  # pairs per attack batch (32; quick 4)
+    batch_size: int | None = None  # pairs per attack batch (DEFAULT_ATTACK_BATCH = 64; quick 4)
     pgd_steps: int | None = None  # steps of the full PGD row (10; quick 2)
     eps: float = 4.0  # L-inf budget in 0-255 levels (alpha = eps / 4)
     rounds: int | None = None  # timed rounds per comparison (5; quick 2)
@@ -53,7 +53,7 @@ class BenchConfig:
 
     def resolved(self) -> "BenchConfig":
         q = self.quick
-        defaults = dict(batch_size=4 if q else 32, pgd_steps=2 if q else 10, rounds=2 if q else 5, warmup=1,
+        defaults = dict(batch_size=4 if q else DEFAULT_ATTACK_BATCH, pgd_steps=2 if q else 10, rounds=2 if q else 5, warmup=1,
                         kernel_batch=4 if q else 32, embed_images=8 if q else 128, embed_batch=4 if q else 64,
                         gemm_size=256 if q else 2048, table1_pairs=4 if q else None,
                         table1_steps=2 if q else 40)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..attacks import DEFAULT_ATTACK_BATCH
 from ..cli import (EPILOG_PATHS, _check_pairs_file, _common, _float_list, _int_list, _pair_count,
                    _print_input_and_outputs, apply_runtime, lfw_path)
 
@@ -130,7 +131,7 @@ def add_subparsers(sub) -> None:
                "  advface defend --lfw data/lfw --defense pgd --adaptive --eot 1,3 --copy-steps 5,0 --out runs/adaptive\n\n"
                + EPILOG_PATHS)
     _common(p)
-    p.set_defaults(batch_size=32)
+    p.set_defaults(batch_size=DEFAULT_ATTACK_BATCH)
     p.add_argument("--defense", default="pgd", metavar="LIST", help="D's attack(s): pgd, cw, fgsm (default: %(default)s)")
     p.add_argument("--defense-eps", type=_float_list, default=(4.0,), metavar="LIST", help="eps_d in 0-255 levels (default: 4)")
     p.add_argument("--defense-steps", type=_int_list, default=(10, 20, 40), metavar="LIST",
@@ -159,7 +160,7 @@ def add_subparsers(sub) -> None:
                "--out runs/quick\n\n"
                + EPILOG_PATHS)
     _common(p)
-    p.set_defaults(batch_size=32)
+    p.set_defaults(batch_size=DEFAULT_ATTACK_BATCH)
     p.add_argument("--steps", type=int, metavar="K", help="cap every iteration count at K (quick runs)")
     p.add_argument("--eps", type=_float_list, default=(2.0, 4.0, 8.0), metavar="LIST", help="Table 1's eps (default: 2,4,8)")
     p.add_argument("--no-adaptive", action="store_true", help="skip the adaptive evaluation")

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..attacks import make_attack
+from ..attacks import DEFAULT_ATTACK_BATCH, make_attack
 from ..data.policy import InputPolicy
 from ..defenses import AttackAsDefense, make_defense
 from ..environment import environment
@@ -83,7 +83,7 @@ class DefendConfig:
     metric: str = "cosine"
     objective: str = "away-from-self"  # D's label-free objective (or random-direction)
     seed: int = 0  # run seed: attacks' per-pair seeds and D's per-image seeds derive from it
-    batch_size: int = 32  # attack batches
+    batch_size: int = DEFAULT_ATTACK_BATCH  # attack batches
     defense_batch_size: int = 32  # D's batch size (part of D's cache key: results depend on it)
     precision: str = "auto"  # gradients (attacks and D); decisions always fp32
     fast_model: bool = False  # attacks on the undefended model through its fast copy (as Table 1)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..attacks import DEFAULT_ATTACK_BATCH
 from ..environment import environment
 from ..fileio import write_json_atomic, write_text_atomic
 from .defense_render import defend_markdown
@@ -39,7 +40,7 @@ class PaperConfig:
     attacks: tuple = ("fgsm", "pgd", "cw")
     precision: str = "auto"
     seed: int = 0
-    batch_size: int = 32
+    batch_size: int = DEFAULT_ATTACK_BATCH
     calibration_pairs: int | None = None
     adaptive: bool = True
     adaptive_options: dict = field(default_factory=dict)

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..attacks import make_attack
+from ..attacks import DEFAULT_ATTACK_BATCH, make_attack
 from ..data.policy import InputPolicy
 from ..models import arithmetic_key, create_model, get_model_spec
 from ..environment import environment
@@ -56,7 +56,7 @@ class Table1Config:
     folds: tuple | None = (1,)  # 1-based folds to attack (None: all)
     max_pairs: int | None = None
     metric: str = "cosine"
-    batch_size: int = 32
+    batch_size: int = DEFAULT_ATTACK_BATCH
     seed: int = 0
     noise_baseline: bool = True
     precision: str = "fp32"  # gradients: fp32 | bf16 | auto (decisions are always fp32)
