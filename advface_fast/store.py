@@ -43,6 +43,17 @@ CHUNK_GLOB = "chunk-*.npz"
 DAMAGED_SUFFIX = ".damaged"
 
 
+def _compressed(path: Path) -> bool:
+    """Whether every member of an .npz chunk is deflated (np.savez_compressed)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return all(info.compress_type != zipfile.ZIP_STORED for info in z.infolist())
+    except (OSError, zipfile.BadZipFile):
+        return True  # unreadable: read() reports it; nothing to rewrite here
+
+
 def normalise_config(config: Mapping) -> dict:
     """The config as it reads back from JSON (tuples become lists, paths strings, ...)."""
     return json.loads(json.dumps(dict(config), sort_keys=True, default=str))
@@ -186,9 +197,10 @@ class Entry:
         return Items(ids, {name: np.concatenate(a) for name, a in parts.items()}, stats)
 
     def compact(self) -> None:
-        """Merge every chunk into one (readers never see a state where items are missing)."""
+        """Merge every chunk into one, compressed (readers never see a state where items are missing).
+        Appending uncompressed and compacting once compresses every item once."""
         chunks = self.chunks()
-        if len(chunks) < 2:
+        if not chunks or len(chunks) == 1 and _compressed(chunks[0]):
             return
         items = self.read()
         chunks = [c for c in chunks if c.exists()]  # damaged ones were renamed

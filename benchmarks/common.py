@@ -13,6 +13,8 @@ Environment for the pytest-benchmark files:
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +74,13 @@ def run_variant(benchmark, variant, rounds: int, warmup: int = 1):
     if variant.fn is None:
         pytest.skip(variant.pending)
     return benchmark.pedantic(variant.fn, rounds=rounds, iterations=1, warmup_rounds=warmup)
+
+
+def command_line(argv=None, lfw=None) -> str:
+    """The command that made a result, shell-quoted so it can be pasted back; the LFW location (a
+    path of this machine) written as <LFW>."""
+    text = "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    return text if not lfw else text.replace(shlex.quote(str(lfw)), "<LFW>")
 
 
 def load_average() -> list[float] | None:

@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, write_json  # noqa: E402
+from common import command_line, load_average, write_json  # noqa: E402
 
-from advface_fast.attacks import VerificationObjective, make_attack
+from advface_fast.allocator import keep_freed_memory
+from advface_fast.attacks import DEFAULT_ATTACK_BATCH, VerificationObjective, make_attack
 from advface_fast.seeds import derive_seed
 from advface_fast.engine import chips_to_tensor, embed_chips
 from advface_fast.models import create_model
@@ -63,13 +64,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--attack", action="append", type=parse_attack, required=True,
                     help="name:key=value,... e.g. pgd:eps=2,steps=3 (repeatable)")
     ap.add_argument("--max-pairs", type=int, help="only the first N pairs of the fold")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=DEFAULT_ATTACK_BATCH)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--with-plain", action="store_true", help="also attack with the plain fp32 model")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the command-line tools do
     load_before = load_average()
     t_start = time.perf_counter()
 
@@ -135,7 +137,7 @@ def main(argv=None) -> dict:
 
     report = {
         "what": "bf16 vs fp32 attack gradients, judged in fp32 with a fixed clean threshold",
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv, args.lfw),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dataset_fingerprint": pairs.dataset.fingerprint,
         "fold": args.fold,

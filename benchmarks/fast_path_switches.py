@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, write_json  # noqa: E402
+from common import command_line, load_average, write_json  # noqa: E402
 
 from advface_fast.allocator import keep_freed_memory
 from advface_fast.attacks import PGD
@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
         rows.append(row)
     result = {
         "what": "attack image-steps/s (forward + input gradient, Attack._ascent_gradient), dlib-resnet 150x150",
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": args.threads,
         "rounds": args.rounds,

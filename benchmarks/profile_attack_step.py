@@ -36,7 +36,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, write_json  # noqa: E402
+from common import command_line, load_average, write_json  # noqa: E402
 
 from advface_fast.allocator import keep_freed_memory
 from advface_fast.attacks import PGD
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
     ceiling = gemm["bf16"] * 1e9 / (flops / args.batch)  # image-steps/s with every FLOP at the bf16 GEMM rate
     result = {
         "what": "one attack step (forward + input gradient) of dlib-resnet, profiled with torch.profiler",
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": args.threads, "batch": args.batch, "profiled_steps": args.steps, "torch": torch.__version__,
         "device": device_features("cpu"),

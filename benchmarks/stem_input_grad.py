@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, write_json  # noqa: E402
+from common import command_line, load_average, write_json  # noqa: E402
 
 from advface_fast.allocator import keep_freed_memory
 from advface_fast.models.frozen_conv import FrozenConv2d, polyphase_input_grad, polyphase_weight
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
     stem_rows = stem_table(args.batch, args.rounds, [int(c) for c in args.chunks.split(",")])
     result = {
         "what": "dlib-resnet stem (7x7/2 conv 3->32, 3x3/2 max-pool): input gradient forms and chunking",
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": command_line(argv),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": args.threads, "batch": args.batch, "rounds": args.rounds, "statistic": "median over rounds",
         "load_average_before": load_before, "load_average_after": load_average(),

@@ -339,6 +339,19 @@ def load_script(name: str):
     return script
 
 
+def test_stem_input_grad_script_quick(tmp_path):
+    script = load_script("stem_input_grad")
+    out = tmp_path / "stem.json"
+    result = script.main(["--threads", "1", "--batch", "2", "--rounds", "1", "--chunks", "1,2", "--out", str(out)])
+    assert json.loads(out.read_text())["input_gradient"] == result["input_gradient"]
+    assert [r["variant"] for r in result["input_gradient"]] == [
+        "bf16 aten convolution_backward", "bf16 polyphase", "fp32 aten convolution_backward", "fp32 polyphase"]
+    assert [r["variant"] for r in result["stem_forward_and_input_gradient_bf16"]][2:] == [
+        "ChunkedStem chunk 1", "ChunkedStem chunk 2"]
+    assert all(r["ms"] > 0 for r in result["input_gradient"])
+    assert result["command"].startswith("python ") and "--chunks 1,2" in result["command"]
+
+
 def test_fast_path_switches_script_quick(tmp_path):
     script = load_script("fast_path_switches")
     out = tmp_path / "switches.json"

@@ -59,6 +59,28 @@ def test_entries_are_keyed_by_config_and_items_by_id(tmp_path):
         items.take(["p9"], "x")
 
 
+def test_compact_compresses_once_and_mixed_dtypes_read_back(tmp_path):
+    """Batches are appended uncompressed; compact() writes one compressed chunk, also when there
+    was a single chunk, and leaves an already compressed single chunk alone. int8 and int16 batches
+    of one field (attack deltas that fit int8 or not) read back as one int16 array, equal values."""
+    from advface_fast.store import _compressed
+
+    e = Store(tmp_path).entry({"k": 1})
+    e.append(["a"], {"d": np.array([[-3, 4]], np.int8)})
+    assert not _compressed(e.chunks()[0])
+    e.compact()
+    (only,) = e.chunks()
+    assert _compressed(only)
+    e.compact()
+    assert e.chunks() == [only]  # nothing rewritten
+    e.append(["b"], {"d": np.array([[300, -200]], np.int16)})
+    e.compact()
+    items = e.read()
+    assert len(e.chunks()) == 1 and _compressed(e.chunks()[0])
+    assert items.arrays["d"].dtype == np.int16
+    np.testing.assert_array_equal(items.take(["b", "a"], "d"), [[300, -200], [-3, 4]])
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage"])
 def test_a_damaged_chunk_warns_and_is_not_trusted(tmp_path, damage):
     entry = Store(tmp_path).entry({"k": 1})
