@@ -17,6 +17,7 @@ grid. Configurations, each a switch on top of the one before:
                               of images, polyphase input gradient (ChunkedStem; the default)
     ... frozen-convs          + every convolution a FrozenConv2d: weights kept in the autocast
                               dtype (no per-step weight cast)
+    ... torch.compile         the fast copy with PyTorch's stem under torch.compile (inductor)
     bf16 ...                  the same under bf16 autocast
 
 Everything runs in ONE process, interleaved: every round times every (configuration, batch
@@ -53,6 +54,9 @@ _SWITCHES = (  # label suffix, make_fast switches; each adds one switch to the o
     ("CL folded in-place polyphase-stem", dict(fold_affine=True, inplace=True, stem="polyphase")),
     ("CL folded in-place fused-stem", dict(fold_affine=True, inplace=True, stem="fused")),
     ("CL folded in-place fused-stem frozen-convs", dict(fold_affine=True, inplace=True, stem="fused", frozen_convs=True)),
+    # torch.compile (inductor, CPU; needs a C++ compiler) of the fast copy with PyTorch's own stem,
+    # whose element-wise work and pooling inductor may fuse: measured against the eager switches
+    ("CL folded in-place torch.compile", dict(fold_affine=True, inplace=True, stem="plain", compile=True)),
 )
 CONFIGS = tuple(  # label, precision, make_fast switches (None: the plain model)
     item for precision in ("fp32", "bf16")
@@ -84,7 +88,11 @@ def main(argv=None) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # emulated bf16 warns; the numbers say how slow it is
         for label, precision, switches in configs:
-            model = plain if switches is None else make_fast(plain, **switches)
+            switches = dict(switches or {})
+            compile_model = switches.pop("compile", False)
+            model = plain if not switches else make_fast(plain, **switches)
+            if compile_model:  # compiled once here, before any timing (the warm-up step compiles)
+                model = torch.compile(model)
             attacks[label] = PGD(model, eps=4, precision=precision)
 
     gen = torch.Generator().manual_seed(0)
