@@ -339,6 +339,16 @@ def load_script(name: str):
     return script
 
 
+def test_allocator_page_faults_script_quick(tmp_path):
+    script = load_script("allocator_page_faults")
+    out = tmp_path / "faults.json"
+    result = script.main(["--threads", "1", "--batch", "2", "--steps", "1", "--runs", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["median"] == result["median"]
+    detail = result["runs_detail"]
+    assert [r["keep_freed_memory"] for r in detail["keep"]] == [True] and detail["default"][0]["keep_freed_memory"] is False
+    assert all(m["step_ms"] > 0 for m in result["median"].values())
+
+
 def test_stem_input_grad_script_quick(tmp_path):
     script = load_script("stem_input_grad")
     out = tmp_path / "stem.json"

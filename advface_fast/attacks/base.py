@@ -61,8 +61,10 @@ from advface_fast.kernels import linf_bounds
 from advface_fast.precision import autocast, model_device, resolve_precision
 
 GRID_TOLERANCE = 1e-6  # how far (in [0, 1] units) a clean pixel may sit from k/255
-# Images per attack batch in the experiment commands and the benchmark. Results do not depend on it
-# (per-image seeds; bf16 gradients bitwise equal alone or batched); speed does: dlib-resnet PGD-10 on a
+# Images per attack batch in the experiment commands and the benchmark. Results do not depend on which
+# images share a batch (per-image seeds); float rounding may still move with the batch SIZE on some
+# kernels (see AttackAsDefense; the bf16 fast path gave bitwise-equal gradients at 4, 32 and 64 images
+# on the development machine). Speed depends on it: dlib-resnet PGD-10 on a
 # 2-core AVX512-BF16 EPYC, bf16, ran at 0.66-0.67 of the bf16 GEMM rate with 32 images and 0.71-0.72 with
 # 64 (benchmarks/results/bench_2core_avx512bf16_stem*.json, two runs each).
 DEFAULT_ATTACK_BATCH = 64

@@ -49,8 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, default_lfw: str | None = 
                         help=f"sections to run, from {','.join(SECTIONS)} (default: {','.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--table1", action="store_true",
                         help="also time Table 1 end to end on fold 1 (three variants; tens of minutes)")
-    parser.add_argument("--batch-size", type=int, metavar="N", help="pairs per attack batch (default 32, quick 4)")
-    parser.add_argument("--steps", type=int, metavar="N", help="steps of the full PGD row (default 10, quick 2)")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="pairs per attack batch (default 64, the attack commands' default; quick 4)")
+    parser.add_argument("--steps", type=int, metavar="N",
+                        help="steps of the full PGD rows and of the PGD run the FLOP row times (default 10, quick 2)")
     parser.add_argument("--rounds", type=int, metavar="N", help="timed rounds per comparison (default 5, quick 2)")
     parser.add_argument("--warmup", type=int, metavar="N", help="untimed calls before timing (default 1)")
     written = parser.add_mutually_exclusive_group()

@@ -212,9 +212,10 @@ class AttackAsDefense:
             return {}
         from ..models import arithmetic_key
 
-        key = arithmetic_key(self.attack_model)
-        # the class name alone, as before, for a copy without switches (its keys stay valid)
-        return {"attack_model": key["class"], **({"attack_model_switches": key["switches"]} if "switches" in key else {})}
+        arithmetic = arithmetic_key(self.attack_model)
+        # the class name alone, as before, for a copy without an arithmetic record (its keys stay valid)
+        return {"attack_model": type(self.attack_model).__name__,
+                **({"attack_model_arithmetic": arithmetic} if arithmetic is not None else {})}
 
     def seeds(self, ids: Sequence[str]) -> list[int]:
         """The per-image seeds of D's randomness."""

@@ -145,7 +145,7 @@ def attacked_queries(ctx: Context, attack, target: Calibration | None = None, se
                      extra_key: dict | None = None):
     """Queries attacked against ``target`` (default: the undefended model), from the runner's store:
     computed once per config and pair (``runner.work`` counts the attack work actually done)."""
-    key = {"fast_model": arithmetic_key(ctx.attacked_net)} if ctx.cfg.fast_model and target is None else {}
+    key = {"fast_model": arithmetic_key(ctx.attacked_net) or True} if ctx.cfg.fast_model and target is None else {}
     return ctx.runner.attack_queries(attack, target or ctx.plain, sel or ctx.sel, ctx.net,
                                      extra_key={**key, **(extra_key or {})} or None)
 

@@ -155,7 +155,7 @@ class AttackedQueries:
 
     def images(self, clean: np.ndarray) -> np.ndarray:
         """The attacked uint8 chips, given the clean query chips of the selection."""
-        return (clean.astype(np.int16) + self.delta).astype(np.uint8)
+        return (clean.astype(np.int16) + self.delta).astype(np.uint8)  # delta: int8 or int16
 
 
 class Runner:
@@ -276,8 +276,7 @@ class Runner:
                          stats=cost)
             bar.update(len(batch))
         bar.close()
-        if todo:
-            entry.compact()
+        entry.compact()  # also after an interrupted run whose batches were all written: one compressed chunk
         items = entry.read()
 
         def cost(name: str) -> float:

@@ -149,7 +149,7 @@ def run_table1(lfw, cfg: Table1Config | None = None, *, out_dir=None, cache_dir=
     rows = [_make_row("clean", 0, {}, runner.judge(model, sel, clean_sim), 0.0)]
     example_images: dict[str, np.ndarray] = {}
     clean_examples = pairs.chips.chips[sel.query_rows[examples]]
-    extra_key = {"fast_model": arithmetic_key(attacked_net)} if cfg.fast_model else {}
+    extra_key = {"fast_model": arithmetic_key(attacked_net) or True} if cfg.fast_model else {}
     if transfer:
         extra_key["craft"] = {"model": cfg.craft_model, "input": "judge chip resized (bilinear, antialias)"}
     for name, eps, steps in tqdm(_row_specs(cfg), desc="table 1", unit="row", disable=not progress):

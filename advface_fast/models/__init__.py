@@ -53,16 +53,15 @@ def get_model_spec(name: str, **onnx_settings) -> ModelSpec:
         raise KeyError(f"unknown model '{name}'; available: {', '.join(list_models())}") from None
 
 
-def arithmetic_key(model: nn.Module) -> dict:
-    """What identifies a model copy's arithmetic beyond its weights, for cache keys: its class and,
-    for a fast copy, its switches (a new fast path changes bf16 rounding, so its results are new
-    entries, never mixed with those of the old one). Looks through a ``.model`` wrapper."""
-    inner = getattr(model, "model", model) if not hasattr(model, "switches") else model
-    key = {"class": type(inner).__name__}
-    switches = getattr(inner, "switches", None)
-    if switches is not None:
-        key["switches"] = dict(switches)
-    return key
+def arithmetic_key(model: nn.Module) -> dict | None:
+    """What cache keys record of a model copy's arithmetic beyond its weights: the copy's
+    ``arithmetic`` record (a fast path's switches and version: a new fast path changes bf16 rounding,
+    so its results are new entries, never mixed with the old ones), or None for a model without one
+    (its keys stay as they were). Looks through a ``.model`` wrapper (ResizedInput)."""
+    record = getattr(model, "arithmetic", None)
+    if record is None:
+        record = getattr(getattr(model, "model", None), "arithmetic", None)
+    return None if record is None else dict(record)
 
 
 def create_model(name: str, device=None, frozen: bool = True, fast: bool = False, **kwargs) -> nn.Module:

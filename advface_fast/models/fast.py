@@ -19,8 +19,8 @@
   convolution and max-pool in cache-sized chunks of images with the polyphase input gradient,
   :class:`~advface_fast.models.stem.ChunkedStem`; "plain" without ``fold_affine``). See
   ``benchmarks/fast_path_switches.py``.
-* ``frozen_convs``: every convolution becomes a ``FrozenConv2d`` (weights kept in the autocast
-  dtype, no per-step weight cast; polyphase input gradients for the strided ones).
+* ``frozen_convs``: every other convolution becomes a ``FrozenConv2d`` with PyTorch's own input
+  gradient (weights kept in the autocast dtype, no per-step weight cast; measured no faster, off).
 
 Parameters are frozen (attacks need input gradients only) and the model is in eval mode.
 """
@@ -38,6 +38,7 @@ from .frozen_conv import FrozenConv2d, freeze_convs
 from .stem import ChunkedStem
 
 STEMS = ("plain", "polyphase", "fused")
+ARITHMETIC_VERSION = 2  # 2: pool before ReLU, input scale in the stem weights, stem switch
 
 
 @torch.no_grad()
@@ -108,6 +109,9 @@ class FastDlibResNet(nn.Module):
             raise ValueError(f"stem={stem!r} needs fold_affine=True (the stem's affine folded into its convolution)")
         self.switches = {"fold_affine": fold_affine, "channels_last": channels_last, "inplace": inplace,
                          "stem": stem, "frozen_convs": frozen_convs}
+        # what cache keys record of this copy's arithmetic (models.arithmetic_key): the switches and a
+        # version, bumped whenever the same switches start computing differently
+        self.arithmetic = {"version": ARITHMETIC_VERSION, **self.switches}
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.inplace = inplace
         mean = model.mean_rgb.detach().clone()
@@ -134,8 +138,8 @@ class FastDlibResNet(nn.Module):
         elif stem == "fused":  # shift + stem convolution + max-pool (the ReLU follows the pool)
             self.stem = ChunkedStem(self.stem_conv, self.pixel_shift, pool=(3, 2), memory_format=self.memory_format)
             del self.stem_conv
-        if frozen_convs:  # the other convolutions (FrozenConv2d modules are left as they are)
-            freeze_convs(self)
+        if frozen_convs:  # the other convolutions, PyTorch's own input gradient (FrozenConv2d modules stay)
+            freeze_convs(self, "aten")
         self.to(memory_format=self.memory_format)
         self.eval().requires_grad_(False)
 
@@ -147,7 +151,7 @@ class FastDlibResNet(nn.Module):
             x = self.stem(images)
         else:
             x = torch.add(self.pixel_shift.to(images.dtype), images, alpha=self.pixel_scale)
-            if not isinstance(self.stem_conv, FrozenConv2d):
+            if not (isinstance(self.stem_conv, FrozenConv2d) and self.stem_conv.memory_format is not None):
                 x = x.contiguous(memory_format=self.memory_format)
             x = F.max_pool2d(self.stem_affine(self.stem_conv(x)), 3, 2)
         x = F.relu(x, inplace=self.inplace)

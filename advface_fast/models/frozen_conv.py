@@ -11,8 +11,8 @@ ordinary convolution that oneDNN runs with its fast forward kernels:
   ceil(k / s)-tap sub-kernels. Stacked along the output channels they are ONE stride-1 convolution
   (C_out' = s*s*C_in); a depth-to-space shuffle, written straight into the input's dtype and
   layout, interleaves the phases. This matters for dlib-resnet's stem (3 <- 32 channels, 7x7,
-  stride 2): oneDNN's backward-data kernel for it ran at ~130 GFLOP/s in bf16, a quarter of the
-  step's time, and the polyphase form ~2.5x faster (``benchmarks/stem_input_grad.py``).
+  stride 2): oneDNN's backward-data kernel for it ran at 121 GFLOP/s in bf16, a quarter of the
+  step's time, the polyphase form at 280 (benchmarks/results/stem_input_grad.json).
 
 ``FrozenConv2d`` also keeps its weights (and the rewritten ones) in the autocast dtype, so a bf16
 attack step casts no weight. The image's master copy and every decision stay fp32; in fp32 the
@@ -31,6 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 INPUT_GRADS = ("auto", "aten", "flipped", "polyphase")
 POLYPHASE_BELOW_CHANNELS = 16  # "auto": polyphase input gradients for strided convs with fewer input channels
@@ -60,37 +61,42 @@ def polyphase_weight(weight: torch.Tensor, stride: tuple[int, int]) -> torch.Ten
     return out.reshape(sh * sw * c_in, c_out, th, tw)
 
 
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor laid out NHWC (and not also NCHW-contiguous), else contiguous."""
     return (torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
             and not t.is_contiguous() else torch.contiguous_format)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of ``x`` runs in: autocast's where it is on, else ``x``'s."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+
+
 def polyphase_input_grad(grad: torch.Tensor, weight_p: torch.Tensor, stride: tuple[int, int],
                          padding: tuple[int, int], like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """dL/dx of a stride-s convolution from dL/dy (see the module docstring), in ``like``'s dtype,
-    shape and memory format, written into ``out`` when given. ``weight_p`` is
+    """dL/dx of a stride-s convolution from dL/dy (see the module docstring), a tensor of ``like``'s
+    shape, dtype and memory format (``out`` itself when given). ``weight_p`` is
     ``polyphase_weight(W, stride)`` in ``grad``'s dtype."""
     n, c_in, h, w = like.shape
     sh, sw = stride
     th, tw = weight_p.shape[2:]
     phases = F.conv2d(grad, weight_p, padding=(th - 1, tw - 1))  # N x (sh*sw*C_in) x OH' x OW'
     oh, ow = phases.shape[2:]
-    hb, wb = max(oh * sh, h + padding[0]), max(ow * sw, w + padding[1])
-    full = oh * sh == hb and ow * sw == wb
-    if out is not None and full and (hb, wb) == (h, w):
-        buf = out  # the shuffle writes the result in place
-    else:
-        buf = (torch.empty if full else torch.zeros)(n, c_in, hb, wb, dtype=like.dtype, device=like.device,
-                                                     memory_format=_memory_format(like))
+    if out is None:
+        out = torch.empty(like.shape, dtype=like.dtype, device=like.device, memory_format=memory_format_of(like))
+    exact = (oh * sh, ow * sw) == (h, w) and tuple(padding) == (0, 0)
+    # the phases cover padded rows / columns [0, oh*sh) x [0, ow*sw); rows past them get no gradient
+    buf = out if exact else torch.zeros((n, c_in, max(oh * sh, h + padding[0]), max(ow * sw, w + padding[1])),
+                                        dtype=out.dtype, device=out.device).contiguous(memory_format=memory_format_of(out))
     # N x C x OH' x sh x OW' x sw  <-  N x sh x sw x C x OH' x OW'. The cast first, then the shuffle:
     # measured faster than one copy that casts while it shuffles.
-    phases = phases.to(like.dtype)
+    phases = phases.to(out.dtype)
     buf[:, :, :oh * sh, :ow * sw].unflatten(3, (ow, sw)).unflatten(2, (oh, sh)).copy_(
         phases.view(n, sh, sw, c_in, oh, ow).permute(0, 3, 4, 1, 5, 2))
-    if buf is out:
-        return out
-    result = buf[:, :, padding[0]:padding[0] + h, padding[1]:padding[1] + w]
-    return result if out is None else out.copy_(result)
+    if buf is not out:
+        out.copy_(buf[:, :, padding[0]:padding[0] + h, padding[1]:padding[1] + w])
+    return out
 
 
 class _InputGradAsConv(torch.autograd.Function):
@@ -102,22 +108,23 @@ class _InputGradAsConv(torch.autograd.Function):
         ctx.save_for_backward(rewritten)
         ctx.stride, ctx.padding, ctx.polyphase = stride, padding, polyphase
         ctx.back_padding = tuple(k - 1 - p for k, p in zip(weight.shape[2:], padding))
-        ctx.x_meta = (x.shape, x.dtype, x.device, _memory_format(x))
-        x = x.to(weight.dtype).contiguous(memory_format=_memory_format(weight))
+        ctx.x_meta = (x.shape, x.dtype, x.device, memory_format_of(x))
+        x = x.to(weight.dtype).contiguous(memory_format=memory_format_of(weight))
         return F.conv2d(x, weight, bias, stride, padding)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None, None, None
         (rewritten,) = ctx.saved_tensors
         shape, dtype, device, memory_format = ctx.x_meta
         grad = grad.to(rewritten.dtype)
+        out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
         if ctx.polyphase:
-            like = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-            grad_x = polyphase_input_grad(grad, rewritten, ctx.stride, ctx.padding, like)
+            grad_x = polyphase_input_grad(grad, rewritten, ctx.stride, ctx.padding, out, out=out)
         else:
-            grad_x = F.conv2d(grad, rewritten, padding=ctx.back_padding).to(dtype)
+            grad_x = out.copy_(F.conv2d(grad, rewritten, padding=ctx.back_padding))
         return grad_x, None, None, None, None, None, None
 
 
@@ -151,10 +158,6 @@ class FrozenConv2d(nn.Module):
         self.memory_format = memory_format
         self._cache: dict = {}
 
-    @property
-    def flip_backward(self) -> bool:  # the stride-1 rewrite is in use
-        return self.input_grad == "flipped"
-
     def _rewritten(self, weight: torch.Tensor) -> torch.Tensor | None:
         if self.input_grad == "flipped":
             return flipped_weight(weight)
@@ -178,8 +181,8 @@ class FrozenConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        memory_format = self.memory_format or _memory_format(x)
+        dtype = compute_dtype(x)
+        memory_format = self.memory_format or memory_format_of(x)
         w, rewritten, b = self._weights(dtype, memory_format)
         with torch.autocast(device_type, enabled=False):
             if rewritten is not None and torch.is_grad_enabled() and x.requires_grad:
@@ -203,4 +206,4 @@ def freeze_convs(module: nn.Module, input_grad: str = "auto") -> nn.Module:
     return module
 
 
-__all__ = ["INPUT_GRADS", "FrozenConv2d", "flipped_weight", "freeze_convs", "polyphase_input_grad", "polyphase_weight"]
+__all__ = ["INPUT_GRADS", "FrozenConv2d", "compute_dtype", "flipped_weight", "memory_format_of", "freeze_convs", "polyphase_input_grad", "polyphase_weight"]

@@ -24,15 +24,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from .frozen_conv import polyphase_input_grad, polyphase_weight
+from .frozen_conv import compute_dtype, memory_format_of, polyphase_input_grad, polyphase_weight
 
-DEFAULT_CHUNK = 8  # images per chunk: measured best among 2-32 at batch 32 (PGD-5, bf16, 2 threads)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+DEFAULT_CHUNK = 8  # images per chunk: 2-4 slower, 8-32 within 2% of each other (benchmarks/results/stem_input_grad.json)
 
 
 def _prepare(images: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype, memory_format) -> torch.Tensor:
@@ -42,8 +38,7 @@ def _prepare(images: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype, memo
 class _ChunkedStemFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, images, shift, weight, weight_p, bias, conv_stride, pool, chunk):
-        memory_format = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) \
-            and not weight.is_contiguous() else torch.contiguous_format
+        memory_format = memory_format_of(weight)
         kernel, stride = pool
         outs, saved = [], []
         for start in range(0, images.shape[0], chunk):
@@ -53,20 +48,20 @@ class _ChunkedStemFunction(torch.autograd.Function):
             outs.append(pooled)
             saved.append(indices)
         ctx.save_for_backward(weight_p, *saved)
-        ctx.meta = (images.shape, images.dtype, images.device, images.is_contiguous(memory_format=torch.channels_last)
-                    and not images.is_contiguous(), y.shape[1:], memory_format, conv_stride, pool, chunk)
+        ctx.meta = (images.shape, images.dtype, images.device, memory_format_of(images), y.shape[1:], memory_format,
+                    conv_stride, pool, chunk)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
         weight_p, *saved = ctx.saved_tensors
-        shape, dtype, device, channels_last, conv_shape, memory_format, conv_stride, pool, chunk = ctx.meta
+        shape, dtype, device, images_format, conv_shape, memory_format, conv_stride, pool, chunk = ctx.meta
         kernel, stride = pool
         grad = grad.to(weight_p.dtype)
-        out = torch.empty(shape, dtype=dtype, device=device,
-                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        out = torch.empty(shape, dtype=dtype, device=device, memory_format=images_format)
         for i, start in enumerate(range(0, shape[0], chunk)):
             g = grad[start:start + chunk]
             like = torch.empty((g.shape[0], *conv_shape), dtype=weight_p.dtype, device=device,
@@ -112,10 +107,10 @@ class ChunkedStem(nn.Module):
         return self._cache[key]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(images)
+        dtype = compute_dtype(images)
         w, w_p, b = self._weights(dtype)
         with torch.autocast(images.device.type, enabled=False):
-            if torch.is_grad_enabled() and images.requires_grad:
+            if torch.is_grad_enabled() and images.requires_grad and images.shape[0] > 0:
                 return _ChunkedStemFunction.apply(images, self.shift, w, w_p, b, self.stride, self.pool, self.chunk)
             x = _prepare(images, self.shift, dtype, self.memory_format)
             return F.max_pool2d(F.conv2d(x, w, b, self.stride), self.pool[0], self.pool[1])
