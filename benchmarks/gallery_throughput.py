@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import default_lfw, load_average, write_json  # noqa: E402
+from common import command_line, default_lfw, load_average, write_json  # noqa: E402
 
 from advface_fast.environment import environment  # noqa: E402
 from advface_fast.jobs import GalleryConfig, GalleryJob, run_local  # noqa: E402
@@ -124,7 +124,7 @@ def main(argv=None) -> dict:
     set_threads(args.threads)
     refs = list_images(args.lfw)
     result = {"what": "gallery job throughput vs the attack engine's own rate; model-busy fraction",
-              "command": "python benchmarks/gallery_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "command": command_line(argv, args.lfw),
               "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "lfw_images": len(refs), "threads": args.threads, "precision": args.precision, "decode_threads": args.decode_threads,
               "load_average_before": load_average(), "environment": environment(), "runs": []}
