@@ -27,6 +27,7 @@ import shutil
 import time
 import uuid
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,8 +46,6 @@ DAMAGED_SUFFIX = ".damaged"
 
 def _compressed(path: Path) -> bool:
     """Whether every member of an .npz chunk is deflated (np.savez_compressed)."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(path) as z:
             return all(info.compress_type != zipfile.ZIP_STORED for info in z.infolist())

@@ -68,7 +68,7 @@ def input_grad_table(n: int, rounds: int) -> list[dict]:
         fns[f"{name} aten convolution_backward"] = (
             lambda g=g, x=x, w=w: torch.ops.aten.convolution_backward(
                 g, x, w, None, (2, 2), (0, 0), (1, 1), False, (0, 0), 1, (True, False, False)))
-        fns[f"{name} polyphase"] = lambda g=g, w_p=w_p: polyphase_input_grad(g, w_p, (2, 2), (0, 0), like)
+        fns[f"{name} polyphase"] = lambda g=g, w_p=w_p: polyphase_input_grad(g, w_p, (2, 2), (0, 0), torch.empty_like(like))
     med = timed_rounds(fns, rounds, 3)
     return [{"variant": k, "ms": round(v * 1e3, 3), "gflops": round(gflop / v, 1)} for k, v in med.items()]
 

@@ -102,7 +102,7 @@ def test_polyphase_input_grad_writes_into_out():
     want = torch.ops.aten.convolution_backward(g, torch.empty(2, 3, 150, 150), w, None, (2, 2), (0, 0), (1, 1), False,
                                                (0, 0), 1, (True, False, False))[0]
     out = torch.full((2, 3, 150, 150), float("nan"))
-    got = polyphase_input_grad(g, polyphase_weight(w, (2, 2)), (2, 2), (0, 0), out, out=out)
+    got = polyphase_input_grad(g, polyphase_weight(w, (2, 2)), (2, 2), (0, 0), out)
     assert got is out and not out.isnan().any()
     assert (out - want).abs().max() <= 1e-5 * want.abs().max()
 

@@ -74,17 +74,15 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def polyphase_input_grad(grad: torch.Tensor, weight_p: torch.Tensor, stride: tuple[int, int],
-                         padding: tuple[int, int], like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """dL/dx of a stride-s convolution from dL/dy (see the module docstring), a tensor of ``like``'s
-    shape, dtype and memory format (``out`` itself when given). ``weight_p`` is
-    ``polyphase_weight(W, stride)`` in ``grad``'s dtype."""
-    n, c_in, h, w = like.shape
+                         padding: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+    """dL/dx of a stride-s convolution from dL/dy (see the module docstring), written into ``out``
+    (the input's shape, dtype and layout) and returned. ``weight_p`` is ``polyphase_weight(W, stride)``
+    in ``grad``'s dtype."""
+    n, c_in, h, w = out.shape
     sh, sw = stride
     th, tw = weight_p.shape[2:]
     phases = F.conv2d(grad, weight_p, padding=(th - 1, tw - 1))  # N x (sh*sw*C_in) x OH' x OW'
     oh, ow = phases.shape[2:]
-    if out is None:
-        out = torch.empty(like.shape, dtype=like.dtype, device=like.device, memory_format=memory_format_of(like))
     exact = (oh * sh, ow * sw) == (h, w) and tuple(padding) == (0, 0)
     # the phases cover padded rows / columns [0, oh*sh) x [0, ow*sw); rows past them get no gradient
     buf = out if exact else torch.zeros((n, c_in, max(oh * sh, h + padding[0]), max(ow * sw, w + padding[1])),
@@ -122,7 +120,7 @@ class _InputGradAsConv(torch.autograd.Function):
         grad = grad.to(rewritten.dtype)
         out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
         if ctx.polyphase:
-            grad_x = polyphase_input_grad(grad, rewritten, ctx.stride, ctx.padding, out, out=out)
+            grad_x = polyphase_input_grad(grad, rewritten, ctx.stride, ctx.padding, out)
         else:
             grad_x = out.copy_(F.conv2d(grad, rewritten, padding=ctx.back_padding))
         return grad_x, None, None, None, None, None, None
@@ -165,7 +163,8 @@ class FrozenConv2d(nn.Module):
             return polyphase_weight(weight, self.stride)
         return None
 
-    def _weights(self, dtype: torch.dtype, memory_format) -> tuple:
+    def weights(self, dtype: torch.dtype, memory_format) -> tuple:
+        """(weight, rewritten weight or None, bias) in ``dtype`` and ``memory_format``, built once and cached."""
         key = (dtype, self.weight.device, memory_format, self.weight._version)
         if key not in self._cache:
             self._cache.clear()
@@ -183,7 +182,7 @@ class FrozenConv2d(nn.Module):
         device_type = x.device.type
         dtype = compute_dtype(x)
         memory_format = self.memory_format or memory_format_of(x)
-        w, rewritten, b = self._weights(dtype, memory_format)
+        w, rewritten, b = self.weights(dtype, memory_format)
         with torch.autocast(device_type, enabled=False):
             if rewritten is not None and torch.is_grad_enabled() and x.requires_grad:
                 return _InputGradAsConv.apply(x, w, rewritten, b, self.stride, self.padding,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .frozen_conv import compute_dtype, memory_format_of, polyphase_input_grad, polyphase_weight
+from .frozen_conv import FrozenConv2d, compute_dtype, memory_format_of, polyphase_input_grad
 
 DEFAULT_CHUNK = 8  # images per chunk: 2-4 slower, 8-32 within 2% of each other (benchmarks/results/stem_input_grad.json)
 
@@ -62,14 +62,14 @@ class _ChunkedStemFunction(torch.autograd.Function):
         kernel, stride = pool
         grad = grad.to(weight_p.dtype)
         out = torch.empty(shape, dtype=dtype, device=device, memory_format=images_format)
+        # the pooling backward's "self": read for its shape and layout only, allocated once
+        like = torch.empty((min(chunk, shape[0]), *conv_shape), dtype=weight_p.dtype, device=device,
+                           memory_format=memory_format)
         for i, start in enumerate(range(0, shape[0], chunk)):
             g = grad[start:start + chunk]
-            like = torch.empty((g.shape[0], *conv_shape), dtype=weight_p.dtype, device=device,
-                               memory_format=memory_format)
             g_conv = torch.ops.aten.max_pool2d_with_indices_backward(
-                g, like, [kernel, kernel], [stride, stride], [0, 0], [1, 1], False, saved[i])
-            polyphase_input_grad(g_conv, weight_p, conv_stride, (0, 0), out[start:start + chunk],
-                                 out=out[start:start + chunk])
+                g, like[:g.shape[0]], [kernel, kernel], [stride, stride], [0, 0], [1, 1], False, saved[i])
+            polyphase_input_grad(g_conv, weight_p, conv_stride, (0, 0), out[start:start + chunk])
         return out, None, None, None, None, None, None, None
 
 
@@ -88,27 +88,14 @@ class ChunkedStem(nn.Module):
             raise ValueError("ChunkedStem needs a strided convolution without padding, groups or dilation")
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        # the convolution's weights and polyphase kernel, cached in the compute dtype by FrozenConv2d
+        self.conv = FrozenConv2d(conv, "polyphase", memory_format=memory_format)
         self.register_buffer("shift", shift.detach().clone().float().reshape(1, -1, 1, 1))
         self.stride, self.pool, self.chunk, self.memory_format = conv.stride, tuple(pool), chunk, memory_format
-        self._cache: dict = {}
-
-    def _weights(self, dtype: torch.dtype) -> tuple:
-        key = (dtype, self.weight.device, self.weight._version)
-        if key not in self._cache:
-            self._cache.clear()
-            # normal tensors even when first built under inference_mode: an attack saves them for backward
-            with torch.inference_mode(False):
-                w = self.weight.detach()
-                self._cache[key] = (w.to(dtype).contiguous(memory_format=self.memory_format),
-                                    polyphase_weight(w, self.stride).to(dtype).contiguous(memory_format=self.memory_format),
-                                    None if self.bias is None else self.bias.detach().to(dtype))
-        return self._cache[key]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         dtype = compute_dtype(images)
-        w, w_p, b = self._weights(dtype)
+        w, w_p, b = self.conv.weights(dtype, self.memory_format)
         with torch.autocast(images.device.type, enabled=False):
             if torch.is_grad_enabled() and images.requires_grad and images.shape[0] > 0:
                 return _ChunkedStemFunction.apply(images, self.shift, w, w_p, b, self.stride, self.pool, self.chunk)
@@ -116,8 +103,7 @@ class ChunkedStem(nn.Module):
             return F.max_pool2d(F.conv2d(x, w, b, self.stride), self.pool[0], self.pool[1])
 
     def extra_repr(self) -> str:
-        return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel_size={tuple(self.weight.shape[2:])}, "
-                f"stride={self.stride}, pool={self.pool}, chunk={self.chunk}")
+        return f"pool={self.pool}, chunk={self.chunk}"
 
 
 __all__ = ["DEFAULT_CHUNK", "ChunkedStem"]
