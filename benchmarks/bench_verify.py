@@ -2,7 +2,7 @@
 
     python -m pytest benchmarks/bench_verify.py --benchmark-enable -q
 
-``advface_fast.verify.evaluate`` is vectorised: on LFW's size it takes a few milliseconds.
+``advface_fast.metrics.evaluate`` is vectorised: on LFW's size it takes a few milliseconds.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from advface_fast.verify import evaluate
+from advface_fast.metrics import evaluate
 
 
 @pytest.mark.benchmark(group="verify")

@@ -44,7 +44,7 @@ from advface_fast.models import create_model
 from advface_fast.models.fast import make_fast
 from advface_fast.pair_chips import prepare_pairs
 from advface_fast.precision import device_features
-from advface_fast.verify import evaluate_embeddings
+from advface_fast.metrics import evaluate_embeddings
 
 
 def parse_attack(text: str) -> tuple[str, dict]:

@@ -17,7 +17,7 @@ from torch import nn
 from advface_fast.attacks import PGD, VerificationObjective
 from advface_fast.seeds import derive_seed
 from advface_fast.defenses import AttackAsDefense, DefendedModel, adaptive_attack
-from advface_fast.verify import fit_threshold
+from advface_fast.metrics import fit_threshold
 
 OBJ = VerificationObjective()
 N, K = 24, 5

@@ -51,7 +51,7 @@ def test_bench_report_is_written_atomically(tmp_path, monkeypatch):
 
 
 def test_verify_json_is_written_atomically(lfw_ci, tmp_path, monkeypatch):
-    from advface_fast.verification import run_verify
+    from advface_fast.experiments.verification import run_verify
 
     (tmp_path / "verify.json").write_text('{"old": true}\n')
     die_halfway(monkeypatch)

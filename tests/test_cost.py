@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from advface_fast.cli import main
-from advface_fast.train import cost
+from advface_fast.experiments import cost
 from advface_fast.train.loop import training_cost
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,11 +11,11 @@ import pytest
 
 from advface_fast.cli import main
 from advface_fast.experiments.defended import DefendedStore
-from advface_fast.experiments.defense_tables import (DefendConfig, build_defense, calibrate_defense, make_context,
-                                                     run_defend)
+from advface_fast.experiments.defense_context import DefendConfig, build_defense, calibrate_defense, make_context
+from advface_fast.experiments.defense_tables import run_defend
 from advface_fast.experiments.report import PaperConfig, run_paper
 from advface_fast.pair_chips import prepare_pairs
-from advface_fast.verify import accuracy_with_thresholds, evaluate_embeddings, fit_threshold
+from advface_fast.metrics import accuracy_with_thresholds, evaluate_embeddings, fit_threshold
 
 ADAPTIVE = dict(steps=(3,), eot=(1, 2), copy_steps=(1, None), kappas=(0.1,), hc_eps_factors=(1.0,), sweep_pairs=4)
 
@@ -74,7 +74,7 @@ def test_every_row_type_and_the_outputs(run):
     for name in ("accuracy_vs_defense_steps.png", "price_vs_gain.png", "adaptive_curves.png"):
         assert (root / "out" / name).stat().st_size > 0
     # `advface cache info` knows the defended-embedding entries (one per D step config).
-    from advface_fast.cache import cache_info
+    from advface_fast.cache_admin import cache_info
 
     entries = cache_info(root)["caches"]["defended"]["entries"]
     assert len(entries) >= 4 and all(e["status"] == "ok" for e in entries)

@@ -103,7 +103,7 @@ def register_tiny() -> None:
 @pytest.fixture(autouse=True, scope="module")
 def tiny_registered():
     """"tiny-test" in the registry for this module's tests only."""
-    from advface_fast.models import _REGISTRY
+    from advface_fast.models.registry import _REGISTRY
 
     register_tiny()
     yield

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_dlib_resnet_full_lfw_accuracy(lfw_full, tmp_path):
-    from advface_fast.verification import format_report, run_verify
+    from advface_fast.experiments.verification import format_report, run_verify
 
     report = run_verify(lfw_full, "dlib-resnet", out_dir=tmp_path, progress=False)
     print(format_report(report))

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from advface_fast.cli import main, parse_folds
+from advface_fast.cli import main
+from advface_fast.cli_options import parse_folds
 
 REQUIRED_KEYS = {"model", "n_pairs", "accuracy_mean", "accuracy_std", "matched_accuracy", "mismatched_accuracy",
                  "auc", "tar_at_far_1e-3", "tar_at_far_1e-2", "thresholds", "alignment_paths"}

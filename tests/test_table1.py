@@ -97,7 +97,7 @@ def test_rows_equal_a_plain_reference_computation(report, lfw_ci, home, small_cf
     from advface_fast.models import create_model
     from advface_fast.pair_chips import prepare_pairs
     from advface_fast.seeds import derive_seed
-    from advface_fast.verify import accuracy_with_thresholds, evaluate_embeddings
+    from advface_fast.metrics import accuracy_with_thresholds, evaluate_embeddings
 
     monkeypatch.setenv("ADVFACE_HOME", str(home))
     pairs = prepare_pairs(lfw_ci, workers=1, progress=False)

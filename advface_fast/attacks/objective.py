@@ -27,7 +27,7 @@ Objectives:
   ``s > tau``). Needs ``is_same``; C&W needs each pair's threshold. ``metric="cosine"`` (cosine
   of L2-normalised embeddings) or ``"l2"`` (``s = -||e_q - e_g||``, a negated distance).
   Thresholds are in that convention and the decision is "same iff s > tau", as in
-  :mod:`advface_fast.verify`. Thresholds come from clean data and are never refitted on attacks.
+  :mod:`advface_fast.metrics`. Thresholds come from clean data and are never refitted on attacks.
 * ``"away-from-self"`` (:class:`AwayFromSelf`, label-free; the defense's default): minimise the
   cosine similarity to the image's OWN clean embedding. The target is the clean embedding of
   the image given (computed by the attack's model unless the caller passes it). An
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..verify import METRICS  # the one list of metric names
+from ..metrics import METRICS  # the one list of metric names
 
 
 def _cosine(emb: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -146,7 +146,7 @@ def _embed(model: nn.Module, chips: np.ndarray) -> torch.Tensor:
 
 
 def _fit_threshold(sim: torch.Tensor, same: np.ndarray) -> float:
-    from ..verify import fit_threshold
+    from ..metrics import fit_threshold
 
     return fit_threshold(sim.double().numpy(), same, metric="cosine")[0]
 

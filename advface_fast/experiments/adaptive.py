@@ -32,7 +32,7 @@ import numpy as np
 from ..attacks import make_attack
 from ..defenses import adaptive_attack
 from .defended import StoredDefenseVerifier
-from .defense_tables import Context, _auc, attacked_queries, cap, correct, defended_store, query_attack, summarise
+from .defense_context import Context, attacked_queries, auc_or_none, cap, correct, defended_store, query_attack, summarise
 from .runner import Selection
 
 
@@ -86,7 +86,7 @@ def run_adaptive(ctx: Context, acfg: AdaptiveConfig, store, cals: dict, queries:
         ok[name] = (pos, c, query, eps)
         rows.append({"defense": d.attack_name, "defense_eps": float(d.eps), "defense_steps": int(k),
                      "objective": d.objective.name, "query": query, "kind": "adaptive", "eps": float(eps),
-                     **params, **summarise(c, s), "auc": _auc(sim, s.same), "subset": len(s) < len(sel),
+                     **params, **summarise(c, s), "auc": auc_or_none(sim, s.same), "subset": len(s) < len(sel),
                      "image_steps": 0 if q is None else round(q.image_steps / max(len(s), 1), 1),
                      "seconds": 0.0 if q is None else round(q.seconds / max(len(s), 1), 4),
                      "row": name})

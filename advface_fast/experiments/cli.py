@@ -1,12 +1,14 @@
-"""`advface defend` and `advface paper`: parsing and printing only; the work lives in advface_fast.experiments."""
+"""`advface defend`, `advface paper` and `advface cost`: parsing and printing only; the work lives in
+advface_fast.experiments."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..attacks import DEFAULT_ATTACK_BATCH
-from ..cli import (EPILOG_PATHS, _check_pairs_file, _common, _float_list, _int_list, _pair_count,
-                   _print_input_and_outputs, apply_runtime, lfw_path)
+from ..cli_options import (EPILOG_PATHS, check_pairs_file, add_common_options, float_list, int_list, pair_count,
+                   print_input_and_outputs, apply_runtime, lfw_path)
 
 
 def _names(text: str, allowed, what: str) -> tuple:
@@ -36,7 +38,7 @@ def cmd_defend(args) -> int:
     from .defense_render import defend_markdown
     from .defense_tables import DefendConfig, run_defend
 
-    _check_pairs_file(args)
+    check_pairs_file(args)
     apply_runtime(args)
     cfg = DefendConfig(model=args.model, defenses=_names(args.defense, DEFENSE_ATTACKS, "defense"),
                        defense_eps=args.defense_eps, defense_steps=args.defense_steps,
@@ -50,7 +52,7 @@ def cmd_defend(args) -> int:
                        no_face=args.no_face, pairs_file=None if args.pairs_file is None else str(args.pairs_file))
     report = run_defend(lfw_path(args), cfg, out_dir=args.out, workers=args.workers, progress=not args.quiet)
     print(defend_markdown(report))
-    return _print_input_and_outputs(report, args.out, "defend.json",
+    return print_input_and_outputs(report, args.out, "defend.json",
                                     "defend.md, accuracy_vs_defense_steps.png, price_vs_gain.png")
 
 
@@ -58,7 +60,7 @@ def cmd_paper(args) -> int:
     from .report import PaperConfig, run_paper
     from .transfer import resolve_transfer_models
 
-    _check_pairs_file(args)
+    check_pairs_file(args)
     apply_runtime(args)
     cfg = PaperConfig(model=args.model, folds=tuple(args.folds) if args.folds else (None if args.all_folds else (1,)),
                       max_pairs=args.pairs, steps=args.steps, eps=args.eps, seed=args.seed,
@@ -80,14 +82,14 @@ def _defense_options(p, adaptive_flag: bool) -> None:
     """Options shared by defend and paper: D, calibration and the adaptive attacker."""
     from ..precision import PRECISIONS
 
-    p.add_argument("--pairs", type=_pair_count, metavar="N",
+    p.add_argument("--pairs", type=pair_count, metavar="N",
                    help="only the first N pairs of the folds, half matched (thresholds: see --calibration-pairs)")
     p.add_argument("--all-folds", action="store_true", help="all folds (default without --folds: fold 1)")
     p.add_argument("--seed", type=int, default=0, help="run seed; per-pair and per-image seeds derive from it (default: 0)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="gradients of the attacks and of D (auto: bf16 where native, D through the fast model); "
                         "embeddings and decisions are always fp32 (default: %(default)s)")
-    p.add_argument("--calibration-pairs", type=_pair_count, metavar="N",
+    p.add_argument("--calibration-pairs", type=pair_count, metavar="N",
                    help="fit the defended thresholds on a balanced subset of N pairs spread over every fold "
                         "(faster; recorded loudly in the report). Default: the full protocol, every pair of the "
                         "dataset (D on ~7,700 images, once, cached)")
@@ -95,24 +97,38 @@ def _defense_options(p, adaptive_flag: bool) -> None:
     if adaptive_flag:
         g.add_argument("--adaptive", action="store_true",
                        help="also run the adaptive evaluation for D = pgd and cw (Tables 2-3)")
-    g.add_argument("--eot", type=_int_list, metavar="LIST", help="EOT samples S (default: 1,3; S > 1 on --sweep-pairs)")
+    g.add_argument("--eot", type=int_list, metavar="LIST", help="EOT samples S (default: 1,3; S > 1 on --sweep-pairs)")
     g.add_argument("--eot-redraw", choices=("per-step", "fixed"),
                    help="per-step: fresh draws of D's randomness at every attack step (default); fixed: the same "
                         "S draws throughout, a weaker attacker that overfits them (ablation)")
-    g.add_argument("--copy-steps", type=_int_list, metavar="LIST",
+    g.add_argument("--copy-steps", type=int_list, metavar="LIST",
                    help="K of the attacker's copy of D; 0 = the full D (default: 5,0)")
-    g.add_argument("--adaptive-steps", type=_int_list, metavar="LIST", help="the adaptive PGD's steps (default: 20)")
-    g.add_argument("--adaptive-eps", type=_float_list, metavar="LIST", help="eps_a (default: eps_d)")
-    g.add_argument("--kappa", type=_float_list, metavar="LIST",
+    g.add_argument("--adaptive-steps", type=int_list, metavar="LIST", help="the adaptive PGD's steps (default: 20)")
+    g.add_argument("--adaptive-eps", type=float_list, metavar="LIST", help="eps_a (default: eps_d)")
+    g.add_argument("--kappa", type=float_list, metavar="LIST",
                    help="high-confidence margins past the undefended threshold (default: 0.1,0.3)")
-    g.add_argument("--sweep-pairs", type=_pair_count, metavar="N",
+    g.add_argument("--sweep-pairs", type=pair_count, metavar="N",
                    help="pairs for S > 1 and the eps_a / step sweeps (default: 200)")
     g.add_argument("--adaptive-defense-steps", type=int, metavar="K",
                    help="the D step count attacked and judged (default: D's smallest)")
 
 
+def cmd_cost(args) -> int:
+    from . import cost
+
+    runs = cost.load_training_runs(args.train)
+    reports = cost.load_defense_reports(args.defense_report or [])
+    report = cost.cost_from(runs, reports, defense_steps=args.defense_steps, eps=args.eps,
+                            full_images=args.full_images, full_epochs=args.epochs_full,
+                            gallery_images=args.gallery_images)
+    print(cost.write_cost(report, args.out, queries=args.queries) if args.out else cost.cost_markdown(report))
+    if args.out:
+        print(f"wrote cost.json, cost.md, accuracy_vs_compute.png to {args.out}")
+    return 0
+
+
 def add_subparsers(sub) -> None:
-    """The defend and paper subcommands of `advface`."""
+    """The defend, paper and cost subcommands of `advface`."""
     p = sub.add_parser(
         "defend", help="the paper's Tables 2-4: attack-as-defense (D re-attacks query and gallery)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -130,18 +146,18 @@ def add_subparsers(sub) -> None:
                "--calibration-pairs 1000 --out runs/eps-sweep\n"
                "  advface defend --lfw data/lfw --defense pgd --adaptive --eot 1,3 --copy-steps 5,0 --out runs/adaptive\n\n"
                + EPILOG_PATHS)
-    _common(p)
+    add_common_options(p)
     p.set_defaults(batch_size=DEFAULT_ATTACK_BATCH)
     p.add_argument("--defense", default="pgd", metavar="LIST", help="D's attack(s): pgd, cw, fgsm (default: %(default)s)")
-    p.add_argument("--defense-eps", type=_float_list, default=(4.0,), metavar="LIST", help="eps_d in 0-255 levels (default: 4)")
-    p.add_argument("--defense-steps", type=_int_list, default=(10, 20, 40), metavar="LIST",
+    p.add_argument("--defense-eps", type=float_list, default=(4.0,), metavar="LIST", help="eps_d in 0-255 levels (default: 4)")
+    p.add_argument("--defense-steps", type=int_list, default=(10, 20, 40), metavar="LIST",
                    help="D's step counts, the table's columns (default: 10,20,40)")
     p.add_argument("--defense-batch-size", type=int, default=32, metavar="N",
                    help="D's batch size (D's results depend on it; part of its cache key) (default: %(default)s)")
     p.add_argument("--objective", choices=("away-from-self", "random-direction"), default="away-from-self",
                    help="D's label-free objective (default: %(default)s)")
     p.add_argument("--attacks", default="fgsm,pgd,cw", metavar="LIST", help="attacked query conditions (default: %(default)s)")
-    p.add_argument("--eps", type=_float_list, default=(4.0,), metavar="LIST", help="the query attacks' eps (default: 4)")
+    p.add_argument("--eps", type=float_list, default=(4.0,), metavar="LIST", help="the query attacks' eps (default: 4)")
     p.add_argument("--attack-steps", type=int, metavar="N", help="PGD / C&W steps of the query attacks (default: 40, as Table 1)")
     p.add_argument("--fast-model", action="store_true", help="query attacks through the fast model (as advface attack --fast-model)")
     _defense_options(p, adaptive_flag=True)
@@ -159,10 +175,10 @@ def add_subparsers(sub) -> None:
                "  advface paper --lfw data/lfw --pairs 40 --steps 5 --calibration-pairs 200 --transfer-models none "
                "--out runs/quick\n\n"
                + EPILOG_PATHS)
-    _common(p)
+    add_common_options(p)
     p.set_defaults(batch_size=DEFAULT_ATTACK_BATCH)
     p.add_argument("--steps", type=int, metavar="K", help="cap every iteration count at K (quick runs)")
-    p.add_argument("--eps", type=_float_list, default=(2.0, 4.0, 8.0), metavar="LIST", help="Table 1's eps (default: 2,4,8)")
+    p.add_argument("--eps", type=float_list, default=(2.0, 4.0, 8.0), metavar="LIST", help="Table 1's eps (default: 2,4,8)")
     p.add_argument("--no-adaptive", action="store_true", help="skip the adaptive evaluation")
     p.add_argument("--transfer-models", default="all", metavar="LIST|all|none",
                    help="the transfer matrix: Table 1's attacks at the queries' eps crafted on each of these models "
@@ -175,5 +191,34 @@ def add_subparsers(sub) -> None:
     _defense_options(p, adaptive_flag=False)
     p.set_defaults(func=cmd_paper)
 
+    p = sub.add_parser(
+        "cost", help="compute of adversarial training vs attack-as-defense: break-even queries, accuracy bought",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Training: measured seconds and image-steps per training image per epoch from advtrain runs, "
+                    "their totals and the extrapolation to CASIA-WebFace scale (--full-images x --epochs-full). "
+                    "Defense: image-steps and seconds per query and per gallery image from --defense-report "
+                    "(defend.json reports, merged per D setting), else estimated as D steps x the attack step time "
+                    "measured in the training runs. Then the break-even number of queries, the accuracy each "
+                    "approach buys at --eps (clean; static: the strongest attack measured; adaptive: the per-pair "
+                    "worst case of the defense's adaptive evaluation, and for a trained model its white-box attack) "
+                    "and a plot of worst-case robust accuracy vs compute, one curve per approach.",
+        epilog="example:\n  advface cost --train runs/clean runs/pgd runs/fgsm --defense-report runs/pgd_adaptive/defend.json "
+               "runs/cw_adaptive/defend.json --out runs/cost")
+    p.add_argument("--train", nargs="+", required=True, metavar="DIR", help="advtrain run folders (or train.json files)")
+    p.add_argument("--defense-report", nargs="+", metavar="FILE",
+                   help="defend.json reports of the defense runs (e.g. D = PGD and D = C&W with --adaptive, and a "
+                        "static D = FGSM run); reports on the same pairs merge per D setting")
+    p.add_argument("--eps", type=float, default=4.0,
+                   help="the attack budget (0-255 levels) at which every accuracy is compared (default: %(default)s)")
+    p.add_argument("--defense-steps", type=int_list, default=(10, 40), metavar="LIST",
+                   help="without a report: defense step counts D to estimate (default: 10,40)")
+    p.add_argument("--full-images", type=int, default=494_414, help="training set size to extrapolate to "
+                   "(default: CASIA-WebFace, %(default)s)")
+    p.add_argument("--epochs-full", type=int, default=30, help="epochs assumed at full scale (default: %(default)s)")
+    p.add_argument("--gallery-images", type=int, default=0, help="gallery images the defense re-attacks once (default: 0)")
+    p.add_argument("--queries", type=int, default=10_000, help="queries served, for the plot (default: %(default)s)")
+    p.add_argument("--out", metavar="DIR", type=Path, help="write cost.json, cost.md, accuracy_vs_compute.png")
+    p.set_defaults(func=cmd_cost)
 
-__all__ = ["add_subparsers", "cmd_defend", "cmd_paper"]
+
+__all__ = ["add_subparsers", "cmd_cost", "cmd_defend", "cmd_paper"]

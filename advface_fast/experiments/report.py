@@ -20,7 +20,8 @@ from ..attacks import DEFAULT_ATTACK_BATCH
 from ..environment import environment
 from ..fileio import write_json_atomic, write_text_atomic
 from .defense_render import defend_markdown
-from .defense_tables import DefendConfig, cap, make_context, run_defend, work_record
+from .defense_context import DefendConfig, cap, make_context
+from .defense_tables import run_defend, work_record
 from .render import table1_markdown
 from .table1 import Table1Config, run_table1
 from .transfer import run_transfer_matrix, transfer_markdown
@@ -53,7 +54,7 @@ class PaperConfig:
 
 def run_paper(lfw, cfg: PaperConfig | None = None, *, out_dir, cache_dir=None, defended_dir=None, workers=None,
               progress: bool = True, net=None, pairs=None) -> dict:
-    from ..train.cost import cost_from, display_path, load_training_runs, write_cost
+    from .cost import cost_from, display_path, load_training_runs, write_cost
 
     cfg = cfg or PaperConfig()
     out = Path(out_dir)
@@ -143,7 +144,7 @@ def example_grid(ctx, path: Path, n: int = 4) -> None:
     """Clean query, PGD-attacked query (Table 1's), and D(attacked) for a few pairs (display only:
     D here runs on these few images in its own batch)."""
     from ..defenses import AttackAsDefense
-    from .defense_tables import attacked_queries, query_attack
+    from .defense_context import attacked_queries, query_attack
     from .render import example_grid as grid
 
     cfg = ctx.cfg
@@ -212,7 +213,7 @@ def transfer_section(matrix: dict | None, seconds) -> list[str]:
 
 def cost_section(cost: dict | None) -> list[str]:
     """Adversarial training vs this run's defense: cost, break-even, accuracy bought, the plot."""
-    from ..train.cost import cost_markdown
+    from .cost import cost_markdown
 
     title = "## Adversarial training and cost"
     if cost is None:

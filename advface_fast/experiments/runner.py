@@ -5,7 +5,7 @@ Every table of the project is a declaration on this runner:
 * a **verifier** maps aligned chips (uint8 N x H x W x 3) and their ids to float32 embeddings
   (:class:`ModelVerifier` is the plain model; a defense at a step count is another one). It is
   calibrated once: its clean embeddings of every pair image and the LFW k-fold thresholds fitted
-  on CLEAN pairs (:func:`advface_fast.verify.evaluate_embeddings`), then fixed, never refit;
+  on CLEAN pairs (:func:`advface_fast.metrics.evaluate_embeddings`), then fixed, never refit;
 * a **selection** of pairs (folds, optionally the first N balanced), each with a stable pair id;
 * a **query condition**: clean, or queries crafted by an attack against a model (matched pairs:
   dodging, mismatched: impersonation; the gallery keeps its clean image). Attacked queries are
@@ -53,7 +53,7 @@ from ..pair_chips import PairChips
 from ..precision import model_device
 from ..seeds import derive_seed
 from ..store import Store
-from ..verify import VerificationResult, accuracy_with_thresholds, evaluate_embeddings
+from ..metrics import VerificationResult, accuracy_with_thresholds, evaluate_embeddings
 
 ROWS_SCHEME = "attack-rows-v2"  # per pair id; v1 (whole-file npz keyed by position) is pruned
 EMBEDDINGS_SCHEME = "clean-embeddings-v1"  # the plain model's embedding per chip content id

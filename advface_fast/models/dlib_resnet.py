@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dlib_format import DlibFormatError, DlibLayer, read_dlib_net
+from .registry import ModelSpec, register_model
 
 DAT_NAME = "dlib_face_recognition_resnet_model_v1.dat"
 CHIP_SIZE = 150
@@ -215,3 +216,26 @@ def _build(state: dict, meta: dict) -> DlibResNet:
     model.dat_sha256 = meta["dat_sha256"]
     model.distance_threshold = meta.get("distance_threshold", DISTANCE_THRESHOLD)
     return model
+
+
+def _build_dlib_resnet(dat_path=None, cache_dir=None, weights=None):
+    """dlib's weights from the .dat file; ``weights=PATH``: your own safetensors (e.g. from
+    ``advface advtrain``) loaded over them, strict keys (see models/weights.py)."""
+    model = load_dlib_resnet(dat_path, cache_dir)
+    if weights is not None:
+        from .weights import load_weights_file
+
+        load_weights_file(model, weights)
+    return model
+
+
+register_model(ModelSpec(
+    name="dlib-resnet",
+    build=_build_dlib_resnet,
+    input_size=(CHIP_SIZE, CHIP_SIZE),
+    embedding_dim=128,
+    alignment={"size": CHIP_SIZE, "padding": 0.25},
+    distance_threshold=DISTANCE_THRESHOLD,
+    description="dlib's face-recognition ResNet-29 (dlib_face_recognition_resnet_model_v1, CC0; "
+                "99.38% on LFW per dlib), ported to PyTorch from the .dat file",
+))  # its fast copy is registered by models/fast.py, which builds on this file

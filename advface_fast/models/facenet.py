@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .loading import fold_bn, load_strict, read_state_dict
+from .registry import ModelSpec, register_model
 
 INPUT_SIZE = (160, 160)
 EMBEDDING_DIM = 512
@@ -215,6 +216,30 @@ def make_fast(model: InceptionResNetV1, fold_bn_layers: bool = True, channels_la
         fast.to(memory_format=torch.channels_last)
     fast.switches = {"fold_bn": fold_bn_layers, "channels_last": channels_last}
     return fast.requires_grad_(False)
+
+
+FACENET_WEIGHTS_ENV = "ADVFACE_FACENET_WEIGHTS"
+
+
+def _build_facenet(weights=None):
+    from .loading import weights_from_env
+
+    return load_facenet(weights_from_env("facenet", weights, FACENET_WEIGHTS_ENV,
+                                         "https://github.com/timesler/facenet-pytorch/releases/tag/v2.2.9: "
+                                         "20180402-114759-vggface2.pt or 20180408-102900-casia-webface.pt"))
+
+
+register_model(ModelSpec(
+    name="facenet",
+    build=_build_facenet,
+    input_size=INPUT_SIZE,
+    embedding_dim=EMBEDDING_DIM,
+    # facenet-pytorch's MTCNN(image_size=160, margin=14): the MTCNN box plus a margin, resized.
+    alignment={"aligner": "mtcnn", "size": 160, "template": "facenet", "margin": 14},
+    description="FaceNet Inception-ResNet-v1 (512-d, 160x160) from facenet-pytorch's VGGFace2 or "
+                "CASIA-WebFace state dict (user-supplied: weights=PATH or $" + FACENET_WEIGHTS_ENV + ")",
+    make_fast=make_fast,
+))
 
 
 __all__ = ["EMBEDDING_DIM", "INPUT_SIZE", "InceptionResNetV1", "load_facenet", "make_fast"]

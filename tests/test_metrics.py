@@ -1,4 +1,4 @@
-"""Tests for advface_fast.verify against brute-force and scikit-learn reference computations."""
+"""Tests for advface_fast.metrics against brute-force and scikit-learn reference computations."""
 
 import json
 
@@ -7,8 +7,8 @@ import pytest
 
 from conftest import need_module  # in CI mode a missing library fails
 
-from advface_fast import verify
-from advface_fast.verify import (
+from advface_fast import metrics
+from advface_fast.metrics import (
     VerificationResult,
     accuracy_with_thresholds,
     cosine_scores,
@@ -394,4 +394,4 @@ def test_input_validation():
         l2_scores(np.full((1, 4), np.nan), np.ones((1, 4)))
     with pytest.raises(ValueError, match="NaN"):
         accuracy_with_thresholds(scores, same, folds, [0.1, float("nan")])
-    assert verify.METRICS == {"cosine": True, "l2": False}
+    assert metrics.METRICS == {"cosine": True, "l2": False}

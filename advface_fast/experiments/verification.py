@@ -1,7 +1,7 @@
 """``advface verify``: LFW verification numbers of a model, every variant side by side.
 
 pairs -> aligned chips (:mod:`advface_fast.pair_chips`) -> embeddings (:mod:`advface_fast.engine`) ->
-the 10-fold protocol (:mod:`advface_fast.verify`) -> report (JSON, ROC plot, a readable table).
+the 10-fold protocol (:mod:`advface_fast.metrics`) -> report (JSON, ROC plot, a readable table).
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.policy import InputPolicy
-from .engine import make_engine
-from .environment import environment
-from .fileio import write_json_atomic
-from .pair_chips import PairChips, format_input_summary, prepare_pairs
-from .verify import METRICS, VerificationResult, evaluate_embeddings, plot_roc
+from ..data.policy import InputPolicy
+from ..engine import make_engine
+from ..environment import environment
+from ..fileio import write_json_atomic
+from ..pair_chips import PairChips, format_input_summary, prepare_pairs
+from ..metrics import METRICS, VerificationResult, evaluate_embeddings, plot_roc
 
 
 def run_verify(lfw, model: str = "dlib-resnet", *, folds=None, out_dir: str | Path | None = None,
@@ -89,7 +89,7 @@ def run_verify(lfw, model: str = "dlib-resnet", *, folds=None, out_dir: str | Pa
 
 def compare_embedding_paths(pairs: PairChips, model: str, batch_size: int = 64, progress: bool = False) -> dict:
     """10-fold accuracy (cosine, L2), speed and max deviation from torch fp32 of every embedding path."""
-    from .engine import import_onnxruntime
+    from ..engine import import_onnxruntime
 
     paths = {"torch fp32": dict(kind="torch"), "torch bf16 (fast model)": dict(kind="torch", precision="bf16")}
     try:
