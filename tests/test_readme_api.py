@@ -1,6 +1,7 @@
-"""README.md's Python examples run as written. Every ```python block is either run by a test here
-(with only the data swapped for lfw_ci or a scratch store) or listed in FRAGMENTS with the reason it
-cannot run alone; a new block that is neither fails test_every_readme_python_block_is_run_or_listed.
+"""The Python examples of README.md and of the docs pages (docs/**/*.md) run as written. Every ```python
+block is either run by a test here (with only the data swapped for lfw_ci or a scratch store) or listed in
+FRAGMENTS with the reason it cannot run alone; a new block that is neither fails
+test_every_readme_python_block_is_run_or_listed.
 
 The Python API example runs as a plain script (no `if __name__ == "__main__":` guard), in a fresh
 interpreter, with a cold chip cache (so alignment really starts), on lfw_ci."""
@@ -15,7 +16,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A block is named by a piece of its code (not its line number, which any README edit above it shifts).
+# A block is named by a piece of its code (not its file or line number, which any edit above it shifts, or a
+# move between README.md and a docs page changes).
 API_EXAMPLE = "from advface_fast.pair_chips import prepare_pairs"
 GALLERY_STORE = 'con = sqlite3.connect("gallery-store/manifest.sqlite")'
 # block -> the test that runs it
@@ -24,31 +26,39 @@ RUN = {API_EXAMPLE: "test_readme_api_example_runs_as_a_plain_script",
 # block -> why no test runs it
 FRAGMENTS = {
     "attack = PGD(model, eps=4": "a fragment of the attacks section: model, queries, gallery_embeddings, is_same "
-                                 "and thresholds are the reader's own tensors, defined nowhere in README",
+                                 "and thresholds are the reader's own tensors, defined nowhere in the docs",
     'create_model("facenet", weights=': "needs the FaceNet and CosFace weight files, which the package cannot "
                                         "download and no test machine has",
 }
 
 
-def python_blocks() -> list[tuple[int, str]]:
-    """(line number of the opening fence, code) of every ```python block of README.md."""
-    blocks, start, code = [], None, []
-    for number, line in enumerate((REPO / "README.md").read_text().splitlines(), 1):
-        if start is None and re.match(r"```\s*(python3?|py)\s*$", line.strip()):
-            start, code = number, []
-        elif start is not None and line.strip().startswith("```"):
-            blocks.append((start, "\n".join(code) + "\n"))
-            start = None
-        elif start is not None:
-            code.append(line)
-    assert start is None, f"README.md line {start}: a ```python block is never closed"
+def doc_files() -> list[Path]:
+    """README.md and every page of the docs site (docs/**/*.md), the files whose examples are checked."""
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    """("FILE line N" of the opening fence, code) of every ```python block of README.md and docs/**/*.md."""
+    blocks = []
+    for path in doc_files():
+        where = path.relative_to(REPO).as_posix()
+        start, code = None, []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if start is None and re.match(r"```\s*(python3?|py)\s*$", line.strip()):
+                start, code = number, []
+            elif start is not None and line.strip().startswith("```"):
+                blocks.append((f"{where} line {start}", "\n".join(code) + "\n"))
+                start = None
+            elif start is not None:
+                code.append(line)
+        assert start is None, f"{where} line {start}: a ```python block is never closed"
     return blocks
 
 
 def readme_block(name: str) -> str:
-    """The one ```python block of README.md that contains ``name``."""
+    """The one ```python block of README.md or of a docs page that contains ``name``."""
     found = [code for _, code in python_blocks() if name in code]
-    assert len(found) == 1, f"{len(found)} README python blocks contain {name!r} (expected one)"
+    assert len(found) == 1, f"{len(found)} python blocks of README.md and docs/ contain {name!r} (expected one)"
     return found[0]
 
 
@@ -64,14 +74,15 @@ def run_script(code: str, cwd: Path, **env) -> subprocess.CompletedProcess:
 def test_every_readme_python_block_is_run_or_listed():
     blocks = python_blocks()
     names = {**RUN, **FRAGMENTS}
-    for line, code in blocks:
+    for where, code in blocks:
         matched = [name for name in names if name in code]
         assert len(matched) == 1, (
-            f"README.md line {line}: a ```python block " + ("that no test here runs and FRAGMENTS does not list"
-                                                          if not matched else f"matched by several names {matched}")
+            f"{where}: a ```python block " + ("that no test here runs and FRAGMENTS does not list"
+                                              if not matched else f"matched by several names {matched}")
             + "; run it in tests/test_readme_api.py (add it to RUN) or list it in FRAGMENTS with the reason")
     for name in names:
-        assert sum(name in code for _, code in blocks) == 1, f"{name!r} names no README python block (or several)"
+        assert sum(name in code for _, code in blocks) == 1, (
+            f"{name!r} names no python block of README.md or docs/ (or several)")
     assert all(callable(globals().get(test)) for test in RUN.values())
     assert not set(RUN) & set(FRAGMENTS)
 

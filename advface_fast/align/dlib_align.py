@@ -287,7 +287,7 @@ def worker_processes_safe() -> bool:
     forkserver/spawn workers import the main module again. That is harmless for ``python -m``,
     the console scripts, ``python -c`` and interactive sessions, and for a script whose call
     comes from inside its ``if __name__ == "__main__":`` block. A plain script calling us from
-    its top level (like the README's API example) would run itself again in every worker, so
+    its top level (like the Python API example in the docs) would run itself again in every worker, so
     alignment then runs in this process instead (same chips, one core).
     """
     main = sys.modules.get("__main__")

@@ -12,7 +12,7 @@ store (DIR):
   config.json          what every row depends on; a rerun with another config is refused
   manifest.sqlite      images(id, shard, row, status, error, path), shards(...), runs(...)
   shards/shard-NNNNNN.safetensors   "embeddings" float32 (n, D) [+ "chips" uint8 (n, H, W, 3)]
-  Open them with sqlite3 and safetensors (see the README). A crash at any moment leaves complete
+  Open them with sqlite3 and safetensors (see docs/gallery.md). A crash at any moment leaves complete
   shards and a consistent manifest: rerun the same command to resume; a finished shard is never
   recomputed. Bad input follows the input rules of every command: a bad file (empty, truncated,
   undecodable, unsupported, not RGB) stops the job with an error naming it, before any work where its
