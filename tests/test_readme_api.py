@@ -37,22 +37,30 @@ def doc_files() -> list[Path]:
     return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 
 
-def python_blocks() -> list[tuple[str, str]]:
-    """("FILE line N" of the opening fence, code) of every ```python block of README.md and docs/**/*.md."""
+def fenced_blocks(languages: str) -> list[tuple[str, str]]:
+    """("FILE line N" of the opening fence, code) of every fenced block of README.md and docs/**/*.md
+    whose info string matches ``languages`` (a regular expression; "" matches a bare fence)."""
     blocks = []
     for path in doc_files():
         where = path.relative_to(REPO).as_posix()
-        start, code = None, []
+        start, keep, code = None, False, []
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if start is None and re.match(r"```\s*(python3?|py)\s*$", line.strip()):
-                start, code = number, []
+            fence = re.match(r"```\s*(\S*)\s*$", line.strip())
+            if start is None and fence:
+                start, keep, code = number, re.fullmatch(languages, fence.group(1)) is not None, []
             elif start is not None and line.strip().startswith("```"):
-                blocks.append((f"{where} line {start}", "\n".join(code) + "\n"))
+                if keep:
+                    blocks.append((f"{where} line {start}", "\n".join(code) + "\n"))
                 start = None
             elif start is not None:
                 code.append(line)
-        assert start is None, f"{where} line {start}: a ```python block is never closed"
+        assert start is None, f"{where} line {start}: a fenced block is never closed"
     return blocks
+
+
+def python_blocks() -> list[tuple[str, str]]:
+    """Every ```python block of README.md and docs/**/*.md."""
+    return fenced_blocks(r"python3?|py")
 
 
 def readme_block(name: str) -> str:
@@ -85,6 +93,49 @@ def test_every_readme_python_block_is_run_or_listed():
             f"{name!r} names no python block of README.md or docs/ (or several)")
     assert all(callable(globals().get(test)) for test in RUN.values())
     assert not set(RUN) & set(FRAGMENTS)
+
+
+# shell block -> why its `advface` lines are not parsed as commands
+SHELL_FRAGMENTS = {
+    "advface verify   [--model M]": "the command synopsis: [options] and alternatives a|b, not one command line",
+}
+
+
+def advface_command_lines(code: str) -> list[list[str]]:
+    """The argument lists of the `advface ...` commands of a shell block (continuation lines joined,
+    comments dropped, the part after `&&` where a command is chained). A line with a `...` argument
+    ("the options above") is no whole command and is left out."""
+    import shlex
+
+    out = []
+    for line in code.replace("\\\n", " ").splitlines():
+        line = line.split(" #")[0].strip()
+        match = re.search(r"(?:^|&&|;)\s*advface\s+(.*)$", line)
+        if match and "..." not in shlex.split(match.group(1)):
+            out.append(shlex.split(match.group(1)))
+    return out
+
+
+def test_every_advface_command_in_the_docs_parses():
+    """Every `advface` command line in a shell block of README.md or docs/ is accepted by the real
+    parser (a renamed option or command fails here), or its block is listed in SHELL_FRAGMENTS."""
+    from advface_fast.cli import build_parser
+
+    parser = build_parser()
+    checked = 0
+    for where, code in fenced_blocks(r"bash|sh|shell|console|"):
+        listed = [name for name in SHELL_FRAGMENTS if name in code]
+        if listed:
+            continue
+        for argv in advface_command_lines(code):
+            try:
+                parser.parse_args(argv)
+            except SystemExit:
+                raise AssertionError(f"{where}: `advface {' '.join(argv)}` does not parse") from None
+            checked += 1
+    assert checked >= 10  # the check looks at real commands (README's verify, the docs' examples)
+    for name in SHELL_FRAGMENTS:
+        assert any(name in code for _, code in fenced_blocks(r"bash|sh|shell|console|")), f"stale entry {name!r}"
 
 
 def test_readme_api_example_runs_as_a_plain_script(lfw_ci, tmp_path):
