@@ -33,7 +33,9 @@ alike. By default that is autograd through the model. A model may substitute it 
 ``views(x, seeds) -> list[Tensor]`` (the points at which to evaluate it, one per sample) and
 ``embedder`` (the module evaluated there): the hook then averages the gradient of the loss over
 the views and applies it to ``x``. That is BPDA (the gradient taken at D(x), applied to x) and
-EOT (the average over samples of a randomized D); see :mod:`advface_fast.defenses.adaptive`.
+EOT (the average over samples of a randomized D); see :mod:`advface_fast.defenses.adaptive`. A
+model that also defines ``pullback(x, grad)`` maps that averaged gradient back to ``x`` (BPDA
+through a differentiable surrogate of the defense instead of the identity).
 A model that also defines ``step_cost`` (image passes per attack step and image) scales the
 ``last_stats`` counters. Subclasses can override the two methods instead.
 
@@ -280,6 +282,9 @@ class Attack:
         if len(views) > 1:
             grad.div_(len(views))
             sim.div_(len(views))
+        pullback = getattr(self.model, "pullback", None)
+        if pullback is not None:  # BPDA through a differentiable surrogate of the defense
+            grad = pullback(x, grad)
         return grad.contiguous(), sim
 
     def score(self, x: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:

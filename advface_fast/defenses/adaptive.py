@@ -1,4 +1,11 @@
-"""The attacker who knows the defense: BPDA + EOT through attack-as-defense, and transfer.
+"""The attacker who knows the defense: BPDA + EOT through any defense, and transfer.
+
+Written once against the Defense protocol (:mod:`advface_fast.defenses.base`): the forward pass
+runs one draw of the defense (``defense.eot_copy``), the backward pass is BPDA through the
+defense's ``surrogate`` (the identity unless the defense has a differentiable approximation:
+then the gradient taken at the defended image is pulled back through the surrogate at x), and
+EOT averages over fresh draws. The rest of this docstring is the attack-as-defense case it was
+first built for.
 
 A test-time defense counts only by its accuracy under an attacker who knows it. For the
 attack-as-defense D the defended score of a pair is ``s = cos(f(D(q)), f(D(g)))``; the attacker
@@ -61,17 +68,19 @@ import torch
 from torch import nn
 
 from advface_fast.attacks import Attack, make_attack, round_to_uint8_grid
+from advface_fast.defenses.base import Defense
 from advface_fast.seeds import derive_seed
-from advface_fast.defenses.attack_as_defense import AttackAsDefense
 
 
 class DefendedModel(nn.Module):
-    """``f(D(x))`` for an attacker: BPDA (identity) backward, EOT over D's random start.
+    """``f(D(x))`` for an attacker: BPDA backward (identity, or the defense's surrogate), EOT over
+    the defense's randomness.
 
     Arguments:
-        defense (AttackAsDefense): the defense D (its model f is the embedder).
+        defense (Defense): the defense D (its model f is the embedder).
         samples (int): EOT samples S of D's randomness per gradient. (Default: 1)
-        steps (int | None): K of the attacker's copy of D; None = D's largest. (Default: None)
+        steps (int | None): K of the attacker's copy of D, for a defense with an iteration count
+            (attack-as-defense; None = D's largest); other defenses take None. (Default: None)
         embedder (nn.Module | None): the model the attacker differentiates at D(x) (e.g. a fast
             copy of f); None = D's model f. (Default: None)
         redraw (str): "per-step": fresh draws of D at every evaluation of the attack; "fixed":
@@ -80,7 +89,7 @@ class DefendedModel(nn.Module):
 
     REDRAW = ("per-step", "fixed")
 
-    def __init__(self, defense: AttackAsDefense, samples: int = 1, steps: int | None = None,
+    def __init__(self, defense: Defense, samples: int = 1, steps: int | None = None,
                  embedder: nn.Module | None = None, redraw: str = "per-step"):
         super().__init__()
         if samples < 1:
@@ -91,11 +100,16 @@ class DefendedModel(nn.Module):
         self.embedder = defense.model if embedder is None else embedder
         self.defense = defense
         self.samples = int(samples)
-        self.steps = max(defense.steps) if steps is None else int(steps)
-        if self.steps < 1:
+        iterative = defense.iterative  # a defense with an iteration count (attack-as-defense)
+        if steps is not None and not iterative:
+            raise ValueError(f"{defense.name} has no iteration count: copy steps must be None, got {steps}")
+        self.steps = max(defense.steps) if iterative and steps is None else steps
+        if self.steps is not None and int(self.steps) < 1:
             raise ValueError(f"the copy of D needs steps >= 1, got {self.steps}")
-        self.copy = defense.attack_at(self.steps)
-        self.step_cost = self.samples * (defense.image_steps_per_image(self.steps) + 1)
+        self.copy = defense.eot_copy(self.steps)
+        self.step_cost = self.samples * (defense.eot_copy_cost(self.steps) + 1)
+        if defense.surrogate_name != "identity":
+            self.pullback = self._pullback
 
     def views(self, x: torch.Tensor, seeds: list[int], draw: int = 0) -> list[torch.Tensor]:
         """D_s(round(x)) for s = 0..S-1, detached: where the gradient is taken (BPDA). ``draw``:
@@ -108,20 +122,32 @@ class DefendedModel(nn.Module):
             return [self.copy(q, sample_seeds=[derive_seed(seed, f"{tag}{s}") for seed in seeds]).detach()
                     for s in range(self.samples)]
 
+    def _pullback(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """BPDA through the surrogate g: the gradient taken at D(x), pulled back through g at x
+        (``J_g(x)^T grad``). Set as ``pullback`` only for a defense with a surrogate."""
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.defense.surrogate(xr), xr, grad)
+        return g
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """f(D(x)) with one draw of D (seeds from the row positions) and an identity gradient."""
+        """f(D(x)) with one draw of D (seeds from the row positions); the gradient through the
+        surrogate (the identity by default)."""
         d = self.views(x, [derive_seed(0, f"row/{i}") for i in range(x.shape[0])])[0]
-        return self.embedder(x + (d - x).detach())
+        g = self.defense.surrogate(x)
+        return self.embedder(g + (d - g).detach())
 
     def config(self) -> dict:
-        return {"bpda": "identity", "eot_samples": self.samples, "copy_steps": self.steps,
+        defense = self.defense
+        return {"bpda": defense.surrogate_name, "eot_samples": self.samples,
+                **({"copy_steps": self.steps} if self.steps is not None else {}),
                 # Only when per-step, so the fixed-draw attacker's earlier cache keys still hold.
                 **({"eot_redraw": self.redraw} if self.redraw != "fixed" else {}),
-                **({} if self.embedder is self.defense.model else {"embedder": type(self.embedder).__name__}),
-                "defense": self.defense.step_config(max(self.defense.steps)) | {"copy": self.copy.config()}}
+                **({} if self.embedder is defense.model else {"embedder": type(self.embedder).__name__}),
+                "defense": defense.variant_config(defense.variants[-1]) | {"copy": self.copy.config()}}
 
 
-def adaptive_attack(attack: str, defense: AttackAsDefense, eps: float = 4, samples: int = 1,
+def adaptive_attack(attack: str, defense: Defense, eps: float = 4, samples: int = 1,
                     copy_steps: int | None = None, seed: int = 0, precision: str = "fp32",
                     embedder: nn.Module | None = None, redraw: str = "per-step", **options) -> Attack:
     """An attack ("fgsm", "pgd", "cw", "cw-l2") on :class:`DefendedModel` (BPDA + EOT), verification

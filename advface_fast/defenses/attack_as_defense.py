@@ -33,39 +33,21 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from advface_fast.attacks import FGSM, Attack, make_attack, make_objective
-from advface_fast.attacks.base import eval_mode
-from advface_fast.precision import autocast, model_device, resolve_precision
-from advface_fast.seeds import derive_seed
+from advface_fast.defenses.base import Defense, DefendedVerifier, as_image_batch
+from advface_fast.defenses.registry import register_defense
+from advface_fast.precision import model_device, resolve_precision
 
 DEFENSE_ATTACKS = ("pgd", "cw", "fgsm")
 
 
-def as_image_batch(images, device=None) -> torch.Tensor:
-    """N x 3 x H x W float32 in [0, 1] from a float tensor of that shape, or from uint8 images
-    (a tensor or array, N x H x W x 3 or N x 3 x H x W)."""
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.array(images, copy=True))
-    if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ValueError("images must be a 4-d tensor or array (N x 3 x H x W float, or uint8 N x H x W x 3)")
-    if images.dtype == torch.uint8:
-        if images.shape[-1] == 3 and images.shape[1] != 3:
-            images = images.permute(0, 3, 1, 2)
-        images = images.float().div_(255.0)
-    elif not images.is_floating_point():
-        raise ValueError(f"images must be float in [0, 1] or uint8, got {images.dtype}")
-    return images.to(device=device, dtype=torch.float32)
-
-
-class AttackAsDefense:
+class AttackAsDefense(Defense):
     r"""
     The defender's re-attack D (Tables 2-4 of the paper), applied per image without labels.
 
@@ -100,6 +82,11 @@ class AttackAsDefense:
         - defend: {k: (N, 3, H, W) float32 on the uint8 grid}; embed: {k: (N, D) float32, CPU}.
     """
 
+    name = "attack-as-defense"
+    paper = "the attack-as-defense paper this project reproduces (Tables 2-4; see the seed text)"
+    randomized = True  # D starts at a seeded random point (see "Random start")
+    iterative = True
+
     def __init__(self, model: nn.Module, attack: str = "pgd", eps: float = 4, steps: int | Sequence[int] = (10, 20, 40),
                  objective="away-from-self", seed: int = 0, precision: str = "fp32", batch_size: int = 32,
                  attack_model: nn.Module | None = None, progress: bool | str = False, **attack_options):
@@ -108,9 +95,7 @@ class AttackAsDefense:
         steps = (steps,) if isinstance(steps, int) else tuple(steps)
         if not steps or min(int(k) for k in steps) < 1:
             raise ValueError(f"defense steps must be positive integers, got {list(steps)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model
+        super().__init__(model, seed=seed, batch_size=batch_size)
         self.attack_model = model if attack_model is None else attack_model
         self.attack_name = attack
         self.eps = eps
@@ -118,15 +103,11 @@ class AttackAsDefense:
         self.objective = make_objective(objective)
         if self.objective.needs_labels:
             raise ValueError(f"the defense knows no labels: its objective must be label-free, not '{self.objective.name}'")
-        self.seed = int(seed)
-        self.batch_size = int(batch_size)
         self.progress = progress
         self.attack_options = {"random_start": True, **attack_options}  # see "Random start" above
         self._precision_requested = precision
         self.attack = self.attack_at(max(self.steps), record_steps=self.steps)
         self.precision = self.attack.precision
-        self.last_stats: dict | None = None
-        self._memo = None  # (key, embeddings) of the last embed_memo call
 
     def attack_at(self, steps: int, record_steps: Sequence[int] = ()) -> Attack:
         """D's attack with ``steps`` steps (a fresh object; FGSM: one step whatever ``steps``)."""
@@ -159,21 +140,6 @@ class AttackAsDefense:
                 out[k].append(self.embed_images(x))
         return {k: torch.cat(v) for k, v in out.items()}
 
-    def embed_images(self, x: torch.Tensor) -> torch.Tensor:
-        """Plain fp32 embeddings (autocast disabled, no gradient, eval mode) of images, on the CPU;
-        batches padded to ``batch_size`` (so an image's embedding does not depend on its batch)."""
-        device = model_device(self.model, x.device)
-        embs = []
-        with torch.no_grad(), eval_mode(self.model):
-            for start in range(0, x.shape[0], self.batch_size):
-                batch = x[start : start + self.batch_size].to(device)
-                n = batch.shape[0]
-                if n < self.batch_size:  # padded like D's batches: a model's floats depend on the batch size
-                    batch = torch.cat([batch, batch[-1:].expand(self.batch_size - n, *batch.shape[1:])])
-                with autocast("fp32", device):
-                    embs.append(self.model(batch)[:n].float().cpu())
-        return torch.cat(embs) if embs else torch.zeros(0, 0)
-
     def config(self) -> dict:
         """Everything D's results depend on except the model weights (JSON-able)."""
         return {"defense": "attack-as-defense", "steps": list(self.steps), "attack": self.attack.config(),
@@ -196,14 +162,31 @@ class AttackAsDefense:
         self.step_config(steps)  # checks steps
         return DefendedVerifier(self, int(steps))
 
-    def embed_memo(self, images, ids: Sequence[str]) -> dict[int, torch.Tensor]:
-        """:meth:`embed`, remembering the last call: the verifiers of the other step counts then
-        reuse the same single run (same ids and same image bytes), in memory only."""
-        x = as_image_batch(images)
-        key = (tuple(str(i) for i in ids), hashlib.blake2b(x.cpu().numpy().tobytes(), digest_size=16).hexdigest())
-        if self._memo is None or self._memo[0] != key:
-            self._memo = (key, self.embed(x, ids))
-        return self._memo[1]
+    # ------------------------------------------------------------------ the Defense protocol
+
+    @property
+    def variants(self) -> tuple:
+        return self.steps
+
+    def variant_config(self, variant) -> dict:
+        return self.step_config(variant)
+
+    def settings(self) -> dict:
+        return {"attack": self.attack_name, "eps": self.eps, "steps": list(self.steps), "objective": self.objective.name}
+
+    def cost_per_image(self, variant=None) -> float:
+        return float(self.image_steps_per_image(max(self.steps) if variant is None else variant))
+
+    def transform(self, x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """D at its largest step count with the given per-image seeds (no padding: for the attacker)."""
+        return self.attack(x, sample_seeds=list(seeds))
+
+    def eot_copy(self, steps: int | None = None) -> Attack:
+        """The attacker's copy of D: D's attack at ``steps`` (None: the largest) steps."""
+        return self.attack_at(max(self.steps) if steps is None else int(steps))
+
+    def eot_copy_cost(self, steps: int | None = None) -> float:
+        return float(self.image_steps_per_image(max(self.steps) if steps is None else int(steps)))
 
     # ------------------------------------------------------------------ helpers
 
@@ -216,10 +199,6 @@ class AttackAsDefense:
         # the class name alone, as before, for a copy without an arithmetic record (its keys stay valid)
         return {"attack_model": type(self.attack_model).__name__,
                 **({"attack_model_arithmetic": arithmetic} if arithmetic is not None else {})}
-
-    def seeds(self, ids: Sequence[str]) -> list[int]:
-        """The per-image seeds of D's randomness."""
-        return [derive_seed(self.seed, str(i)) for i in ids]
 
     def _batches(self, images, ids):
         """Yield {step count: defended batch}, batch by batch; sets ``last_stats``."""
@@ -261,17 +240,12 @@ def make_defense(net: nn.Module, attack: str, eps: float, steps, *, spec=None, o
                            batch_size=batch_size, attack_model=attack_model, progress=progress)
 
 
-class DefendedVerifier:
-    """``AttackAsDefense`` at one step count, in the experiment runner's verifier shape:
-    ``embed(chips uint8 N x H x W x 3, ids) -> float32 N x D`` (numpy) and ``config()``.
-    Verifiers of one defense share its runs: asking two step counts for the same images runs D
-    once (see :meth:`AttackAsDefense.embed_memo`)."""
+def _create(model: nn.Module, attack: str = "pgd", eps: float = 4, steps=(10, 20, 40), **options) -> AttackAsDefense:
+    """The registry's attack-as-defense: :func:`make_defense` with the model's own spec (its fast copy)."""
+    return make_defense(model, attack, eps, steps, spec=getattr(model, "spec", None), **options)
 
-    def __init__(self, defense: AttackAsDefense, steps: int):
-        self.defense, self.steps = defense, steps
 
-    def embed(self, chips, ids) -> np.ndarray:
-        return self.defense.embed_memo(chips, ids)[self.steps].numpy().astype(np.float32)
+register_defense("attack-as-defense", _create)
 
-    def config(self) -> dict:
-        return {"kind": "attack-as-defense", **self.defense.step_config(self.steps)}
+
+__all__ = ["DEFENSE_ATTACKS", "AttackAsDefense", "DefendedVerifier", "as_image_batch", "make_defense"]

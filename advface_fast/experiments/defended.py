@@ -66,21 +66,21 @@ class DefendedStore:
         self._weights = (weights_id(defense.model), weights_id(defense.attack_model))
         self._items: dict[int, object] = {}  # step count -> Items read (refreshed after writes)
 
-    def entry_config(self, steps: int) -> dict:
+    def entry_config(self, variant) -> dict:
         return {"scheme": DEFENDED_SCHEME, "align": self.align, "weights": self._weights[0],
-                "attack_weights": self._weights[1], **self.defense.step_config(steps)}
+                "attack_weights": self._weights[1], **self.defense.variant_config(variant)}
 
-    def entry(self, steps: int):
-        return self.store.entry(self.entry_config(steps))
+    def entry(self, variant):
+        return self.store.entry(self.entry_config(variant))
 
-    def _read(self, steps: int, refresh: bool = False):
-        if refresh or steps not in self._items:
-            self._items[steps] = self.entry(steps).read()
-        return self._items[steps]
+    def _read(self, variant, refresh: bool = False):
+        if refresh or variant not in self._items:
+            self._items[variant] = self.entry(variant).read()
+        return self._items[variant]
 
     def missing(self, ids) -> list[str]:
-        """The ids (unique, in order) missing from the entry of any step count."""
-        have = [set(self._read(k).ids) for k in self.defense.steps]
+        """The ids (unique, in order) missing from the entry of any variant."""
+        have = [set(self._read(k).ids) for k in self.defense.variants]
         out, seen = [], set()
         for i in map(str, ids):
             if i not in seen and not all(i in h for h in have):
@@ -88,8 +88,8 @@ class DefendedStore:
                 out.append(i)
         return out
 
-    def embed(self, images, ids) -> dict[int, np.ndarray]:
-        """{step count: float32 N x D}: D's embeddings of ``images`` (uint8 N x H x W x 3 or a
+    def embed(self, images, ids) -> dict:
+        """{variant (attack-as-defense: step count): float32 N x D}: D's embeddings of ``images`` (uint8 N x H x W x 3 or a
         float batch), one row per id; only ids not yet stored are computed."""
         ids = [str(i) for i in ids]
         if len(ids) != len(images):
@@ -97,11 +97,11 @@ class DefendedStore:
         todo = self.missing(ids)
         if todo:
             self._compute(images, ids, todo)
-        return {k: self._read(k).take(ids, "embedding") for k in self.defense.steps}
+        return {k: self._read(k).take(ids, "embedding") for k in self.defense.variants}
 
-    def cost(self, ids, steps: int) -> dict:
+    def cost(self, ids, variant) -> dict:
         """What D spent on these ids (each chunk's cost shared by its images)."""
-        items = self._read(steps)
+        items = self._read(variant)
         ids = list(dict.fromkeys(map(str, ids)))
         return {"seconds": float(items.take(ids, "cost_seconds").sum()),
                 "image_steps": float(items.take(ids, "cost_image_steps").sum())}
@@ -110,10 +110,10 @@ class DefendedStore:
         first = {}
         for pos, i in enumerate(ids):
             first.setdefault(i, pos)
-        have = {k: set(self._read(k).ids) for k in self.defense.steps}
+        have = {k: set(self._read(k).ids) for k in self.defense.variants}
         d = self.defense
-        per_image = d.image_steps_per_image(max(d.steps))
-        desc = self.progress if isinstance(self.progress, str) else f"D {d.attack_name} eps={d.eps:g}"
+        per_image = d.cost_per_image()
+        desc = self.progress if isinstance(self.progress, str) else f"defense {d.name}"
         bar = tqdm(total=len(todo), desc=desc, unit="img", leave=False, disable=not self.progress)
         for start in range(0, len(todo), self.chunk):
             chunk_ids = todo[start : start + self.chunk]
@@ -128,7 +128,7 @@ class DefendedStore:
             self.seconds += seconds
             n = len(chunk_ids)
             cost = {"cost_seconds": np.full(n, seconds / n), "cost_image_steps": np.full(n, steps / n)}
-            for k in d.steps:
+            for k in d.variants:
                 keep = np.array([i not in have[k] for i in chunk_ids])
                 if keep.any():
                     self.entry(k).append([i for i, kp in zip(chunk_ids, keep) if kp],
@@ -137,26 +137,28 @@ class DefendedStore:
                                          stats={"seconds": seconds * keep.mean(), "image_steps": steps * keep.mean()})
             bar.update(n)
             rate = self.image_steps / max(self.seconds, 1e-9)
-            bar.set_postfix_str(f"{rate:.0f} image-steps/s ({per_image} per image)", refresh=False)
+            bar.set_postfix_str(f"{rate:.0f} image-steps/s ({per_image:g} per image)", refresh=False)
         bar.close()
-        for k in d.steps:
+        for k in d.variants:
             self.entry(k).compact()
             self._read(k, refresh=True)
 
 
 class StoredDefenseVerifier:
-    """D at one step count, read through a :class:`DefendedStore`: the experiment runner's verifier
-    shape (``embed(chips, ids) -> float32 N x D``, ``config()``)."""
+    """A defense at one variant (attack-as-defense: a step count), read through a
+    :class:`DefendedStore`: the experiment runner's verifier shape (``embed(chips, ids) -> float32
+    N x D``, ``config()``)."""
 
-    def __init__(self, store: DefendedStore, steps: int):
-        store.defense.step_config(steps)  # checks the step count
-        self.store, self.steps = store, int(steps)
+    def __init__(self, store: DefendedStore, variant):
+        store.defense.variant_config(variant)  # checks the variant
+        self.store, self.variant = store, variant
+        self.steps = variant  # attack-as-defense's name for it
 
     def embed(self, chips, ids) -> np.ndarray:
-        return self.store.embed(chips, ids)[self.steps]
+        return self.store.embed(chips, ids)[self.variant]
 
     def config(self) -> dict:
-        return {"kind": "attack-as-defense", **self.store.defense.step_config(self.steps)}
+        return {"kind": self.store.defense.name, **self.store.defense.variant_config(self.variant)}
 
 
 __all__ = ["DEFENDED_SCHEME", "DefendedStore", "StoredDefenseVerifier"]

@@ -146,7 +146,7 @@ def calibrate_defense(ctx: Context, store: DefendedStore) -> dict[int, Calibrati
     chips = pairs.chips
     emb = store.embed(chips.chips[rows], [chips.ids[r] for r in rows])
     out = {}
-    for k in store.defense.steps:
+    for k in store.defense.variants:
         full = np.full((len(chips.ids), emb[k].shape[1]), np.nan, dtype=np.float32)
         full[rows] = emb[k]
         clean = evaluate_embeddings(full[pairs.query[cal_idx]], full[pairs.gallery[cal_idx]], pairs.same[cal_idx],

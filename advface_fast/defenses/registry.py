@@ -1,0 +1,53 @@
+"""The defense registry: every defense family registers itself in its own file, and a user's own
+defense comes in as ``package.module:factory``.
+
+``create_defense("jpeg", model, quality=75)`` builds a registered defense;
+``create_defense("mypkg.defenses:build", model, strength=2)`` imports ``mypkg.defenses`` and calls
+``build(model, **params)``, which must return a :class:`~advface_fast.defenses.base.Defense`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from torch import nn
+
+from advface_fast.defenses.base import Defense
+
+_REGISTRY: dict[str, Callable[..., Defense]] = {}
+
+
+def register_defense(name: str, factory: Callable[..., Defense]) -> Callable[..., Defense]:
+    """Add a defense family: ``factory(model, **params) -> Defense`` (a Defense subclass will do)."""
+    if name in _REGISTRY:
+        raise ValueError(f"defense '{name}' is already registered")
+    _REGISTRY[name] = factory
+    return factory
+
+
+def list_defenses() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_defense(name: str, model: nn.Module, **params) -> Defense:
+    """A registered defense by name, or a user's by ``package.module:factory``."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"--defense {name}: cannot load {attr!r} from module {module_name!r} ({err})") from None
+    else:
+        try:
+            factory = _REGISTRY[name]
+        except KeyError:
+            raise KeyError(f"unknown defense '{name}'; available: {', '.join(list_defenses())}, "
+                           "or package.module:factory for your own") from None
+    defense = factory(model, **params)
+    if not isinstance(defense, Defense):
+        raise TypeError(f"defense '{name}' built a {type(defense).__name__}, not an advface_fast.defenses.Defense")
+    return defense
+
+
+__all__ = ["create_defense", "list_defenses", "register_defense"]
