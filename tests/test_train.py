@@ -316,9 +316,9 @@ def test_cli_advtrain_honours_the_input_rules(lfw_ci, tmp_path, capsys):
     assert victim not in recorded["image_ids"] and recorded["identities_dropped"] == [victim.split("/")[0]]
     assert recorded["n_identities"] == 2 and json.loads((out / "train.json").read_text())["split"]["input"]
     assert recorded["pairs_file"].endswith("my_pairs.txt")
-    # a resume with other input rules is refused, naming the change
+    # a rerun with other input rules is refused, naming the change (--resume is accepted, and changes nothing)
     assert main(train_args + ["--on-bad", "skip", "--no-face", "skip", "--resume"]) == 2
-    assert "other input rules (--no-face center -> skip)" in capsys.readouterr().err
+    assert "--no-face skip != center in the existing run" in capsys.readouterr().err
     # the held-out pairs are loaded with the same rules
     evaluate = ["advtrain", "--lfw", str(lfw), "--test-folds", "1,2", "--eval-only", "--eval-attacks", "",
                 "--eval-pairs", "4", "--threads", "1", "--workers", "1", "--quiet", "--out", str(out)]
@@ -330,3 +330,73 @@ def test_cli_advtrain_honours_the_input_rules(lfw_ci, tmp_path, capsys):
     assert table["input"]["on_bad"] == "skip" and table["config"]["on_bad"] == "skip"
     assert table["input"]["pairs_file"].endswith("my_pairs.txt")
     assert table["input"]["skipped"] and all(victim in s["reason"] for s in table["input"]["skipped"])
+
+
+def test_cli_advtrain_rerun_continues_does_nothing_when_finished_and_refuses_other_settings(lfw_ci, tmp_path, capsys,
+                                                                                           monkeypatch):
+    """Like every long command: the same command into the same --out continues an interrupted run (exactly,
+    without --resume), does nothing once it is finished, and other settings are refused in one line."""
+    from safetensors.torch import load_file
+
+    from advface_fast.train import loop
+    from advface_fast.cli import main
+
+    people = write_people(lfw_ci, tmp_path / "people.txt")
+
+    def args(out, *extra):
+        return ["advtrain", "--lfw", str(lfw_ci), "--people-file", str(people), "--test-folds", "2", "--no-eval",
+                "--method", "clean", "--epochs", "1", "--batch-size", "2", "--lr", "1e-3", "--max-identities", "3",
+                "--max-images-per-identity", "2", "--checkpoint-every", "1", "--threads", "1", "--workers", "1",
+                "--quiet", "--out", str(out), *extra]
+
+    out = tmp_path / "run"
+    real_save = loop.save_checkpoint
+
+    def save_then_interrupt(*a, **k):  # Ctrl-C right after the first checkpoint
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_interrupt)
+    assert main(args(out)) == 130
+    saved_steps = []  # the global step of every checkpoint the rerun writes
+
+    def save_and_record(*a, **k):
+        saved_steps.append(k["meta"]["global_step"])
+        return real_save(*a, **k)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_and_record)
+    assert (out / "checkpoint.safetensors").exists() and not (out / "weights.safetensors").exists()
+    capsys.readouterr()
+    # the same command again continues it (from step 1, not from the start) ...
+    assert main(args(out)) == 0
+    assert "epoch 1:" in capsys.readouterr().out
+    assert saved_steps and saved_steps[0] == 2
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    report = json.loads((out / "train.json").read_text())
+    n_images = json.loads((out / "split.json").read_text())["n_images"]
+    assert report["finished"] and report["global_step"] == (n_images + 1) // 2 > 1
+    # ... and ends where the uninterrupted run ends
+    assert main(args(tmp_path / "straight")) == 0
+    resumed, straight = load_file(out / "weights.safetensors"), load_file(tmp_path / "straight" / "weights.safetensors")
+    assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)
+    capsys.readouterr()
+    # a finished run is not redone: it says so and where the results are (--resume, kept for old scripts, too)
+    files = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    for extra in ([], ["--resume"]):
+        assert main(args(out, *extra)) == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"nothing to do: {out} holds this run, finished"), text
+        assert "results: weights.safetensors" in text and "epoch 1:" in text
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files  # nothing written
+    # other settings: refused in one line naming every change, before any work
+    changed = args(out)
+    changed[changed.index("--epochs") + 1] = "3"
+    changed[changed.index("--max-identities") + 1] = "2"
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("advface advtrain: error: ") and "Traceback" not in err
+    assert "--epochs 3 != 1 in the existing run" in err and "--max-identities 2 != 3 in the existing run" in err
+    assert main(args(out, "--seed", "1", "--method", "pgd")) == 2
+    err = capsys.readouterr().err
+    assert "--method pgd != clean in the existing run" in err and "--seed 1 != 0 in the existing run" in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == files

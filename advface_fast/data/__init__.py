@@ -11,7 +11,7 @@ from .download import (
     safe_extract_tar,
 )
 from .errors import DataError, DataIssue
-from .images import probe_image, read_image, read_rgb
+from .images import DecodedImage, decode_image, probe_image, read_image, read_rgb
 from .insightface_bin import load_bin
 from .lfw import PairDataset, load_lfw
 from .policy import NO_FACE_CHOICES, ON_BAD_CHOICES, DataWarning, InputPolicy
@@ -23,6 +23,7 @@ __all__ = [
     "DataError",
     "DataIssue",
     "DataWarning",
+    "DecodedImage",
     "InputPolicy",
     "NO_FACE_CHOICES",
     "ON_BAD_CHOICES",
@@ -34,6 +35,7 @@ __all__ = [
     "PairsFile",
     "RemoteFile",
     "UnsafeArchiveError",
+    "decode_image",
     "default_data_dir",
     "download_lfw",
     "fetch",

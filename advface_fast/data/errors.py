@@ -30,11 +30,13 @@ class DataError(ValueError):
 def bad_input_error(problems: Iterable[DataError], remedy: str, convert_hint: bool = True) -> DataError:
     """The one-line error that stops a run on bad input (on_bad "error" / "convert"): the first problem,
     how many more there are, and ``remedy`` (e.g. "use --on-bad skip ... to drop the pairs that use it");
-    a mode problem also suggests --on-bad convert (unless ``convert_hint`` is False)."""
+    a mode problem also suggests --on-bad convert (unless ``convert_hint`` is False, or the mode is one
+    that is never converted, such as 16-bit)."""
     problems = list(problems)
     first = problems[0]
     more = f" ({len(problems) - 1} more bad image(s))" if len(problems) > 1 else ""
-    hint = ", or --on-bad convert to convert it to RGB" if convert_hint and "mode" in first.reason else ""
+    convertible = "mode" in first.reason and "not converted" not in first.reason  # see images._check_mode
+    hint = ", or --on-bad convert to convert it to RGB" if convert_hint and convertible else ""
     return DataError(f"{first.reason}{more}; {remedy}{hint}", file=first.file, line=first.line)
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import os
 import threading
+import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -31,6 +33,7 @@ _MODE_WORDS = {"1": "black-and-white", "L": "grayscale", "LA": "grayscale with a
 # end of an intact file; 1 KiB leaves room for the trailing padding some writers add.
 _JPEG_TAIL = 1024
 _truncation_lock = threading.Lock()
+_open_lock = threading.Lock()  # see _open
 
 
 @contextmanager
@@ -73,10 +76,10 @@ def _check_mode(mode: str, label: str, convert: bool) -> None:
     if mode == "RGB":
         return
     word = _MODE_WORDS.get(mode, "not RGB")
+    if mode not in CONVERTIBLE_MODES:  # e.g. 16-bit or float: refused whatever on_bad says
+        raise DataError(f"image has mode {mode!r} ({word}), which is not converted to RGB automatically", file=label)
     if not convert:
         raise DataError(f"image has mode {mode!r} ({word}), expected RGB", file=label)
-    if mode not in CONVERTIBLE_MODES:
-        raise DataError(f"image has mode {mode!r}, which is not converted to RGB automatically", file=label)
 
 
 def _check_tail(data: bytes, fmt: str | None, label: str) -> None:
@@ -108,57 +111,116 @@ def conversion_note(mode: str, alpha: bool) -> str:
 
 
 def conversion_of(data: bytes) -> str:
-    """conversion_note for encoded image bytes (reads the header only)."""
-    with Image.open(io.BytesIO(data)) as image:
-        return conversion_note(image.mode, has_alpha(image))
+    """conversion_note for encoded image bytes (reads the header only, through decode_image)."""
+    decoded = decode_image(data, convert=True, pixels=False)
+    return conversion_note(decoded.mode, decoded.alpha)
 
 
-def probe_image(source: ImageSource, *, name: str | None = None, convert: bool = False) -> str:
-    """Cheap check without decoding pixels: readable, non-empty, an image, not cut short, RGB.
+@dataclass(frozen=True)
+class DecodedImage:
+    """What decode_image found: ``array`` (uint8 HxWx3 RGB, None when only the header was read),
+    the file's original ``mode`` and ``format``, its ``size`` (width, height) and whether it has
+    transparency (``alpha``)."""
+
+    array: np.ndarray | None
+    mode: str
+    format: str | None
+    size: tuple[int, int]
+    alpha: bool
+
+
+def _open(data: bytes) -> Image.Image:
+    """Image.open on bytes with PIL's decompression-bomb warning raised as an error, not printed.
+
+    PIL warns (DecompressionBombWarning) above MAX_IMAGE_PIXELS and raises above twice that, both
+    from inside Image.open. Python's warning filters are process-wide, so the filter is set only
+    around this header parse (microseconds) and under a lock; decoding the pixels runs outside it.
+    PIL's own "cannot identify" hints (UserWarnings from PIL.Image) are dropped here too: the
+    DataError says the file is not a recognised image.
+    """
+    with _open_lock, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"PIL\.Image$")
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+def _check_pixels(size: tuple[int, int], label: str) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise DataError(f"image is implausibly large ({size[0]}x{size[1]} pixels, more than PIL's limit of "
+                        f"{limit}; a decompression bomb?)", file=label)
+
+
+def _check_size(size: tuple[int, int], expected: tuple[int, int] | None, label: str) -> None:
+    """``size`` is PIL's (width, height); ``expected`` is (height, width), as a model's input_size."""
+    if expected is not None and (size[1], size[0]) != tuple(expected):
+        raise DataError(f"chip is {size[1]}x{size[0]}, expected {expected[0]}x{expected[1]} (--aligned)", file=label)
+
+
+def decode_image(source: ImageSource, *, name: str | None = None, convert: bool = False, pixels: bool = True,
+                 size: tuple[int, int] | None = None) -> DecodedImage:
+    """THE image decoder of the package: every file or encoded image any command reads goes through
+    here, and every way it can fail ends as a DataError naming the file.
+
+    Reads the bytes (missing, unreadable, empty), opens the header (not an image, corrupt header,
+    decompression bomb: more than PIL.Image.MAX_IMAGE_PIXELS pixels, whether PIL would warn or
+    raise), checks the size against ``size`` ((height, width) of the fixed-size chips a caller
+    expects, e.g. ``--aligned``), the tail of JPEG / PNG files (truncation) and the mode (RGB, or one
+    of CONVERTIBLE_MODES with convert=True); with ``pixels`` it then decodes fully (any decoder
+    failure: truncated or damaged data, out of memory) to uint8 HxWx3 RGB. EXIF orientation is
+    ignored: pixels are returned as stored.
+    """
+    data, label = read_bytes(source, name=name)
+    try:
+        with _refuse_truncated():
+            image = _open(data)
+            with image:
+                mode, fmt, dims, alpha = image.mode, image.format, tuple(image.size), has_alpha(image)
+                _check_pixels(dims, label)
+                _check_size(dims, size, label)
+                _check_tail(data, fmt, label)
+                _check_mode(mode, label, convert)
+                array = None
+                if pixels:
+                    image.load()
+                    array = np.array(image if mode == "RGB" else to_rgb(image), dtype=np.uint8)
+    except DataError:
+        raise
+    except UnidentifiedImageError:
+        raise DataError("not a recognised image file", file=label) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"image is implausibly large ({exc})", file=label) from None
+    except MemoryError:
+        raise DataError("image is too large to decode (out of memory)", file=label) from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file can make a decoder raise anything
+        what = "corrupt or truncated image" if pixels else "corrupt image header"
+        raise DataError(f"{what} ({type(exc).__name__}: {exc})", file=label) from None
+    if array is not None and (array.ndim != 3 or array.shape[2] != 3 or 0 in array.shape[:2]):
+        raise DataError(f"decoded to shape {array.shape}, expected HxWx3", file=label)
+    return DecodedImage(array, mode, fmt, dims, alpha)
+
+
+def probe_image(source: ImageSource, *, name: str | None = None, convert: bool = False,
+                size: tuple[int, int] | None = None) -> str:
+    """Cheap check without decoding pixels: readable, non-empty, an image, not implausibly large,
+    of the ``size`` asked for, not cut short, RGB (see decode_image).
 
     Returns the image mode. Truncation is caught from the file tail for JPEG and PNG; a full
     decode (read_image) catches it for every format. Damage inside the compressed data that keeps
     the length is only caught by checksums.
     """
-    data, label = read_bytes(source, name=name)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            mode, fmt = image.mode, image.format
-    except UnidentifiedImageError:
-        raise DataError("not a recognised image file", file=label) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DataError(f"corrupt image header ({exc})", file=label) from None
-    _check_tail(data, fmt, label)
-    _check_mode(mode, label, convert)
-    return mode
+    return decode_image(source, name=name, convert=convert, pixels=False, size=size).mode
 
 
-def read_image(source: ImageSource, *, name: str | None = None, convert: bool = False) -> tuple[np.ndarray, str]:
-    """Decode fully; return (uint8 HxWx3 RGB array, the file's original mode).
+def read_image(source: ImageSource, *, name: str | None = None, convert: bool = False,
+               size: tuple[int, int] | None = None) -> tuple[np.ndarray, str]:
+    """Decode fully; return (uint8 HxWx3 RGB array, the file's original mode) (see decode_image).
 
     Non-RGB images raise a DataError naming the mode, unless convert=True and the mode is in
     CONVERTIBLE_MODES. EXIF orientation is ignored: pixels are returned as stored.
     """
-    data, label = read_bytes(source, name=name)
-    try:
-        with _refuse_truncated(), Image.open(io.BytesIO(data)) as image:
-            image.load()
-            mode, fmt = image.mode, image.format
-            _check_mode(mode, label, convert)
-            rgb = image if mode == "RGB" else to_rgb(image)
-            array = np.array(rgb, dtype=np.uint8)
-    except UnidentifiedImageError:
-        raise DataError("not a recognised image file", file=label) from None
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"image is implausibly large ({exc})", file=label) from None
-    except DataError:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DataError(f"corrupt or truncated image ({exc})", file=label) from None
-    _check_tail(data, fmt, label)
-    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise DataError(f"decoded to shape {array.shape}, expected HxWx3", file=label)
-    return array, mode
+    decoded = decode_image(source, name=name, convert=convert, size=size)
+    return decoded.array, decoded.mode
 
 
 def read_rgb(source: ImageSource, *, name: str | None = None, convert: bool = False) -> np.ndarray:

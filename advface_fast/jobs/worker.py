@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..data.errors import DataError, bad_input_error
-from ..data.images import conversion_of, probe_image, read_bytes, read_image
+from ..data.images import conversion_note, decode_image, probe_image
 from ..data.policy import InputPolicy
 from ..precision import resolve_precision
 from .shard_store import encode_shard
@@ -115,10 +115,7 @@ class ShardWorker:
         or a DataError naming it, a faceless image a ``no_face`` row, a centre-box chip or a DataError."""
         try:
             image, note = self._decode(ref)
-            if self._make_aligner is None:
-                if image.shape[:2] != self.input_size:
-                    h, w = self.input_size
-                    raise DataError(f"chip is {image.shape[0]}x{image.shape[1]}, expected {h}x{w} (--aligned)")
+            if self._make_aligner is None:  # a chip of another size was refused by _decode
                 return image, "ok", note
             aligner = getattr(self._local, "aligner", None)
             if aligner is None:
@@ -144,7 +141,7 @@ class ShardWorker:
         try:
             if not is_image_name(ref.path):
                 raise DataError(_unsupported(ref.path))
-            probe_image(ref.path, name=ref.path, convert=self.config.on_bad == "convert")
+            probe_image(ref.path, name=ref.path, convert=self.config.on_bad == "convert", size=self._chip_size)
         except DataError as err:
             self._bad(ref, err.reason)
 
@@ -152,14 +149,15 @@ class ShardWorker:
         """(uint8 RGB image, what conversion was made or None); a DataError for a file it cannot use."""
         if not is_image_name(ref.path):
             raise DataError(_unsupported(ref.path))
-        data, _ = read_bytes(ref.path)
-        try:
-            image, mode = read_image(data, name=ref.path, convert=self.config.on_bad == "convert")
-        except DataError:
-            raise
-        except Exception as err:  # noqa: BLE001 - a damaged file can make a decoder raise anything
-            raise DataError(f"cannot decode ({type(err).__name__}: {err})") from None
-        return image, (None if mode == "RGB" else f"converted {conversion_of(data)}")
+        # decode_image turns every failure (a decoder's exception, a decompression bomb, a chip of the
+        # wrong size with --aligned) into a DataError naming the file
+        d = decode_image(ref.path, name=ref.path, convert=self.config.on_bad == "convert", size=self._chip_size)
+        return d.array, (None if d.mode == "RGB" else f"converted {conversion_note(d.mode, d.alpha)}")
+
+    @property
+    def _chip_size(self) -> tuple[int, int] | None:
+        """(height, width) every image must have with --aligned (checked from the header), else None."""
+        return self.input_size if self._make_aligner is None else None
 
     def _bad(self, ref: ImageRef, reason: str) -> tuple[None, str, str]:
         """A ``bad`` row (on_bad "skip"), else the one-line error naming the file."""

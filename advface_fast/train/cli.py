@@ -35,11 +35,15 @@ def cmd_advtrain(args) -> int:
                       seed=args.seed, precision=args.precision)
     report = run_advtrain(lfw_path(args), cfg, args.out, model=args.model, test_folds=args.test_folds,
                           people_file=args.people_file, pairs_file=args.pairs_file, max_identities=args.max_identities,
-                          max_images_per_identity=args.max_images_per_identity, policy=policy, resume=args.resume,
+                          max_images_per_identity=args.max_images_per_identity, policy=policy,
                           checkpoint_every=args.checkpoint_every, evaluate=not args.no_eval,
                           eval_attacks=eval_attacks, eval_eps=args.eval_eps,
                           eval_steps=args.eval_steps, eval_pairs=args.eval_pairs, eval_precision=args.precision,
                           workers=args.workers, progress=not args.quiet)
+    done = report.get("already_finished", False)  # a rerun of a finished run: nothing was redone
+    if done:
+        print(f"nothing to do: {args.out} holds this run, finished (rerun it with other settings into a new --out, "
+              "or judge it again with --eval-only)")
     split = report["split"]
     print(f"trained {args.model} ({args.method}) on {split['n_identities']} identities / {split['n_images']} images "
           f"outside folds {split['test_folds']}: {report['epochs_done']} epoch(s)")
@@ -55,7 +59,8 @@ def cmd_advtrain(args) -> int:
         _print_evaluation(ev)
     if args.json:
         print(json.dumps(report, indent=1))
-    print(f"wrote weights.safetensors, checkpoint.safetensors, log.jsonl, train.json to {args.out}")
+    files = "weights.safetensors, checkpoint.safetensors, log.jsonl, train.json, run.json"
+    print(f"results: {files} in {args.out}" if done else f"wrote {files} to {args.out}")
     return 0
 
 
@@ -95,12 +100,15 @@ def add_subparsers(sub) -> None:
                     "(bf16 gradients where native with --precision auto; fp32 weight updates). Then judge the "
                     "trained weights with the Table 1 code on the held-out folds only: thresholds cross-fitted "
                     "across the held-out folds on clean pairs (so at least two folds), attacks white-box against "
-                    "the trained model. Checkpoints resume exactly (--resume); the run is deterministic by --seed.",
+                    "the trained model. Rerunning the same command into the same --out resumes: an interrupted run "
+                    "continues from its checkpoint exactly, a finished one is not redone, other settings are refused "
+                    "naming what changed; the run is deterministic by --seed.",
         epilog="examples:\n"
                "  advface advtrain --lfw data/lfw --method pgd --eps 4 --steps 5 --test-folds 9,10 --epochs 1 "
                "--max-identities 40 --max-images-per-identity 8 --eval-pairs 200 --out runs/pgd\n"
                "  advface advtrain --lfw data/lfw --method clean --test-folds 9,10 --epochs 1 --out runs/clean\n"
-               "  advface advtrain ... --out runs/pgd --resume   (continue an interrupted run)\n\n" + EPILOG_PATHS)
+               "  advface advtrain ... --out runs/pgd   (the same command again: continues an interrupted run)\n\n"
+               + EPILOG_PATHS)
     p.add_argument("--model", default="dlib-resnet", choices=("dlib-resnet",), help="model to train (default: %(default)s)")
     p.add_argument("--lfw", metavar="PATH", help="LFW folder (official layout with people.txt)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading LFW")
@@ -126,7 +134,9 @@ def add_subparsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="run seed: image order and attack starts (default: 0)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="attack gradients (training and evaluation); the weight update is fp32 (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (same settings)")
+    p.add_argument("--resume", action="store_true",
+                   help="no longer needed, accepted for old scripts: a rerun into the same --out always continues "
+                        "the run there (same settings)")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="also checkpoint every N batches (default: end of each epoch)")
     p.add_argument("--no-eval", action="store_true", help="train only")

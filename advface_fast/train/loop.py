@@ -36,6 +36,11 @@ CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "weights.safetensors"
 
 
+class CheckpointExists(FileExistsError, ValueError):
+    """train(resume=False) into a folder that holds a checkpoint. A ValueError too, so a command line
+    shows it as its one-line error (``advface advtrain`` itself always resumes: see run.run_advtrain)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     method: str = "pgd"  # clean | pgd | fgsm-rs | free
@@ -135,7 +140,9 @@ def train(model: torch.nn.Module, chips: np.ndarray, labels, image_ids, cfg: Tra
 
     checkpoint_every: also checkpoint every this many batches (0: at the end of each epoch only).
     stop_after: stop (after checkpointing) once this many batches ran in total — an interruption,
-    for tests and for splitting a run; ``resume=True`` continues from ``out_dir``'s checkpoint.
+    for tests and for splitting a run; ``resume=True`` continues from ``out_dir``'s checkpoint (the
+    same settings, else a ValueError naming them), ``resume=False`` refuses a folder that holds one
+    (CheckpointExists).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,12 +166,12 @@ def train(model: torch.nn.Module, chips: np.ndarray, labels, image_ids, cfg: Tra
         if doc["config"] != config:
             changed = sorted(k for k in config if doc["config"].get(k) != config[k])
             raise ValueError(f"{ckpt_path} was made with other settings ({', '.join(changed)}); "
-                             "resume with the same settings or use a new --out")
+                             "rerun with the same settings or use a new --out")
         method.load_state(method_state)
         epoch, batch, global_step = doc["epoch"], doc["batch"], doc["global_step"]
         sums, history = _EpochSums(doc["sums"]), doc["history"]
     elif ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass resume=True (--resume) to continue it, or use a new out_dir")
+        raise CheckpointExists(f"{ckpt_path} exists: pass resume=True to continue it, or use a new out_dir")
 
     n = len(chips)
     n_batches = (n + cfg.batch_size - 1) // cfg.batch_size
@@ -230,5 +237,5 @@ def training_cost(history: list[dict]) -> dict:
                                 "update_passes": upd / images, "seconds": sec / images}}
 
 
-__all__ = ["CHECKPOINT", "TrainConfig", "WEIGHTS", "make_head", "make_optimizer", "save_weights", "train",
-           "training_cost"]
+__all__ = ["CHECKPOINT", "CheckpointExists", "TrainConfig", "WEIGHTS", "make_head", "make_optimizer", "save_weights",
+           "train", "training_cost"]
