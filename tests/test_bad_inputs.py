@@ -202,3 +202,5 @@ def test_bad_image_is_one_line_naming_the_file(command, kind, tmp_path, capsys, 
     # nothing PIL said reached the warnings machinery (a DecompressionBombWarning would be printed to stderr)
     pil = [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning) or "PIL" in w.filename]
     assert not pil, [str(w.message) for w in pil]
+    if command == "match":  # match has no --on-bad: its remedy names what the user can do there
+        assert "--on-bad" not in line and "remove it from --query" in line, line

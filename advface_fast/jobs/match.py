@@ -133,6 +133,8 @@ def match(gallery_dir: str | Path, queries: list[ImageRef], top_k: int = 5, thre
     if cfg is None:
         raise FileNotFoundError(f"--gallery {gallery_dir}: not a gallery store (no config.json)")
     worker = ShardWorker(GalleryConfig(**cfg["options"]), device, model_factory)
+    worker.bad_remedy = "remove it from --query (queries follow the input rules the gallery was built with)"
+    worker.suggest_convert = False
     if worker.weights_sha256 != cfg["weights_sha256"]:
         raise ValueError(f"the model's weights (sha256 {worker.weights_sha256[:12]}) differ from the ones that made "
                          f"the gallery ({cfg['weights_sha256'][:12]})")

@@ -154,6 +154,10 @@ class ShardWorker:
         d = decode_image(ref.path, name=ref.path, convert=self.config.on_bad == "convert", size=self._chip_size)
         return d.array, (None if d.mode == "RGB" else f"converted {conversion_note(d.mode, d.alpha)}")
 
+    # what the one-line error for a bad image suggests (advface match says its own: it has no --on-bad)
+    bad_remedy = "use --on-bad skip to give it a bad row and go on"
+    suggest_convert = True
+
     @property
     def _chip_size(self) -> tuple[int, int] | None:
         """(height, width) every image must have with --aligned (checked from the header), else None."""
@@ -163,8 +167,8 @@ class ShardWorker:
         """A ``bad`` row (on_bad "skip"), else the one-line error naming the file."""
         if self.config.on_bad == "skip":
             return None, "bad", reason
-        raise bad_input_error([DataError(reason, file=ref.path)], "use --on-bad skip to give it a bad row and go on",
-                              convert_hint=self.config.on_bad != "convert")
+        raise bad_input_error([DataError(reason, file=ref.path)], self.bad_remedy,
+                              convert_hint=self.suggest_convert and self.config.on_bad != "convert")
 
     # -- the model side --------------------------------------------------------------------------
 
