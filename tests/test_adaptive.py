@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from _tolerances import assert_same_but_for_rare_flips
 from advface_fast.attacks import PGD, VerificationObjective
 from advface_fast.seeds import derive_seed
 from advface_fast.defenses import AttackAsDefense, DefendedModel, adaptive_attack
@@ -147,7 +148,8 @@ def test_eot_draws_are_fresh_at_every_step_and_independent_of_batching(setup):
         whole = a(setup.q, setup.gallery_defended, setup.same_t, setup.thresholds(), sample_seeds=seeds)
         parts = [a(setup.q[i:i + 5], setup.gallery_defended[i:i + 5], setup.same_t[i:i + 5],
                    setup.thresholds()[i:i + 5], sample_seeds=seeds[i:i + 5]) for i in range(0, N, 5)]
-        assert torch.equal(whole, torch.cat(parts)), attack
+        # the attacker's model runs on 24 images, then on 5: other batch sizes, maybe other kernels
+        assert_same_but_for_rare_flips(whole, torch.cat(parts), what=attack)
 
 
 def test_fixed_draws_are_the_weaker_attacker(setup):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tolerances import FP32_NET, assert_close_to_scale
 from advface_fast.attacks import PGD, AwayFromSelf, RandomDirection, make_objective
 from advface_fast.seeds import derive_seed
 from advface_fast.defenses import AttackAsDefense
@@ -55,7 +56,9 @@ def test_eps_zero_is_the_plain_model(tiny, attack):
     assert torch.equal(d.defend(images, IDS[:5])[3], images)
     with torch.no_grad():
         plain = tiny(images)
-    assert torch.equal(d.embed(images, IDS[:5])[3], plain)
+    # D embeds in batches padded to batch_size (32), the plain model here runs on 5 images: another
+    # batch size, which oneDNN may compute with other kernels, so equal up to float32 rounding.
+    assert_close_to_scale(d.embed(images, IDS[:5])[3], plain, FP32_NET)
 
 
 @pytest.mark.parametrize("attack", ["pgd", "cw"])

@@ -2,9 +2,10 @@
 ``last_stats`` cost counters, on a tiny random conv model and on dlib-resnet with lfw_ci chips.
 
 What must hold: early stop never makes a decision more favourable to the defender than the full
-run (a pair that never finishes gets the full run's exact iterate; a pair that finishes was past
-its threshold by the margin, which is far larger than the similarity change uint8 rounding
-causes), it really computes fewer image passes, and it is deterministic and off by default."""
+run (a pair that never finishes gets the full run's iterate, bitwise but for the rare pixel whose
+gradient sign another batch size's rounding flips; a pair that finishes was past its threshold
+by the margin, which is far larger than the similarity change uint8 rounding causes), it really
+computes fewer image passes, and it is deterministic and off by default."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from _tolerances import assert_same_but_for_rare_flips
 from advface_fast.attacks import CW, CWL2, FGSM, PGD, Noise, VerificationObjective, make_attack
 
 OBJ = VerificationObjective()
@@ -99,9 +101,9 @@ def test_unfinished_pairs_get_the_full_runs_iterate(tiny, tiny_pairs, restarts):
     sim = similarities(tiny, early, gallery)
     finished = OBJ.margin_loss(sim, is_same, thresholds, kappa=margin) <= 0
     assert 0 < finished.sum() < len(finished)  # the setting exercises both kinds of pair
-    # Never finished: bitwise the full run (same random starts, same steps; the tiny model's
-    # results do not depend on which rows share the batch).
-    assert torch.equal(early[~finished], full[~finished])
+    # Never finished: the full run (same random starts, same steps), bitwise but for rare pixels:
+    # compaction shrinks the batch, and oneDNN may compute another batch size with other kernels.
+    assert_same_but_for_rare_flips(early[~finished], full[~finished])
     # Finished: past the threshold by the margin, hence a success of the float iterate.
     assert OBJ.success(sim, is_same, thresholds)[finished].all()
     assert not torch.equal(early[finished], full[finished])  # they stopped earlier
@@ -142,7 +144,7 @@ def test_compaction_frequency_changes_cost_not_results(tiny, tiny_pairs):
         attack.compact_every = k
         out[k] = attack(queries, gallery, is_same, thresholds)
         cost[k] = attack.last_stats["image_steps"]
-    assert torch.equal(out[1], out[4])  # finished rows are frozen until they leave
+    assert_same_but_for_rare_flips(out[1], out[4])  # finished rows are frozen until they leave (other batch sizes)
     assert cost[1] < cost[4]  # but with k=4 they are computed until the next compaction
 
 
@@ -170,7 +172,7 @@ def test_deterministic_and_independent_of_batching(tiny, tiny_pairs):
     assert torch.equal(whole, attack(queries, gallery, is_same, thresholds, sample_seeds=seeds))
     halves = torch.cat([attack(queries[:6], gallery[:6], is_same[:6], thresholds[:6], sample_seeds=seeds[:6]),
                         attack(queries[6:], gallery[6:], is_same[6:], thresholds[6:], sample_seeds=seeds[6:])])
-    assert torch.equal(whole, halves)
+    assert_same_but_for_rare_flips(whole, halves)  # batches of 12 and of 6: maybe other kernels
     other = tiny_pgd(tiny, early_stop=True, early_stop_margin=0.01, seed=4)(queries, gallery, is_same, thresholds)
     assert not torch.equal(attack(queries, gallery, is_same, thresholds), other)
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import need_module  # in CI mode a missing library fails
+from _tolerances import FP32_NET, FP32_OPS, assert_close_to_scale, close_to_scale, scaled_error
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -120,8 +121,8 @@ def test_blocked_dequantize_matches_onnxruntime(block, axis):
     (ref_np,) = run_ort(dequantize_onnx(model), {"x": x})  # the numpy rewrite
     with torch.no_grad():
         ours = OnnxModule(model)(torch.from_numpy(x)).numpy()
-    assert np.abs(ours - ref).max() <= 1e-5
-    assert np.abs(ref_np - ref).max() <= 1e-5
+    assert_close_to_scale(ours, ref, FP32_OPS)  # |y| up to ~15: a 20-term Gemm, tolerance relative to it
+    assert_close_to_scale(ref_np, ref, FP32_OPS)
     assert not any(n.op_type == "DequantizeLinear" for n in dequantize_onnx(model).graph.node)
 
 
@@ -195,8 +196,41 @@ def test_onnx_prefix_builds_a_model_with_the_stated_preprocessing(tmp_path):
     (ref,) = run_ort(model, {"data": np.ascontiguousarray(feed, dtype=np.float32)})
     with torch.no_grad():
         ours = net(torch.from_numpy(x)).numpy()
-    assert np.abs(ours - ref).max() <= 1e-5
+    # Outputs of magnitude ~380: float32 rounding is relative (one ulp there is 3e-5), so the check is too.
+    assert_close_to_scale(ours, ref, FP32_NET)
     assert len(net.weights_sha256) == 64
+
+
+def test_onnx_prefix_check_passes_rounding_and_fails_a_wrong_preprocessing(tmp_path):
+    """The check above, tested: outputs a few ulps away (another CPU's kernels) pass, though one ulp
+    of the largest output already broke the old absolute 1e-5; a model built with a mean 0.5 off,
+    a std off by 128 / 127.5 or the wrong channel order fails, far beyond the tolerance."""
+    path, model = tiny_face_onnx(tmp_path)
+    x = np.random.default_rng(4).random((1, 3, 8, 8)).astype(np.float32)
+    mean, std = np.array([10, 20, 30], np.float32).reshape(1, 3, 1, 1), np.float32(2.0)
+    feed = (x[:, ::-1] * 255 - mean) / std  # the stated preprocessing by hand: BGR, 0..255, (x - mean) / std
+    (ref,) = run_ort(model, {"data": np.ascontiguousarray(feed, dtype=np.float32)})
+    assert np.abs(ref).max() > 100  # the magnitudes that broke the absolute check
+
+    away = np.where(ref < 0, np.float32(-np.inf), np.float32(np.inf))
+    one_ulp, four_ulps = np.nextafter(ref, away), ref
+    for _ in range(4):
+        four_ulps = np.nextafter(four_ulps, away)
+    noise = ref * (1 + np.random.default_rng(5).uniform(-1e-6, 1e-6, ref.shape)).astype(np.float32)
+    assert np.abs(one_ulp - ref).max() > 1e-5  # what the old absolute check refused
+    for rounded in (one_ulp, four_ulps, noise):
+        assert close_to_scale(rounded, ref, FP32_NET)
+
+    settings = dict(channel_order="bgr", mean=(10.0, 20.0, 30.0), std=2.0)
+    with torch.no_grad():
+        assert close_to_scale(create_model(f"onnx:{path}", **settings)(torch.from_numpy(x)).numpy(), ref, FP32_NET)
+    for wrong in (dict(mean=(10.5, 20.0, 30.0)), dict(std=2.0 * 128 / 127.5), dict(channel_order="rgb")):
+        net = create_model(f"onnx:{path}", **{**settings, **wrong})
+        with torch.no_grad():
+            out = net(torch.from_numpy(x)).numpy()
+        assert scaled_error(out, ref) > 10 * FP32_NET, wrong
+        with pytest.raises(AssertionError, match="reference's scale"):
+            assert_close_to_scale(out, ref, FP32_NET)
 
 
 def test_onnx_settings_from_metadata(tmp_path):

@@ -164,7 +164,10 @@ def input_gradient(model, x):
 
 def test_fast_copy_input_gradients_match_and_params_stay_frozen(plain, chips):
     """Folding moves fp32 rounding, which flips a few ReLUs sitting at ~0 and so moves a few
-    gradient entries: the fast gradient must be as close to the fp64 one as the plain one is."""
+    gradient entries: the fast gradient must be as close to the fp64 one as the plain one is.
+    Here the NCHW and NHWC kernels sum alike (2e-5 of the gradient's norm apart); on a CPU where
+    oneDNN sums them in other orders, one ulp on every convolution output moves this gradient by
+    3.5e-3 of its norm (simulated), hence 1e-2 of the norm for the fast and the unfolded copies."""
     fast = make_fast(plain)
     assert all(not p.requires_grad for p in fast.parameters())
     assert fast.blocks[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
@@ -173,11 +176,11 @@ def test_fast_copy_input_gradients_match_and_params_stay_frozen(plain, chips):
     g_exact = input_gradient(make_fast(plain, fold_affine=False, channels_last=False, inplace=False).double(),
                              x.double())
     assert g_plain.abs().max() > 0
-    assert (g_fast - g_plain).norm() <= 2e-3 * g_plain.norm()
+    assert (g_fast - g_plain).norm() <= 1e-2 * g_plain.norm()
     assert (g_fast.double() - g_exact).norm() <= 1.5 * (g_plain.double() - g_exact).norm() + 1e-9
-    # without folding the arithmetic is the same: only layout and in-place writes change
+    # without folding only layout and in-place writes change, but the layout picks other oneDNN kernels
     g_unfolded = input_gradient(make_fast(plain, fold_affine=False), x)
-    assert (g_unfolded - g_plain).abs().max() <= 1e-6
+    assert (g_unfolded - g_plain).norm() <= 1e-2 * g_plain.norm()
 
 
 def test_fast_copy_leaves_the_original_alone(plain, chips):

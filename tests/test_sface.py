@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import missing, need_module  # in CI mode a missing library fails
+from _tolerances import FP32_DEEP, assert_close_to_scale
 import torch
 
 from advface_fast.models import create_model, get_model_spec
@@ -57,7 +58,7 @@ def test_matches_onnxruntime_on_the_dequantised_graph(model, onnx_path, images):
     with torch.no_grad():
         ours = model(images).numpy()
     assert ours.shape == ref.shape == (3, 128)
-    assert np.abs(ours - ref).max() <= 1e-5
+    assert_close_to_scale(ours, ref, FP32_DEEP)  # two runtimes through a deep net: relative to the output scale
 
 
 def test_matches_onnxruntime_on_the_int8_graph(model, onnx_path, images):
@@ -66,7 +67,7 @@ def test_matches_onnxruntime_on_the_int8_graph(model, onnx_path, images):
     ref = ort_embed(ort_session(prune_graph_inputs(onnx_path)), images)
     with torch.no_grad():
         ours = model(images).numpy()
-    assert np.abs(ours - ref).max() <= 1e-5
+    assert_close_to_scale(ours, ref, FP32_DEEP)
 
 
 def test_embeddings_separate_images(model, images):
@@ -117,7 +118,10 @@ def input_gradient(model, x):
 
 def test_fast_copy_matches_the_plain_model(model, images):
     """Folding moves fp32 rounding, which flips a few PReLUs sitting at ~0 and so moves a few
-    gradient entries: the fast gradient must be as close to the fp64 one as the plain one is."""
+    gradient entries: the fast gradient must be as close to the fp64 one as the plain one is.
+    channels_last alone may do the same: oneDNN's NHWC and NCHW kernels may sum in other orders on
+    another CPU (one ulp on every convolution output moves this gradient by 3e-4 to 2e-3 of its
+    norm; here the two layouts happen to agree to 1e-6), so the layout copy gets the fast copy's bound."""
     import copy
 
     from advface_fast.models.onnx_face import make_fast
@@ -126,15 +130,17 @@ def test_fast_copy_matches_the_plain_model(model, images):
     assert len(fast.net.steps) == len(model.net.steps) - 27  # every Conv -> BatchNorm pair folded
     assert fast.memory_format == torch.channels_last and model.memory_format == torch.contiguous_format
     with torch.no_grad():
-        assert (fast(images) - model(images)).abs().max() <= 1e-5
+        assert_close_to_scale(fast(images), model(images), FP32_DEEP)
     x = images[:2]
     g_plain, g_fast = input_gradient(model, x), input_gradient(fast, x)
     g_exact = input_gradient(copy.deepcopy(model).double(), x.double())
     assert g_plain.abs().max() > 0
     assert (g_fast - g_plain).norm() <= 1e-2 * g_plain.norm()
-    assert (g_fast.double() - g_exact).norm() <= 1.5 * (g_plain.double() - g_exact).norm() + 1e-9
-    g_layout = input_gradient(make_fast(model, fold_bn=False), x)  # same arithmetic, other layout
-    assert (g_layout - g_plain).norm() <= 1e-5 * g_plain.norm()
+    # as close to fp64 as the plain gradient, or within the rounding floor: how close the plain one
+    # comes is luck of the kernels (1.6e-4 to 2.5e-3 of the norm under simulated one-ulp changes)
+    assert (g_fast.double() - g_exact).norm() <= max(1.5 * (g_plain.double() - g_exact).norm(), 5e-3 * g_exact.norm())
+    g_layout = input_gradient(make_fast(model, fold_bn=False), x)  # same function, other layout
+    assert (g_layout - g_plain).norm() <= 1e-2 * g_plain.norm()
 
 
 def test_the_librarys_onnx_export_runs_sface_with_any_batch(model, images, tmp_path):
@@ -145,7 +151,7 @@ def test_the_librarys_onnx_export_runs_sface_with_any_batch(model, images, tmp_p
     for n in (1, 3):
         ref = session.run(None, {"images": images[:n].numpy()})[0]
         with torch.no_grad():
-            assert np.abs(model(images[:n]).numpy() - ref).max() <= 1e-5
+            assert_close_to_scale(model(images[:n]).numpy(), ref, FP32_DEEP)
 
 
 def test_mtcnn_chips_verify_lfw_ci(model, lfw_ci):

@@ -9,6 +9,7 @@ import torch
 from advface_fast import create_model
 from advface_fast.models import get_model_spec
 from advface_fast.models.sphereface import SphereFace20, make_fast
+from _tolerances import FP32_DEEP, assert_close_to_scale
 
 
 def expected_keys() -> list[str]:
@@ -102,4 +103,5 @@ def test_fast_copy_matches_the_plain_model(model, images):
     fast = make_fast(model)
     assert fast.memory_format == torch.channels_last and model.memory_format == torch.contiguous_format
     with torch.no_grad():
-        torch.testing.assert_close(fast(images), model(images), rtol=0, atol=1e-5)
+        # outputs up to ~4 (unnormalised): folding and channels_last move float32 rounding, relative to that
+        assert_close_to_scale(fast(images), model(images), FP32_DEEP)

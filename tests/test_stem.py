@@ -55,10 +55,17 @@ def test_fp32_equals_the_plain_operations(stem_setup, chunk, channels_last):
 
 
 def test_chunks_do_not_change_the_result(stem_setup):
+    # Chunks of 1, 3 and 5 images are convolutions of other batch sizes, for which oneDNN may pick
+    # other kernels (other summation orders): bitwise equal on some CPUs, elsewhere an fp32 sum may
+    # round to the neighbouring bf16 value (one ulp, 2**-7 of the value at most) and so move a
+    # max-pool's choice and its gradient. A chunking bug (a wrong slice, indices or output offset)
+    # changes whole images: far more elements, and a gradient off by a large part of its norm.
     conv, shift, x = stem_setup
     results = [output_and_grad(ChunkedStem(conv, shift, chunk=c), x, bf16=True) for c in (1, 3, 5)]
+    (y0, g0, _) = results[0]
     for y, g, _ in results[1:]:
-        assert torch.equal(y, results[0][0]) and torch.equal(g, results[0][1])
+        assert (y - y0).abs().max() <= 2 ** -7 * y0.abs().max() and (y != y0).float().mean() <= 0.01
+        assert (g - g0).norm() <= 1e-2 * g0.norm()
 
 
 def test_bf16_is_autocast_up_to_rounding(stem_setup):
