@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from _tolerances import assert_same_but_for_rare_flips, same_but_for_rare_flips
 from advface_fast.attacks import (
     ATTACKS,
     CW,
@@ -92,11 +93,12 @@ def test_one_step_dodges_matched_and_impersonates_mismatched(tiny, metric):
                   st.floats(0.0, 16.0, allow_nan=False)),
     alpha=st.floats(0.1, 20.0, allow_nan=False),
     steps=st.integers(1, 3),
-    name=st.sampled_from(["pgd", "fgsm", "cw", "noise"]),
+    name=st.sampled_from(["pgd", "fgsm", "cw", "noise", "square"]),
 )
 def test_linf_bound_holds_after_rounding(tiny, seed, eps, alpha, steps, name):
     queries, gallery, is_same = pairs_for(tiny, n=2, size=8, seed=seed % 1000)
-    kwargs = {"pgd": dict(alpha=alpha, steps=steps), "cw": dict(lr=alpha, steps=steps)}.get(name, {})
+    kwargs = {"pgd": dict(alpha=alpha, steps=steps), "cw": dict(lr=alpha, steps=steps),
+              "square": dict(n_queries=10 * steps)}.get(name, {})
     attack = make_attack(name, tiny, eps=eps, seed=seed, **kwargs)
     x_adv = attack(queries, gallery, is_same, torch.zeros(2))
     adv, clean = as_int(x_adv), as_int(queries)
@@ -151,18 +153,19 @@ def test_same_seed_same_images(tiny, cls):
 
 
 def test_sample_seeds_make_results_independent_of_batching(tiny):
-    # Exact equality on the tiny model; dlib-resnet's conv algorithms may change float
-    # results with the batch size, so this property is only claimed up to that.
+    # Batches of 4 and of 2 may run on other oneDNN kernels (the model's floats may change with
+    # the batch size, on some CPUs even the tiny model's), so the property is claimed up to the
+    # rare pixel whose gradient sign that rounding flips; another random start changes whole images.
     queries, gallery, is_same = pairs_for(tiny, n=4)
     seeds = [101, 202, 303, 404]
     attack = PGD(tiny, eps=4, steps=3, seed=0)
     whole = attack(queries, gallery, is_same, sample_seeds=seeds)
     halves = torch.cat([attack(queries[:2], gallery[:2], is_same[:2], sample_seeds=seeds[:2]),
                         attack(queries[2:], gallery[2:], is_same[2:], sample_seeds=seeds[2:])])
-    assert torch.equal(whole, halves)
+    assert_same_but_for_rare_flips(whole, halves)
     # Without per-sample seeds the second half draws other noise when attacked on its own.
     shared = torch.cat([attack(queries[:2], gallery[:2], is_same[:2]), attack(queries[2:], gallery[2:], is_same[2:])])
-    assert not torch.equal(attack(queries, gallery, is_same)[2:], shared[2:])
+    assert not same_but_for_rare_flips(attack(queries, gallery, is_same)[2:], shared[2:])
 
 
 # ----------------------------------------------------------------------------- attack mechanics
@@ -269,7 +272,7 @@ def test_parameters_untouched_and_works_under_no_grad(tiny):
 
 
 def test_registry_and_config_round_trip(tiny):
-    assert set(ATTACKS) == {"fgsm", "pgd", "cw", "cw-l2", "noise"}
+    assert set(ATTACKS) == {"fgsm", "pgd", "cw", "cw-l2", "noise", "square"}
     pgd = make_attack("pgd", tiny, eps=4, metric="cosine")
     config = pgd.config()
     assert {k: config[k] for k in ("name", "eps", "alpha", "steps", "restarts", "objective")} == \

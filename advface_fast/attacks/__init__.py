@@ -24,6 +24,7 @@ from advface_fast.attacks.objective import (
     make_objective,
 )
 from advface_fast.attacks.pgd import PGD
+from advface_fast.attacks.square import Square
 
 ATTACKS: dict[str, type[Attack]] = {
     "fgsm": FGSM,
@@ -31,6 +32,7 @@ ATTACKS: dict[str, type[Attack]] = {
     "cw": CW,
     "cw-l2": CWL2,
     "noise": Noise,
+    "square": Square,
 }
 
 
@@ -69,6 +71,7 @@ __all__ = [
     "Noise",
     "Objective",
     "RandomDirection",
+    "Square",
     "VerificationObjective",
     "check_on_uint8_grid",
     "eval_mode",
