@@ -31,5 +31,31 @@ class RandomShift(Defense):
         return out
 
 
+class MaskedRounding(Defense):
+    """A defense built to mask gradients (a test of the leaderboard's checks, not a defense): the input
+    rounded to ``levels`` grey levels per channel, and the rounding itself offered as the BPDA surrogate,
+    so the attacker's gradient is zero everywhere while the decision is barely changed."""
+
+    name = "example-masked-rounding"
+    surrogate_name = "the rounding itself (gradient withheld)"
+
+    def __init__(self, model, levels: int = 64, seed: int = 0, batch_size: int = 8):
+        super().__init__(model, seed=seed, batch_size=batch_size)
+        self.levels = int(levels)
+
+    def settings(self) -> dict:
+        return {"levels": self.levels}
+
+    def transform(self, x, seeds=()):
+        return self.surrogate(x).detach()
+
+    def surrogate(self, x):
+        return torch.round(x * (self.levels - 1)) / (self.levels - 1)
+
+
+def masked(model, **params) -> MaskedRounding:
+    return MaskedRounding(model, **params)
+
+
 def build(model, **params) -> RandomShift:
     return RandomShift(model, **params)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tolerances import FP32_NET, close_to_scale
 from advface_fast.attacks import PGD
 from advface_fast.defenses import (AttackAsDefense, DefendedModel, Defense, MedianFilter, adaptive_attack,
                                    create_defense, list_defenses)
@@ -29,10 +30,9 @@ PARAMS = {"none": {}, "jpeg": {"quality": 50}, "bit-depth": {"bits": 3}, "median
           "attack-as-defense": {"attack": "pgd", "eps": 4, "steps": (1, 2), "precision": "fp32"}}
 
 
-def close(a, b, rel=1e-5):
+def close(a, b, rel=FP32_NET):
     """Equal up to float rounding relative to the embeddings' scale (oneDNN may pick other kernels)."""
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    return (a - b).abs().max().item() <= rel * b.abs().max().item()
+    return close_to_scale(a, b, rel)
 
 
 @pytest.fixture(scope="module")

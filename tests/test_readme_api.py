@@ -29,7 +29,15 @@ FRAGMENTS = {
                                  "and thresholds are the reader's own tensors, defined nowhere in the docs",
     'create_model("facenet", weights=': "needs the FaceNet and CosFace weight files, which the package cannot "
                                         "download and no test machine has",
+    'name = "example-random-shift"': "the head of tests/example_defense.py's RandomShift, which test_defense_protocol "
+                                     "runs through the pipeline; test_the_defense_example_is_the_tested_one checks it "
+                                     "is that file's text",
 }
+
+
+def test_the_defense_example_is_the_tested_one():
+    block = readme_block('name = "example-random-shift"')
+    assert block in (REPO / "tests" / "example_defense.py").read_text()
 
 
 def doc_files() -> list[Path]:

@@ -7,7 +7,8 @@ import argparse
 from pathlib import Path
 
 from ..attacks import DEFAULT_ATTACK_BATCH
-from ..cli_options import (EPILOG_PATHS, check_pairs_file, add_common_options, float_list, int_list, pair_count,
+from ..cli_options import (EPILOG_PATHS, add_input_options, add_threads_option, check_pairs_file, add_common_options,
+                           float_list, int_list, parse_folds, pair_count,
                    print_input_and_outputs, apply_runtime, lfw_path)
 
 
@@ -127,8 +128,97 @@ def cmd_cost(args) -> int:
     return 0
 
 
+def cmd_leaderboard(args) -> int:
+    from ..models import list_models
+    from .leaderboard import DEFAULT_DEFENSES, LeaderboardConfig, run_leaderboard
+    from .leaderboard_render import leaderboard_markdown, load_entries, write_leaderboard
+
+    if args.out is None:
+        raise ValueError("advface leaderboard needs --out DIR (entries/, LEADERBOARD.md, leaderboard.json, the plot)")
+    if args.merge:
+        report = write_leaderboard(load_entries(args.merge), args.out)
+        print(leaderboard_markdown(report["entries"]))
+        print(f"merged {len(report['entries'])} entries; wrote LEADERBOARD.md, leaderboard.json, leaderboard.png to {args.out}")
+        return 0
+    check_pairs_file(args)
+    apply_runtime(args)
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    unknown = [m for m in models if m not in list_models() and not m.startswith("onnx:")]
+    if unknown or not models:
+        raise ValueError(f"unknown model(s) {unknown or args.models!r}; available: {', '.join(list_models())}")
+    defenses = tuple(args.defense) if args.defense else DEFAULT_DEFENSES
+    import shlex
+    import sys
+
+    cfg = LeaderboardConfig(models=models, defenses=defenses, folds=tuple(args.folds) if args.folds else (1,),
+                            max_pairs=args.pairs, eps=args.eps, adaptive_steps=args.adaptive_steps, eot=args.eot,
+                            square_queries=args.square_queries, costly_square_queries=args.costly_square_queries,
+                            square_pairs=args.square_pairs, calibration_pairs=args.calibration_pairs, seed=args.seed,
+                            precision=args.precision, batch_size=args.batch_size, steps_cap=args.steps_cap,
+                            on_bad=args.on_bad, no_face=args.no_face,
+                            pairs_file=None if args.pairs_file is None else str(args.pairs_file),
+                            command="advface " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    report = run_leaderboard(lfw_path(args), cfg, args.out, workers=args.workers, progress=not args.quiet)
+    print(leaderboard_markdown(report["entries"]))
+    print(f"wrote entries/*.json, LEADERBOARD.md, leaderboard.json, leaderboard.png to {args.out}")
+    return 0
+
+
+def _add_leaderboard_parser(sub) -> None:
+    from ..attacks import DEFAULT_ATTACK_BATCH
+    from ..defenses import list_defenses
+    from ..precision import PRECISIONS
+    from .leaderboard import DEFAULT_DEFENSES
+
+    p = sub.add_parser(
+        "leaderboard", help="rank defenses under one adaptive protocol with a black-box check",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Every (model, defense) entry is attacked by transfer (Table 1's queries), high confidence, "
+                    "BPDA + EOT through the defense and Square (score-based black box on the defended margin, the "
+                    "defense's randomness redrawn per query), all at one L-inf eps on the uint8 grid, against the "
+                    "defended pipeline's thresholds fitted on clean defended pairs. Robust accuracy is the per-pair "
+                    "worst case; checks flag gradient masking (black box beats white box by > 0.2 points), more "
+                    "steps or samples helping the defender, and an adaptive attack weaker than transfer. Entries "
+                    "are written one JSON each as they finish (a rerun resumes); caches are shared with attack / "
+                    "defend. Registered defenses: " + ", ".join(list_defenses()) + "; your own: "
+                    "--defense package.module:factory[:name=value,...].",
+        epilog="examples:\n"
+               "  advface leaderboard --lfw data/lfw --models dlib-resnet,sface --folds 1 --eps 4 --out runs/leaderboard\n"
+               "  advface leaderboard --lfw data/lfw --defense none --defense jpeg:quality=50 --pairs 100 --out runs/lb\n"
+               "  advface leaderboard --merge runs/lb-a runs/lb-b --out runs/lb   (entries of several machines)\n\n"
+               "defaults: " + " ".join(DEFAULT_DEFENSES) + "\n\n" + EPILOG_PATHS)
+    p.add_argument("--models", default="dlib-resnet", metavar="LIST", help="comma list of models (default: %(default)s)")
+    p.add_argument("--defense", action="append", metavar="SPEC",
+                   help="a defense NAME[:param=value,...] (repeat for several; default: every family, see below)")
+    p.add_argument("--lfw", metavar="PATH", help="LFW folder or .bin file (see 'paths' below)")
+    p.add_argument("--no-download", action="store_true", help="fail instead of downloading LFW")
+    p.add_argument("--folds", type=parse_folds, metavar="LIST", help="folds to attack (default: 1)")
+    p.add_argument("--pairs", type=pair_count, metavar="N", help="only the first N pairs of the folds, half matched")
+    p.add_argument("--eps", type=float, default=4.0, help="the attacker's L-inf budget, 0-255 levels (default: %(default)s)")
+    p.add_argument("--adaptive-steps", type=int, default=20, metavar="K", help="BPDA + EOT PGD steps (default: %(default)s)")
+    p.add_argument("--eot", type=int, default=4, metavar="S", help="EOT draws for randomised defenses (default: %(default)s)")
+    p.add_argument("--square-queries", type=int, default=5000, metavar="N",
+                   help="Square's budget for defenses costing about one forward pass (default: %(default)s)")
+    p.add_argument("--costly-square-queries", type=int, default=1000, metavar="N",
+                   help="Square's budget for defenses costing more than two passes per image (default: %(default)s)")
+    p.add_argument("--square-pairs", type=pair_count, metavar="N", help="Square on the first N pairs only (default: all)")
+    p.add_argument("--calibration-pairs", type=pair_count, metavar="N",
+                   help="fit the defended thresholds on a balanced subset of N pairs over every fold (default: all)")
+    p.add_argument("--steps-cap", type=int, metavar="K", help="cap every iteration count at K (quick runs, recorded)")
+    p.add_argument("--seed", type=int, default=0, help="run seed (default: 0)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="attack gradients (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_ATTACK_BATCH, metavar="N", help="pairs per attack batch")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="merge the entries of these runs into --out (no attacks)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="write entries/, LEADERBOARD.md, leaderboard.json, .png")
+    p.add_argument("--workers", type=int, metavar="N", help="alignment processes (default: all cores)")
+    add_input_options(p)
+    add_threads_option(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_leaderboard)
+
+
 def add_subparsers(sub) -> None:
-    """The defend, paper and cost subcommands of `advface`."""
+    """The defend, paper, cost and leaderboard subcommands of `advface`."""
     p = sub.add_parser(
         "defend", help="the paper's Tables 2-4: attack-as-defense (D re-attacks query and gallery)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -220,5 +310,7 @@ def add_subparsers(sub) -> None:
     p.add_argument("--out", metavar="DIR", type=Path, help="write cost.json, cost.md, accuracy_vs_compute.png")
     p.set_defaults(func=cmd_cost)
 
+    _add_leaderboard_parser(sub)
 
-__all__ = ["add_subparsers", "cmd_cost", "cmd_defend", "cmd_paper"]
+
+__all__ = ["add_subparsers", "cmd_cost", "cmd_defend", "cmd_leaderboard", "cmd_paper"]

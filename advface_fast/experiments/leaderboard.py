@@ -1,0 +1,305 @@
+"""The leaderboard: every defense under one adaptive protocol, with a black-box check.
+
+An entry is (model, defense with its parameters). Its protocol, fixed before any number is seen:
+
+1. **Calibration.** The defended verifier's per-fold thresholds are fitted on CLEAN defended pairs
+   (every pair of the dataset, or a balanced ``calibration_pairs`` subset) and never refit; the
+   ``none`` entry is the plain model with Table 1's thresholds. Clean accuracy and AUC are the price.
+2. **Transfer.** Table 1's queries (FGSM, PGD, C&W on the undefended model at ``eps``, from the
+   runner's store: the very queries Table 1 judged) fed to the defended pipeline.
+3. **High confidence.** PGD on the undefended model pushed ``kappa`` past its threshold.
+4. **BPDA + EOT.** PGD through :class:`~advface_fast.defenses.DefendedModel`: the defense in the
+   forward pass, its surrogate (identity by default) in the backward pass, the average over
+   ``eot`` fresh draws of a randomised defense. Also at half the steps, and for a randomised
+   defense with one draw: the checks compare them.
+5. **Square** (score-based black box, L-inf on the uint8 grid) on the defended similarity margin,
+   dodging and impersonation, the defense's randomness redrawn at every query; ``square_queries``
+   for defenses costing about one forward pass, ``costly_square_queries`` for costlier ones.
+
+Robust accuracy is the per-pair worst case over every attack (2-5), dodging (matched pairs) and
+impersonation (mismatched) shown apart. Checks, stored and printed with the entry: the black-box
+attack must not beat the best white-box attack by more than 0.2 points (else: **gradient
+masking**); more steps or EOT samples never help the defender; an adaptive attack weaker than
+transfer is flagged. An entry whose worst case beats the undefended model's is to be investigated
+with stronger attacks before it is reported — and then reported as measured.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..attacks import DEFAULT_ATTACK_BATCH, make_attack
+from ..defenses import DefendedModel, adaptive_attack, create_defense
+from ..environment import environment
+from ..fileio import write_json_atomic
+from ..models.identity import weights_id
+from .defended import DefendedStore
+from .defense_context import (Context, DefendConfig, attacked_queries, auc_or_none, calibrate_defense, correct,
+                              make_context, query_attack, summarise)
+from .adaptive import subset
+from .runner import Selection
+
+SCHEME = "leaderboard-entry-v1"
+DEFAULT_DEFENSES = ("none", "attack-as-defense:attack=pgd,eps=4,steps=10", "jpeg:quality=75", "bit-depth:bits=4",
+                    "median:size=3", "gaussian-smoothing:sigma=8,samples=8")
+MASKING_POINTS = 0.2  # the black-box attack may beat the best white-box one by at most this (accuracy points)
+
+
+def parse_defense(spec: str) -> tuple[str, dict]:
+    """``"jpeg:quality=75"`` -> ("jpeg", {"quality": 75}); ``"pkg.mod:factory:k=v"`` -> ("pkg.mod:factory",
+    {"k": v}); values are JSON where they parse (numbers, true/false), else strings; ``a|b`` is a tuple."""
+    head, _, tail = spec.rpartition(":")
+    if not head or "=" not in tail:
+        return spec.strip(), {}
+    params = {}
+    for item in tail.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"bad defense parameters {tail!r} in {spec!r}; use e.g. jpeg:quality=75,name=value")
+        parts = [_value(v) for v in value.split("|")]
+        params[key.strip()] = tuple(parts) if len(parts) > 1 else parts[0]
+    return head.strip(), params
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text.strip()
+
+
+def defense_slug(spec: str) -> str:
+    name, params = parse_defense(spec)
+    tail = "-".join(f"{k}{'_'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in sorted(params.items()))
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{name}{'-' + tail if tail else ''}")
+
+
+@dataclass
+class LeaderboardConfig:
+    models: tuple = ("dlib-resnet",)
+    defenses: tuple = DEFAULT_DEFENSES
+    folds: tuple | None = (1,)
+    max_pairs: int | None = None
+    eps: float = 4.0  # the attacker's L-inf budget, 0-255 levels
+    attacks: tuple = ("fgsm", "pgd", "cw")  # transfer: Table 1's queries
+    attack_steps: int | None = None  # PGD / C&W steps of the transfer attacks (None: Table 1's 40)
+    adaptive_steps: int = 20  # BPDA + EOT PGD steps (a half-steps row runs too)
+    eot: int = 4  # EOT draws for a randomised defense (deterministic ones: 1)
+    copy_steps: int | None = 5  # an iterative defense's copy in the attacker (attack-as-defense's K)
+    kappa: float = 0.1  # high confidence: past the undefended threshold, cosine units
+    square_queries: int = 5000
+    costly_square_queries: int = 1000  # for defenses costing more than 2 forward passes per image
+    square_pairs: int | None = None  # Square on the first N pairs of the selection (None: all)
+    calibration_pairs: int | None = None
+    seed: int = 0
+    precision: str = "auto"
+    batch_size: int = DEFAULT_ATTACK_BATCH
+    defense_batch_size: int = 32
+    metric: str = "cosine"
+    steps_cap: int | None = None  # caps every iteration count (quick runs)
+    on_bad: str = "error"
+    no_face: str = "center"
+    pairs_file: str | None = None
+    command: str = ""  # the command line that made it (recorded)
+
+    def defend_config(self, model: str) -> DefendConfig:
+        """The shared defense context's config: Table 1's attack settings, so its queries are reused."""
+        return DefendConfig(model=model, defenses=(), attacks=tuple(self.attacks), eps=(float(self.eps),),
+                            attack_steps=self.attack_steps, folds=self.folds, max_pairs=self.max_pairs,
+                            metric=self.metric, seed=self.seed, batch_size=self.batch_size,
+                            defense_batch_size=self.defense_batch_size, precision=self.precision,
+                            calibration_pairs=self.calibration_pairs, steps_cap=self.steps_cap,
+                            on_bad=self.on_bad, no_face=self.no_face, pairs_file=self.pairs_file)
+
+
+def _cap(n: int, cfg: LeaderboardConfig) -> int:
+    return n if cfg.steps_cap is None else max(1, min(n, cfg.steps_cap))
+
+
+def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=None) -> dict:
+    """One leaderboard entry: the protocol of the module docstring for ``spec`` on ``ctx``'s pairs."""
+    t0 = time.perf_counter()
+    name, params = parse_defense(spec)
+    runner, sel, net = ctx.runner, ctx.sel, ctx.net
+    defense = create_defense(name, net, seed=cfg.seed, batch_size=cfg.defense_batch_size,
+                             **({"precision": cfg.precision} if name == "attack-as-defense" else {}), **params)
+    if name == "none":
+        cal, store = ctx.plain, None  # Table 1's verifier and thresholds, exactly
+    else:
+        store = DefendedStore(defense, root=defended_dir, align=runner.align_key,
+                              progress=ctx.progress and f"{name} ({ctx.cfg.model})")
+        ctx.stores.append(store)
+        variant = defense.variants[-1]
+        cal = calibrate_defense(ctx, store)[variant]
+    seed = cfg.seed + 1000  # the attacker's seeds are never the defender's
+    embedder = None if defense.attack_model is defense.model else defense.attack_model
+    rows, ok = {}, {}  # row name -> summary; row name -> (positions in sel, per-pair correct)
+    all_pos = np.arange(len(sel))
+
+    def add(row: str, kind: str, q, s: Selection = sel, pos: np.ndarray = all_pos, **extra):
+        sim = runner.similarity(cal, s, runner.query_embeddings(cal, s, q))
+        c = correct(ctx, cal, sim, s)
+        ok[row] = (pos, c)
+        rows[row] = {"kind": kind, **summarise(c, s), "auc": auc_or_none(sim, s.same), **extra,
+                     "attack_image_steps_per_pair": None if q is None else round(q.image_steps / max(len(s), 1), 1),
+                     "attack_seconds_per_pair": None if q is None else round(q.seconds / max(len(s), 1), 4)}
+
+    add("clean", "clean", None)
+    eps = float(cfg.eps)
+    for attack in cfg.attacks:  # 2. transfer: Table 1's queries
+        add(f"transfer-{attack}", "transfer", attacked_queries(ctx, query_attack(ctx, attack, eps)))
+    hc = make_attack("pgd", ctx.attacked_net, metric=cfg.metric, eps=eps, seed=seed, precision=cfg.precision,
+                     steps=_cap(cfg.attack_steps or 40, cfg), kappa=cfg.kappa)
+    add(f"high-confidence (kappa={cfg.kappa:g})", "high-confidence", attacked_queries(ctx, hc))
+    # 4. BPDA + EOT through the defense (for `none` this is the white-box attack itself).
+    samples = cfg.eot if defense.randomized else 1
+    copy = cfg.copy_steps if defense.iterative else None
+    bpda = {}
+    for steps, s_ in {(cfg.adaptive_steps, samples), (max(cfg.adaptive_steps // 2, 1), samples),
+                      (cfg.adaptive_steps, 1)}:
+        attack = adaptive_attack("pgd", defense, eps=eps, samples=s_, copy_steps=copy, seed=seed,
+                                 precision=cfg.precision, embedder=embedder, steps=_cap(steps, cfg))
+        row = f"bpda-eot (steps={_cap(steps, cfg)}, eot={s_})"
+        bpda[row] = (_cap(steps, cfg), s_)
+        add(row, "white-box", attacked_queries(ctx, attack, target=cal, extra_key={"adaptive": "bpda-eot"}),
+            attack_steps=_cap(steps, cfg), eot_samples=s_)
+    # 5. Square on the defended margin, fresh draws of the defense at every query.
+    budget = cfg.square_queries if defense.cost_per_image() <= 2 else cfg.costly_square_queries
+    if cfg.steps_cap is not None:  # quick runs
+        budget = max(1, min(budget, 10 * cfg.steps_cap))
+    sq_sel, sq_pos = subset(sel, cfg.square_pairs)  # the first N/2 matched and N/2 mismatched pairs
+    square = make_attack("square", DefendedModel(defense, samples=1, steps=copy, embedder=embedder), metric=cfg.metric,
+                         eps=eps, n_queries=budget, seed=seed, precision=cfg.precision)
+    add(f"square (queries={budget})", "black-box",
+        attacked_queries(ctx, square, target=cal, sel=sq_sel, extra_key={"adaptive": "square"}), sq_sel, sq_pos,
+        queries=budget)
+    attacks = [r for r in rows if r != "clean"]
+    worst, worst_sq = _worst(ok, attacks, all_pos), _worst(ok, attacks, sq_pos)
+    checks = _checks(rows, ok, bpda, sq_pos)
+    cost = defense.cost_per_image()
+    return {
+        "scheme": SCHEME, "model": ctx.cfg.model, "weights": weights_id(net),
+        "defense": {"spec": spec, "name": defense.name, "params": {k: list(v) if isinstance(v, tuple) else v
+                                                                    for k, v in params.items()},
+                    "config": defense.variant_config(defense.variants[-1]) if name != "none" else defense.config(),
+                    "paper": defense.paper, "randomized": defense.randomized, "bpda": defense.surrogate_name},
+        "threat_model": threat_model(cfg),
+        "pairs": pairs_record(sel),
+        "clean": {**{k: rows["clean"][k] for k in ("accuracy", "accuracy_std", "matched_accuracy",
+                                                  "mismatched_accuracy", "auc")},
+                  "all_folds_accuracy": float(cal.clean.accuracy_mean), "all_folds_auc": float(cal.clean.auc)},
+        "static": {r: rows[r]["accuracy"] for r in rows if rows[r]["kind"] == "transfer"},
+        "attacks": rows,
+        "worst_case": {**summarise(worst, sel), "over": attacks,
+                       "strongest": min(attacks, key=lambda r: _acc(ok, r, sq_pos)),
+                       "square_subset": {**summarise(worst_sq, sq_sel)} if len(sq_pos) < len(sel) else None},
+        "checks": checks, "flags": [c["message"] for c in checks if not c["ok"]],
+        "cost": {"defense_passes_per_query": cost, "attack_budget": {"bpda_steps": cfg.adaptive_steps,
+                                                                     "eot": samples, "square_queries": budget}},
+        "config": asdict(cfg), "environment": environment(), "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def threat_model(cfg: LeaderboardConfig) -> dict:
+    return {"norm": "Linf", "eps": float(cfg.eps), "units": "0-255 levels, holds after uint8 rounding",
+            "perturbs": "the query only; the gallery image is defended and fixed", "metric": cfg.metric,
+            "thresholds": "clean defended pairs, 10-fold, never refit"}
+
+
+def pairs_record(sel: Selection) -> dict:
+    digest = hashlib.sha256("\n".join(sel.pair_ids).encode()).hexdigest()[:16]
+    return {"n": int(len(sel)), "matched": int(sel.same.sum()), "folds": sorted(int(f) for f in np.unique(sel.folds)),
+            "ids_sha256": digest}
+
+
+def _acc(ok: dict, row: str, pos: np.ndarray) -> float:
+    p, c = ok[row]
+    return float(c[np.searchsorted(p, pos)].mean())
+
+
+def _worst(ok: dict, rows: list[str], pos: np.ndarray) -> np.ndarray:
+    """Per pair of ``pos``: still right under every row that covers it."""
+    robust = np.ones(len(pos), dtype=bool)
+    for r in rows:
+        p, c = ok[r]
+        covered = np.isin(pos, p)
+        robust[covered] &= c[np.searchsorted(p, pos[covered])]
+    return robust
+
+
+def _checks(rows: dict, ok: dict, bpda: dict, sq_pos: np.ndarray) -> list[dict]:
+    out = []
+
+    def check(name: str, good: bool, message: str, **extra):
+        out.append({"check": name, "ok": bool(good), "message": ("ok: " if good else "") + message, **extra})
+
+    square = next(r for r in rows if rows[r]["kind"] == "black-box")
+    white = [r for r in rows if rows[r]["kind"] == "white-box"]  # gradient attacks through the defense
+    best_white = min(white, key=lambda r: _acc(ok, r, sq_pos))
+    a_sq, a_wb = _acc(ok, square, sq_pos), _acc(ok, best_white, sq_pos)
+    masked = a_sq < a_wb - MASKING_POINTS / 100
+    check("the black-box attack does not beat the white-box ones", not masked,
+          (f"**GRADIENT MASKING**: {square} {100 * a_sq:.1f}% < {best_white} {100 * a_wb:.1f}% "
+           f"(by more than {MASKING_POINTS} points)" if masked else
+           f"{square} {100 * a_sq:.1f}% vs best white-box {best_white} {100 * a_wb:.1f}%") + f" on {len(sq_pos)} pairs",
+          accuracy=[a_wb, a_sq])
+    all_pos = ok["clean"][0]
+    for a in bpda:
+        for b in bpda:
+            (sa, ea), (sb, eb) = bpda[a], bpda[b]
+            if (sa < sb and ea == eb) or (ea < eb and sa == sb):
+                acc_a, acc_b = _acc(ok, a, all_pos), _acc(ok, b, all_pos)
+                what = "steps" if sa < sb else "EOT samples"
+                good = acc_b <= acc_a + 1e-12
+                check(f"more {what} never help the defender", good,
+                      ("" if good else "VIOLATED: ") + f"{a} {100 * acc_a:.1f}% -> {b} {100 * acc_b:.1f}%",
+                      accuracy=[acc_a, acc_b])
+    best_t = min((r for r in rows if rows[r]["kind"] == "transfer"), key=lambda r: rows[r]["accuracy"], default=None)
+    strongest = max(bpda, key=lambda r: bpda[r])
+    if best_t is not None:
+        acc_t, acc_r = _acc(ok, best_t, all_pos), _acc(ok, strongest, all_pos)
+        good = acc_r <= acc_t + 1e-12
+        check("the adaptive attack is at least as strong as transfer", good,
+              ("" if good else "ADAPTIVE WEAKER THAN TRANSFER (a bug, masked gradients or a weak configuration; "
+               "the worst case counts): ") + f"{best_t} {100 * acc_t:.1f}% vs {strongest} {100 * acc_r:.1f}%",
+              accuracy=[acc_t, acc_r])
+    return out
+
+
+def entry_path(out_dir, model: str, spec: str) -> Path:
+    return Path(out_dir) / "entries" / f"{model}__{defense_slug(spec)}.json"
+
+
+def run_leaderboard(lfw, cfg: LeaderboardConfig, out_dir, *, cache_dir=None, defended_dir=None, workers=None,
+                    progress: bool = True) -> dict:
+    """Every (model, defense) entry of ``cfg`` (an entry already written with the same config is
+    read back, not recomputed: the run resumes), then LEADERBOARD.md, leaderboard.json and the plot."""
+    from .leaderboard_render import write_leaderboard
+
+    out = Path(out_dir)
+    entries = []
+    for model in cfg.models:
+        ctx = None
+        for spec in cfg.defenses:
+            path = entry_path(out, model, spec)
+            if path.is_file():
+                old = json.loads(path.read_text())
+                if old.get("config", {}) | {"command": ""} == asdict(cfg) | {"command": ""}:
+                    entries.append(old)
+                    continue
+            if ctx is None:
+                ctx = make_context(lfw, cfg.defend_config(model), cache_dir=cache_dir, defended_dir=defended_dir,
+                                   workers=workers, progress=progress)
+            entry = run_entry(ctx, spec, cfg, defended_dir=defended_dir)
+            write_json_atomic(path, entry)
+            entries.append(entry)
+    return write_leaderboard(entries, out)
+
+
+__all__ = ["DEFAULT_DEFENSES", "LeaderboardConfig", "defense_slug", "parse_defense", "run_entry", "run_leaderboard"]

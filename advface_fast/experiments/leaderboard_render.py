@@ -1,0 +1,137 @@
+"""The leaderboard's outputs: entries merged (refused when their pairs or threat model differ), ranked
+by worst-case robust accuracy with the clean accuracy beside it, as LEADERBOARD.md, leaderboard.json
+and one plot (clean accuracy vs worst-case robust accuracy, a point per entry, the undefended model
+marked)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..fileio import write_json_atomic, write_text_atomic
+
+CHANCE = "LFW pairs are balanced: 50% is chance."
+
+
+def load_entries(paths) -> list[dict]:
+    """Entries from JSON files or folders (a folder: its entries/*.json, or *.json)."""
+    out = []
+    for p in map(Path, paths):
+        files = sorted((p / "entries").glob("*.json")) or sorted(p.glob("*.json")) if p.is_dir() else [p]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"no leaderboard entry at {f}")
+            entry = json.loads(f.read_text())
+            if entry.get("scheme", "").startswith("leaderboard-entry"):
+                out.append(entry)
+    if not out:
+        raise FileNotFoundError(f"no leaderboard entries in {', '.join(map(str, paths))}")
+    return out
+
+
+def merge_entries(entries: list[dict]) -> list[dict]:
+    """One table from entries made on different machines or runs: refused (ValueError, naming the two
+    entries) when their pairs or threat model differ; the same (model, weights, defense) twice keeps
+    the newer-listed one."""
+    ref = entries[0]
+    for e in entries[1:]:
+        for what in ("pairs", "threat_model"):
+            if e[what] != ref[what]:
+                raise ValueError(f"cannot merge: {_label(e)} and {_label(ref)} differ in {what.replace('_', ' ')} "
+                                 f"({e[what]} vs {ref[what]})")
+    merged = {}
+    for e in entries:
+        merged[(e["model"], e["weights"], json.dumps(e["defense"]["config"], sort_keys=True))] = e
+    return list(merged.values())
+
+
+def _label(e: dict) -> str:
+    return f"{e['model']} + {e['defense']['spec']}"
+
+
+def ranked(entries: list[dict]) -> list[dict]:
+    return sorted(entries, key=lambda e: (-e["worst_case"]["accuracy"], -e["clean"]["accuracy"]))
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
+
+
+def leaderboard_markdown(entries: list[dict]) -> str:
+    rows = ranked(entries)
+    tm = rows[0]["threat_model"]
+    pairs = rows[0]["pairs"]
+    lines = [f"# Leaderboard: L-inf eps = {tm['eps']:g} (0-255), {pairs['n']} pairs of fold(s) "
+             f"{','.join(map(str, pairs['folds']))}", "",
+             f"Ranked by worst-case robust accuracy: per pair, right under every attack (transfer, high confidence, "
+             f"BPDA + EOT, Square). Accuracy in %; {CHANCE} Dodging = matched pairs, impersonation = mismatched.", "",
+             "| # | model | defense | clean | worst case | dodging | impersonation | strongest attack | passes / query | flags |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for i, e in enumerate(rows, 1):
+        w = e["worst_case"]
+        flags = "; ".join(f"**{f}**" if "MASKING" in f or "WEAKER" in f else f for f in e["flags"]) or "—"
+        lines.append(f"| {i} | {e['model']} | {e['defense']['spec']} | {_pct(e['clean']['accuracy'])} | "
+                     f"**{_pct(w['accuracy'])}** ± {_pct(w['accuracy_std'])} | {_pct(w['matched_accuracy'])} | "
+                     f"{_pct(w['mismatched_accuracy'])} | {w['strongest']} | {e['cost']['defense_passes_per_query']:g} | "
+                     f"{flags} |")
+    lines += ["", "Per attack (accuracy %, all pairs unless noted):", ""]
+    names = []
+    for e in rows:
+        names += [r for r in e["attacks"] if r not in names]
+    lines.append("| model | defense | " + " | ".join(names) + " |")
+    lines.append("|---|---|" + "---|" * len(names))
+    for e in rows:
+        cells = [_pct(e["attacks"][n]["accuracy"]) if n in e["attacks"] else "" for n in names]
+        lines.append(f"| {e['model']} | {e['defense']['spec']} | " + " | ".join(cells) + " |")
+    checks = [(e, c) for e in rows for c in e["checks"]]
+    lines += ["", "Checks:", ""] + [f"- {_label(e)}: {c['check']}: {c['message']}" for e, c in checks]
+    lines += ["", f"Entries: {len(rows)}; command: `{rows[0]['config'].get('command') or '(library call)'}`", ""]
+    return "\n".join(lines)
+
+
+def plot_leaderboard(entries: list[dict], path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    for e in entries:
+        x, y = 100 * e["clean"]["accuracy"], 100 * e["worst_case"]["accuracy"]
+        undefended = e["defense"]["name"] == "none"
+        ax.scatter([x], [y], marker="*" if undefended else "o", s=140 if undefended else 50,
+                   color="black" if undefended else None, zorder=3)
+        ax.annotate(f"{e['model']} + {e['defense']['spec']}" + (" (undefended)" if undefended else ""), (x, y),
+                    textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.axhline(50, color="grey", lw=0.8, ls=":")
+    ax.axvline(50, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel("worst-case robust accuracy (%)")
+    tm = entries[0]["threat_model"]
+    ax.set_title(f"defenses at L-inf eps = {tm['eps']:g}: the price and what it buys", fontsize=10)
+    ax.set_xlim(40, 100)
+    ax.set_ylim(-2, 100)
+    ax.grid(alpha=0.3)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+    return path
+
+
+def write_leaderboard(entries: list[dict], out_dir) -> dict:
+    """LEADERBOARD.md, leaderboard.json (the ranked summary) and leaderboard.png in ``out_dir``."""
+    entries = merge_entries(entries)
+    out = Path(out_dir)
+    summary = [{"rank": i, "model": e["model"], "weights": e["weights"], "defense": e["defense"]["spec"],
+                "clean_accuracy": e["clean"]["accuracy"], "worst_case_accuracy": e["worst_case"]["accuracy"],
+                "dodging": e["worst_case"]["matched_accuracy"], "impersonation": e["worst_case"]["mismatched_accuracy"],
+                "strongest_attack": e["worst_case"]["strongest"], "flags": e["flags"]}
+               for i, e in enumerate(ranked(entries), 1)]
+    report = {"threat_model": entries[0]["threat_model"], "pairs": entries[0]["pairs"], "ranking": summary}
+    write_json_atomic(out / "leaderboard.json", report)
+    write_text_atomic(out / "LEADERBOARD.md", leaderboard_markdown(entries))
+    plot_leaderboard(entries, out / "leaderboard.png")
+    return {**report, "entries": entries}
+
+
+__all__ = ["leaderboard_markdown", "load_entries", "merge_entries", "plot_leaderboard", "ranked", "write_leaderboard"]

@@ -1,0 +1,124 @@
+"""The leaderboard on lfw_ci: defense specs parse; the `none` entry's rows are Table 1's (the same
+cached queries, nothing recomputed); the checks flag a defense built to mask gradients (Square beats
+BPDA through a zero-gradient surrogate); entries merge, and refuse to merge across other pairs or
+another threat model; `advface leaderboard --merge` writes the table."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from advface_fast.cli import main
+from advface_fast.experiments.leaderboard import LeaderboardConfig, defense_slug, parse_defense, run_leaderboard
+from advface_fast.experiments.leaderboard_render import merge_entries
+from advface_fast.experiments.table1 import Table1Config, run_table1
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # example_defense.py
+
+TINY = "tiny-leaderboard"
+
+
+class TinyFace(torch.nn.Module):
+    """A small fixed random conv net on 32 x 32 chips: the protocol's mechanics in seconds, not a face model."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.c1, self.c2 = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(32 * 8 * 8, 16)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.05)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.c2(torch.tanh(self.c1(x - 0.5)))).flatten(1))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_registered():
+    from advface_fast.models import ModelSpec, list_models, register_model
+    from advface_fast.models.registry import _REGISTRY
+
+    if TINY not in list_models():
+        register_model(ModelSpec(name=TINY, build=TinyFace, input_size=(32, 32), embedding_dim=16,
+                                 alignment={"size": 32, "padding": 0.25}, description="test-only tiny net"))
+    yield
+    _REGISTRY.pop(TINY, None)
+
+
+def test_defense_specs_parse():
+    assert parse_defense("none") == ("none", {})
+    assert parse_defense("jpeg:quality=75") == ("jpeg", {"quality": 75})
+    assert parse_defense("attack-as-defense:attack=pgd,eps=4,steps=10|40") == (
+        "attack-as-defense", {"attack": "pgd", "eps": 4, "steps": (10, 40)})
+    assert parse_defense("mypkg.defenses:build") == ("mypkg.defenses:build", {})
+    assert parse_defense("mypkg.defenses:build:strength=0.5") == ("mypkg.defenses:build", {"strength": 0.5})
+    assert defense_slug("jpeg:quality=75") == "jpeg-quality75"
+    with pytest.raises(ValueError, match="bad defense parameters"):
+        parse_defense("jpeg:quality=75,=3")
+
+
+@pytest.fixture(scope="module")
+def board(lfw_ci, tmp_path_factory):
+    out = tmp_path_factory.mktemp("leaderboard")
+    cfg = LeaderboardConfig(models=(TINY,), defenses=("none", "example_defense:masked:levels=64"), folds=None,
+                            max_pairs=20, eps=8, attack_steps=5, adaptive_steps=4, eot=1, square_queries=200,
+                            precision="fp32")
+    report = run_leaderboard(lfw_ci, cfg, out, workers=1, progress=False)
+    return cfg, report, out
+
+
+def test_the_none_entry_is_table_1(lfw_ci, board):
+    cfg, report, _ = board
+    none = next(e for e in report["entries"] if e["defense"]["name"] == "none")
+    t1 = run_table1(lfw_ci, Table1Config(model=TINY, attacks=("fgsm", "pgd", "cw"), eps=(8.0,), steps=(5,),
+                                         folds=None, max_pairs=20, precision="fp32", noise_baseline=False),
+                    workers=1, progress=False)
+    rows = {r["attack"]: r for r in t1["rows"]}
+    assert none["clean"]["accuracy"] == pytest.approx(rows["clean"]["accuracy_mean"], abs=1e-12)
+    for attack in ("fgsm", "pgd", "cw"):
+        assert none["static"][f"transfer-{attack}"] == pytest.approx(rows[attack]["accuracy_mean"], abs=1e-12), attack
+    assert none["worst_case"]["accuracy"] <= min(none["static"].values())
+    assert none["checks"] and all("masking" not in f.lower() for f in none["flags"])
+
+
+def test_the_checks_flag_masked_gradients(board):
+    _, report, _ = board
+    masked = next(e for e in report["entries"] if e["defense"]["name"] == "example-masked-rounding")
+    rows = masked["attacks"]
+    square = next(r for r in rows if r.startswith("square"))
+    bpda = [r for r in rows if r.startswith("bpda-eot")]
+    assert rows[square]["accuracy"] < min(rows[r]["accuracy"] for r in bpda) - 0.002, rows
+    assert any("GRADIENT MASKING" in f for f in masked["flags"]), masked["flags"]
+    # the worst case counts every attack, so masking does not buy accuracy
+    assert masked["worst_case"]["accuracy"] <= rows[square]["accuracy"]
+
+
+def test_entries_merge_and_refuse_mismatches(board, tmp_path, capsys):
+    _, report, out = board
+    entries = report["entries"]
+    assert len(merge_entries(entries + entries)) == len(entries)  # the same entry twice counts once
+    other_pairs = copy.deepcopy(entries[1])
+    other_pairs["pairs"]["ids_sha256"] = "0" * 16
+    with pytest.raises(ValueError, match="differ in pairs"):
+        merge_entries([entries[0], other_pairs])
+    other_eps = copy.deepcopy(entries[1])
+    other_eps["threat_model"]["eps"] = 2.0
+    with pytest.raises(ValueError, match="differ in threat model"):
+        merge_entries([entries[0], other_eps])
+    assert main(["leaderboard", "--merge", str(out), "--out", str(tmp_path / "merged")]) == 0
+    text = (tmp_path / "merged" / "LEADERBOARD.md").read_text()
+    assert "GRADIENT MASKING" in text and "| 1 |" in text
+    ranking = json.loads((tmp_path / "merged" / "leaderboard.json").read_text())["ranking"]
+    assert [r["worst_case_accuracy"] for r in ranking] == sorted((r["worst_case_accuracy"] for r in ranking), reverse=True)
+    assert (tmp_path / "merged" / "leaderboard.png").stat().st_size > 1000
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.json").write_text(json.dumps(entries[0]))
+    (bad / "b.json").write_text(json.dumps(other_eps))
+    assert main(["leaderboard", "--merge", str(bad), "--out", str(tmp_path / "x")]) == 2
+    assert "differ in threat model" in capsys.readouterr().err
