@@ -98,6 +98,21 @@ def test_the_checks_flag_masked_gradients(board):
     assert masked["worst_case"]["accuracy"] <= rows[square]["accuracy"]
 
 
+def test_a_rerun_resumes_and_a_bad_spec_is_one_line(lfw_ci, board, capsys):
+    cfg, report, out = board
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "entries").glob("*.json")}
+    again = run_leaderboard(lfw_ci, cfg, out, workers=1, progress=False)  # every entry read back, none recomputed
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "entries").glob("*.json")} == before
+    assert [e["worst_case"] for e in again["entries"]] == [e["worst_case"] for e in report["entries"]]
+    for spec, words in (("jpeg:qualty=75", "unexpected keyword"), ("jpeg:seed=3", "come from the run"),
+                        ("no-such-defense", "unknown defense")):
+        argv = ["leaderboard", "--lfw", str(lfw_ci), "--models", TINY, "--defense", spec, "--pairs", "4",
+                "--out", str(out.parent / "bad-spec"), "--workers", "1", "--quiet"]
+        assert main(argv) == 2, spec
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and "Traceback" not in err[0], err
+
+
 def test_entries_merge_and_refuse_mismatches(board, tmp_path, capsys):
     _, report, out = board
     entries = report["entries"]
@@ -110,6 +125,10 @@ def test_entries_merge_and_refuse_mismatches(board, tmp_path, capsys):
     other_eps["threat_model"]["eps"] = 2.0
     with pytest.raises(ValueError, match="differ in threat model"):
         merge_entries([entries[0], other_eps])
+    quick = copy.deepcopy(entries[1])
+    quick["protocol"]["steps_cap"] = 1
+    with pytest.raises(ValueError, match="differ in protocol"):
+        merge_entries([entries[0], quick])
     assert main(["leaderboard", "--merge", str(out), "--out", str(tmp_path / "merged")]) == 0
     text = (tmp_path / "merged" / "LEADERBOARD.md").read_text()
     assert "GRADIENT MASKING" in text and "| 1 |" in text

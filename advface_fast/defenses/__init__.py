@@ -14,9 +14,9 @@ from advface_fast.defenses.bit_depth import BitDepth
 from advface_fast.defenses.jpeg import JPEG
 from advface_fast.defenses.median import MedianFilter
 from advface_fast.defenses.none import NoDefense
-from advface_fast.defenses.registry import create_defense, list_defenses, register_defense
+from advface_fast.defenses.registry import create_defense, list_defenses, register_defense, resolve_defense
 from advface_fast.defenses.smoothing import GaussianSmoothing
 
 __all__ = ["DEFENSE_ATTACKS", "JPEG", "AttackAsDefense", "BitDepth", "DefendedModel", "DefendedVerifier", "Defense",
            "GaussianSmoothing", "MedianFilter", "NoDefense", "adaptive_attack", "as_image_batch", "create_defense",
-           "list_defenses", "make_defense", "register_defense"]
+           "list_defenses", "make_defense", "register_defense", "resolve_defense"]

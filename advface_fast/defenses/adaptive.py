@@ -104,11 +104,15 @@ class DefendedModel(nn.Module):
         if steps is not None and not iterative:
             raise ValueError(f"{defense.name} has no iteration count: copy steps must be None, got {steps}")
         self.steps = max(defense.steps) if iterative and steps is None else steps
-        if self.steps is not None and int(self.steps) < 1:
-            raise ValueError(f"the copy of D needs steps >= 1, got {self.steps}")
+        if self.steps is not None:
+            self.steps = int(self.steps)
+            if self.steps < 1:
+                raise ValueError(f"the copy of D needs steps >= 1, got {self.steps}")
         self.copy = defense.eot_copy(self.steps)
         self.step_cost = self.samples * (defense.eot_copy_cost(self.steps) + 1)
-        if defense.surrogate_name != "identity":
+        if type(defense).surrogate is not Defense.surrogate:  # a defense with its own surrogate: BPDA through it
+            if defense.surrogate_name == "identity":
+                raise ValueError(f"{defense.name} overrides surrogate(): give it a surrogate_name (recorded as 'bpda')")
             self.pullback = self._pullback
 
     def views(self, x: torch.Tensor, seeds: list[int], draw: int = 0) -> list[torch.Tensor]:

@@ -30,8 +30,8 @@ def list_defenses() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_defense(name: str, model: nn.Module, **params) -> Defense:
-    """A registered defense by name, or a user's by ``package.module:factory``."""
+def resolve_defense(name: str) -> Callable[..., Defense]:
+    """The factory of a registered defense, or of a user's ``package.module:factory`` (imported)."""
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -44,10 +44,19 @@ def create_defense(name: str, model: nn.Module, **params) -> Defense:
         except KeyError:
             raise KeyError(f"unknown defense '{name}'; available: {', '.join(list_defenses())}, "
                            "or package.module:factory for your own") from None
-    defense = factory(model, **params)
+    return factory
+
+
+def create_defense(name: str, model: nn.Module, **params) -> Defense:
+    """A registered defense by name, or a user's by ``package.module:factory``."""
+    factory = resolve_defense(name)
+    try:
+        defense = factory(model, **params)
+    except TypeError as err:  # a misspelt or unknown parameter: one line, not a traceback
+        raise ValueError(f"defense '{name}' with {params}: {err}") from None
     if not isinstance(defense, Defense):
-        raise TypeError(f"defense '{name}' built a {type(defense).__name__}, not an advface_fast.defenses.Defense")
+        raise ValueError(f"defense '{name}' built a {type(defense).__name__}, not an advface_fast.defenses.Defense")
     return defense
 
 
-__all__ = ["create_defense", "list_defenses", "register_defense"]
+__all__ = ["create_defense", "list_defenses", "register_defense", "resolve_defense"]

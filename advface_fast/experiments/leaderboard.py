@@ -126,6 +126,9 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     """One leaderboard entry: the protocol of the module docstring for ``spec`` on ``ctx``'s pairs."""
     t0 = time.perf_counter()
     name, params = parse_defense(spec)
+    reserved = sorted(set(params) & {"seed", "batch_size", "precision"})
+    if reserved:
+        raise ValueError(f"--defense {spec}: {', '.join(reserved)} come from the run (--seed, --precision), not the spec")
     runner, sel, net = ctx.runner, ctx.sel, ctx.net
     defense = create_defense(name, net, seed=cfg.seed, batch_size=cfg.defense_batch_size,
                              **({"precision": cfg.precision} if name == "attack-as-defense" else {}), **params)
@@ -174,14 +177,16 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     if cfg.steps_cap is not None:  # quick runs
         budget = max(1, min(budget, 10 * cfg.steps_cap))
     sq_sel, sq_pos = subset(sel, cfg.square_pairs)  # the first N/2 matched and N/2 mismatched pairs
-    square = make_attack("square", DefendedModel(defense, samples=1, steps=copy, embedder=embedder), metric=cfg.metric,
-                         eps=eps, n_queries=budget, seed=seed, precision=cfg.precision)
+    # The deployed pipeline, not the attacker's proxy: the full defense (no reduced copy), the plain fp32 model, and
+    # for a defense that averages draws (gaussian-smoothing) as many draws per query (scores averaged).
+    deployed = DefendedModel(defense, samples=int(getattr(defense, "samples", 1)))
+    square = make_attack("square", deployed, metric=cfg.metric, eps=eps, n_queries=budget, seed=seed, precision="fp32")
     add(f"square (queries={budget})", "black-box",
         attacked_queries(ctx, square, target=cal, sel=sq_sel, extra_key={"adaptive": "square"}), sq_sel, sq_pos,
         queries=budget)
     attacks = [r for r in rows if r != "clean"]
     worst, worst_sq = _worst(ok, attacks, all_pos), _worst(ok, attacks, sq_pos)
-    checks = _checks(rows, ok, bpda, sq_pos)
+    checks = _checks(rows, ok, bpda, sq_pos, reference=name == "none")
     cost = defense.cost_per_image()
     return {
         "scheme": SCHEME, "model": ctx.cfg.model, "weights": weights_id(net),
@@ -200,10 +205,19 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
                        "strongest": min(attacks, key=lambda r: _acc(ok, r, sq_pos)),
                        "square_subset": {**summarise(worst_sq, sq_sel)} if len(sq_pos) < len(sel) else None},
         "checks": checks, "flags": [c["message"] for c in checks if not c["ok"]],
-        "cost": {"defense_passes_per_query": cost, "attack_budget": {"bpda_steps": cfg.adaptive_steps,
+        "protocol": protocol_record(cfg, budget),
+        "cost": {"defense_passes_per_query": cost, "attack_budget": {"bpda_steps": _cap(cfg.adaptive_steps, cfg),
                                                                      "eot": samples, "square_queries": budget}},
         "config": asdict(cfg), "environment": environment(), "wall_seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def protocol_record(cfg: LeaderboardConfig, square_queries: int) -> dict:
+    """The attack budgets and calibration an entry was judged under (entries merge only when these agree)."""
+    return {"attack_steps": cfg.attack_steps or 40, "adaptive_steps": cfg.adaptive_steps, "eot": cfg.eot,
+            "copy_steps": cfg.copy_steps, "kappa": cfg.kappa, "square_queries": square_queries,
+            "square_pairs": cfg.square_pairs, "calibration_pairs": cfg.calibration_pairs, "steps_cap": cfg.steps_cap,
+            "seed": cfg.seed}
 
 
 def threat_model(cfg: LeaderboardConfig) -> dict:
@@ -233,7 +247,9 @@ def _worst(ok: dict, rows: list[str], pos: np.ndarray) -> np.ndarray:
     return robust
 
 
-def _checks(rows: dict, ok: dict, bpda: dict, sq_pos: np.ndarray) -> list[dict]:
+def _checks(rows: dict, ok: dict, bpda: dict, sq_pos: np.ndarray, reference: bool = False) -> list[dict]:
+    """The entry's checks; ``reference``: the undefended entry, whose transfer rows are white-box PGD-40 / C&W-40
+    themselves (the adaptive-vs-transfer check would compare two white-box attacks of other lengths)."""
     out = []
 
     def check(name: str, good: bool, message: str, **extra):
@@ -262,13 +278,21 @@ def _checks(rows: dict, ok: dict, bpda: dict, sq_pos: np.ndarray) -> list[dict]:
                       accuracy=[acc_a, acc_b])
     best_t = min((r for r in rows if rows[r]["kind"] == "transfer"), key=lambda r: rows[r]["accuracy"], default=None)
     strongest = max(bpda, key=lambda r: bpda[r])
-    if best_t is not None:
+    if best_t is not None and not reference:
         acc_t, acc_r = _acc(ok, best_t, all_pos), _acc(ok, strongest, all_pos)
         good = acc_r <= acc_t + 1e-12
         check("the adaptive attack is at least as strong as transfer", good,
               ("" if good else "ADAPTIVE WEAKER THAN TRANSFER (a bug, masked gradients or a weak configuration; "
                "the worst case counts): ") + f"{best_t} {100 * acc_t:.1f}% vs {strongest} {100 * acc_r:.1f}%",
               accuracy=[acc_t, acc_r])
+    return out
+
+
+def _comparable(config: dict) -> dict:
+    """A run config as JSON sees it (tuples are lists), without what does not change an entry's numbers."""
+    out = json.loads(json.dumps(config))
+    for key in ("command", "models", "defenses"):
+        out.pop(key, None)
     return out
 
 
@@ -282,6 +306,10 @@ def run_leaderboard(lfw, cfg: LeaderboardConfig, out_dir, *, cache_dir=None, def
     read back, not recomputed: the run resumes), then LEADERBOARD.md, leaderboard.json and the plot."""
     from .leaderboard_render import write_leaderboard
 
+    from ..defenses import resolve_defense
+
+    for spec in cfg.defenses:  # a bad spec fails now, not after the first entries
+        resolve_defense(parse_defense(spec)[0])
     out = Path(out_dir)
     entries = []
     for model in cfg.models:
@@ -290,8 +318,9 @@ def run_leaderboard(lfw, cfg: LeaderboardConfig, out_dir, *, cache_dir=None, def
             path = entry_path(out, model, spec)
             if path.is_file():
                 old = json.loads(path.read_text())
-                if old.get("config", {}) | {"command": ""} == asdict(cfg) | {"command": ""}:
-                    entries.append(old)
+                if old.get("scheme") == SCHEME and old["defense"]["spec"] == spec and \
+                        _comparable(old.get("config", {})) == _comparable(asdict(cfg)):
+                    entries.append(old)  # done with this very protocol: resumed, not recomputed
                     continue
             if ctx is None:
                 ctx = make_context(lfw, cfg.defend_config(model), cache_dir=cache_dir, defended_dir=defended_dir,

@@ -31,11 +31,11 @@ def load_entries(paths) -> list[dict]:
 
 def merge_entries(entries: list[dict]) -> list[dict]:
     """One table from entries made on different machines or runs: refused (ValueError, naming the two
-    entries) when their pairs or threat model differ; the same (model, weights, defense) twice keeps
-    the newer-listed one."""
+    entries) when their pairs, threat model or protocol (attack budgets, calibration) differ; the same
+    (model, weights, defense) twice keeps the newer-listed one."""
     ref = entries[0]
     for e in entries[1:]:
-        for what in ("pairs", "threat_model"):
+        for what in ("pairs", "threat_model", "protocol"):
             if e[what] != ref[what]:
                 raise ValueError(f"cannot merge: {_label(e)} and {_label(ref)} differ in {what.replace('_', ' ')} "
                                  f"({e[what]} vs {ref[what]})")
@@ -61,10 +61,14 @@ def leaderboard_markdown(entries: list[dict]) -> str:
     rows = ranked(entries)
     tm = rows[0]["threat_model"]
     pairs = rows[0]["pairs"]
+    square_n = rows[0]["protocol"].get("square_pairs")
+    subset_note = (f" Square ran on the first {square_n} pairs only: the other pairs' worst case is over the "
+                   "white-box and transfer attacks." if square_n is not None and square_n < pairs["n"] else "")
     lines = [f"# Leaderboard: L-inf eps = {tm['eps']:g} (0-255), {pairs['n']} pairs of fold(s) "
              f"{','.join(map(str, pairs['folds']))}", "",
              f"Ranked by worst-case robust accuracy: per pair, right under every attack (transfer, high confidence, "
-             f"BPDA + EOT, Square). Accuracy in %; {CHANCE} Dodging = matched pairs, impersonation = mismatched.", "",
+             f"BPDA + EOT, Square). Accuracy in %; {CHANCE} Dodging = matched pairs, impersonation = mismatched."
+             + subset_note, "",
              "| # | model | defense | clean | worst case | dodging | impersonation | strongest attack | passes / query | flags |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for i, e in enumerate(rows, 1):
