@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import shlex
+import sys
 
 import torch
 
@@ -23,3 +26,12 @@ def environment() -> dict:
         **allocator_info(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def command_line() -> str:
+    """The command as a user would retype it: program name without its folder, data path as <LFW>."""
+    args = [os.path.basename(sys.argv[0])] + sys.argv[1:]
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--lfw":
+            args[i + 1] = "<LFW>"
+    return shlex.join(args)

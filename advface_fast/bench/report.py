@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import os
 import platform
-import shlex
-import sys
 import time
 from typing import Callable
 
@@ -16,6 +13,7 @@ import torch
 
 from .. import __version__
 from ..allocator import allocator_info
+from ..environment import command_line
 from ..precision import cpu_features
 from .context import SECTIONS, BenchConfig, BenchContext
 from .embedding import section_embedding
@@ -40,15 +38,6 @@ def versions() -> dict:
         ort = None
     return {"advface_fast": __version__, "torch": torch.__version__, "onnxruntime": ort,
             "torchattacks": torchattacks_version(), "numpy": np.__version__, "python": platform.python_version()}
-
-
-def command_line() -> str:
-    """The command as a user would retype it: program name without its folder, data path as <LFW>."""
-    args = [os.path.basename(sys.argv[0])] + sys.argv[1:]
-    for i, arg in enumerate(args[:-1]):
-        if arg == "--lfw":
-            args[i + 1] = "<LFW>"
-    return shlex.join(args)
 
 
 def run_benchmarks(cfg: BenchConfig | None = None, *, command: str | None = None,

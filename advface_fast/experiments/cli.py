@@ -129,6 +129,7 @@ def cmd_cost(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
+    from ..environment import command_line
     from ..models import list_models
     from .leaderboard import DEFAULT_DEFENSES, LeaderboardConfig, run_leaderboard
     from .leaderboard_render import leaderboard_markdown, load_entries, write_leaderboard
@@ -147,9 +148,6 @@ def cmd_leaderboard(args) -> int:
     if unknown or not models:
         raise ValueError(f"unknown model(s) {unknown or args.models!r}; available: {', '.join(list_models())}")
     defenses = tuple(args.defense) if args.defense else DEFAULT_DEFENSES
-    import shlex
-    import sys
-
     cfg = LeaderboardConfig(models=models, defenses=defenses, folds=tuple(args.folds) if args.folds else (1,),
                             max_pairs=args.pairs, eps=args.eps, adaptive_steps=args.adaptive_steps, eot=args.eot,
                             square_queries=args.square_queries, costly_square_queries=args.costly_square_queries,
@@ -157,7 +155,7 @@ def cmd_leaderboard(args) -> int:
                             precision=args.precision, batch_size=args.batch_size, steps_cap=args.steps_cap,
                             on_bad=args.on_bad, no_face=args.no_face,
                             pairs_file=None if args.pairs_file is None else str(args.pairs_file),
-                            command="advface " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+                            command=command_line())
     report = run_leaderboard(lfw_path(args), cfg, args.out, workers=args.workers, progress=not args.quiet)
     print(leaderboard_markdown(report["entries"]))
     print(f"wrote entries/*.json, LEADERBOARD.md, leaderboard.json, leaderboard.png to {args.out}")
