@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # example_defense.py, 
 
 # Small settings per defense so the whole module runs in seconds.
 PARAMS = {"none": {}, "jpeg": {"quality": 50}, "bit-depth": {"bits": 3}, "median": {"size": 3},
-          "gaussian-smoothing": {"sigma": 8, "samples": 2},
+          "gaussian-smoothing": {"sigma": 8, "samples": 2}, "counter-attack": {"steps": 1, "tau": 0.02},
           "attack-as-defense": {"attack": "pgd", "eps": 4, "steps": (1, 2), "precision": "fp32"}}
 
 
@@ -66,9 +66,12 @@ def test_defense_through_the_interface(model, chips, name):
     order = [4, 1, 5]  # other batch mates, another order, a partial batch: a shard of the images
     part = d.embed(chips[order], [IDS[i] for i in order])
     rest = d.embed(chips[[0, 2, 3]], [IDS[i] for i in (0, 2, 3)])
+    # The counter-attack's sign step can flip a pixel where its gradient is ~0 and the batch mates move the
+    # float rounding (2 of 67,500 values of one image here): equal up to that, not bit for bit.
+    rel = 1e-4 if name == "counter-attack" else FP32_NET
     for v in d.variants:
-        assert close(part[v], whole[v][order]), v
-        assert close(rest[v], whole[v][[0, 2, 3]]), v
+        assert close(part[v], whole[v][order], rel), v
+        assert close(rest[v], whole[v][[0, 2, 3]], rel), v
     again = create_defense(name, model, seed=3, batch_size=4, **PARAMS[name]).embed(chips, IDS)
     other = create_defense(name, model, seed=4, batch_size=4, **PARAMS[name]).embed(chips, IDS)
     v = d.variants[-1]

@@ -609,3 +609,35 @@ def test_gallery_refuses_a_calibration_of_another_d_before_any_work(tmp_path, ca
     path.write_text(json.dumps(defend_report()))
     assert run_cli(job_args(src, out, "--threshold-from", str(path))) == 2
     assert "model: calibrated 'dlib-resnet'" in capsys.readouterr().err and not out.exists()
+
+
+def test_gallery_and_match_take_any_registered_defense(tmp_path, capsys):
+    """A gallery job and match with registered defenses by spec: the store's rows are the defense's own
+    embeddings (gaussian-smoothing averages its seeded draws), a query under its gallery id finds itself
+    at cosine 1; an unknown spec or a defense that still needs fitting is one clear error before any work."""
+    from advface_fast.cli import main
+    from advface_fast.defenses import create_defense
+    from advface_fast.models import create_model
+
+    src = tmp_path / "src"
+    ids = write_chips(src, 6, seed=5)
+    for spec in ("jpeg:quality=50", "gaussian-smoothing:sigma=8,samples=3"):
+        out = tmp_path / spec.split(":")[0]
+        args = with_option(job_args(src, out), "--defense", spec)
+        assert run_cli(args) == 0
+        store = GalleryStore(out)
+        got_ids, emb = store.embeddings()
+        assert store.config()["defense"]["defense"] == spec.split(":")[0]
+        d = create_defense(spec.split(":")[0], create_model(TINY), seed=7, batch_size=4,
+                           **({"quality": 50} if spec.startswith("jpeg") else {"sigma": 8, "samples": 3}))
+        x = torch.from_numpy(np.stack([np.asarray(Image.open(src / i)) for i in got_ids])).permute(0, 3, 1, 2)
+        ref = d.embed(x.float().div(255), got_ids)["default"].numpy()
+        np.testing.assert_allclose(emb, ref, rtol=1e-5, atol=1e-6 * np.abs(ref).max())
+        capsys.readouterr()
+        assert main(["match", "--gallery", str(out), "--query", str(src / ids[2]), "--top-k", "2", "--search", "torch",
+                     "--out", str(tmp_path / "m.json")]) == 0
+    for bad, words in (("no-such-defense", "unknown defense"), ("counter-attack", "tau=")):
+        capsys.readouterr()
+        assert run_cli(with_option(job_args(src, tmp_path / "bad"), "--defense", bad)) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[-1] and "Traceback" not in err[-1], err

@@ -65,7 +65,8 @@ def test_defense_specs_parse():
 @pytest.fixture(scope="module")
 def board(lfw_ci, tmp_path_factory):
     out = tmp_path_factory.mktemp("leaderboard")
-    cfg = LeaderboardConfig(models=(TINY,), defenses=("none", "example_defense:masked:levels=64"), folds=None,
+    cfg = LeaderboardConfig(models=(TINY,), defenses=("none", "example_defense:masked:levels=64",
+                                                               "counter-attack:steps=1"), folds=None,
                             max_pairs=20, eps=8, attack_steps=5, adaptive_steps=4, eot=1, square_queries=200,
                             precision="fp32")
     report = run_leaderboard(lfw_ci, cfg, out, workers=1, progress=False)
@@ -98,6 +99,17 @@ def test_the_checks_flag_masked_gradients(board):
     assert masked["worst_case"]["accuracy"] <= rows[square]["accuracy"]
 
 
+def test_the_counter_attack_entry_fits_its_gate_and_meets_the_gate_aware_attacker(board):
+    _, report, _ = board
+    ttc = next(e for e in report["entries"] if e["defense"]["name"] == "counter-attack")
+    fit = ttc["defense"]["fit"]
+    assert fit["images"] >= 10 and ttc["defense"]["config"]["tau"] == pytest.approx(
+        fit["clean_tau"]["quantiles"]["0.2"])
+    gate = [r for r in ttc["attacks"] if r.startswith("gate-aware")]
+    assert len(gate) == 1 and ttc["attacks"][gate[0]]["kind"] == "white-box"
+    assert gate[0] in ttc["worst_case"]["over"]
+
+
 def test_a_rerun_resumes_and_a_bad_spec_is_one_line(lfw_ci, board, capsys):
     cfg, report, out = board
     before = {p.name: p.stat().st_mtime_ns for p in (out / "entries").glob("*.json")}
@@ -126,9 +138,12 @@ def test_entries_merge_and_refuse_mismatches(board, tmp_path, capsys):
     with pytest.raises(ValueError, match="differ in threat model"):
         merge_entries([entries[0], other_eps])
     quick = copy.deepcopy(entries[1])
-    quick["protocol"]["steps_cap"] = 1
-    with pytest.raises(ValueError, match="differ in protocol"):
+    quick["config"]["steps_cap"] = 1
+    with pytest.raises(ValueError, match="differ in protocol.*steps_cap"):
         merge_entries([entries[0], quick])
+    # A costly defense gets the costly Square budget: same protocol (the test board has one).
+    costly = [e for e in entries if e["cost"]["attack_budget"]["square_queries"] != entries[0]["cost"]["attack_budget"]["square_queries"]]
+    assert costly and len(merge_entries([entries[0], *costly])) == 2
     assert main(["leaderboard", "--merge", str(out), "--out", str(tmp_path / "merged")]) == 0
     text = (tmp_path / "merged" / "LEADERBOARD.md").read_text()
     assert "GRADIENT MASKING" in text and "| 1 |" in text
@@ -141,3 +156,26 @@ def test_entries_merge_and_refuse_mismatches(board, tmp_path, capsys):
     (bad / "b.json").write_text(json.dumps(other_eps))
     assert main(["leaderboard", "--merge", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "differ in threat model" in capsys.readouterr().err
+
+
+def test_a_model_stage_entry_is_attacked_on_its_held_out_folds_only(tmp_path):
+    from advface_fast.experiments.leaderboard import model_stage, parse_model
+
+    assert parse_model("dlib-resnet") == ("dlib-resnet", None)
+    assert parse_model("dlib-resnet@runs/pgd/weights.safetensors") == ("dlib-resnet", "runs/pgd/weights.safetensors")
+    with pytest.raises(ValueError, match="after '@'"):
+        parse_model("dlib-resnet@")
+    run = tmp_path / "pgd"
+    run.mkdir()
+    (run / "weights.safetensors").write_bytes(b"x")
+    with pytest.raises(ValueError, match="no weights file"):
+        model_stage(f"dlib-resnet@{run / 'missing.safetensors'}", (9,))
+    spec = f"dlib-resnet@{run / 'weights.safetensors'}"
+    assert "training split is unknown" in model_stage(spec, (1,))["note"]
+    (run / "train.json").write_text(json.dumps({"config": {"method": "pgd", "eps": 4.0, "steps": 5, "epochs": 3,
+                                                           "seed": 0}, "split": {"test_folds": [9, 10]}}))
+    stage = model_stage(spec, (9,))
+    assert stage["stage"] == "pgd-AT eps=4" and stage["held_out_folds"] == [9, 10] and stage["run"] == "pgd"
+    for folds in ((1,), (9, 1), None):  # folds the model may have been trained on: refused
+        with pytest.raises(ValueError, match="held-out folds"):
+            model_stage(spec, folds)

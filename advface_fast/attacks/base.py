@@ -36,6 +36,10 @@ the views and applies it to ``x``. That is BPDA (the gradient taken at D(x), app
 EOT (the average over samples of a randomized D); see :mod:`advface_fast.defenses.adaptive`. A
 model that also defines ``pullback(x, grad)`` maps that averaged gradient back to ``x`` (BPDA
 through a differentiable surrogate of the defense instead of the identity).
+A model may instead define ``terms(x, seeds, draw) -> (embedding, penalty)``: the hook then takes
+the gradient of ``sum(loss_fn(similarity(embedding)) + penalty)`` by autograd through ``terms`` at
+``x`` (``penalty``: N per-image ascent terms, e.g. a defense's gate that the attacker must also
+fool; ``seeds`` and ``draw`` as for ``views``), and scores with the embedding alone.
 A model that also defines ``step_cost`` (image passes per attack step and image) scales the
 ``last_stats`` counters. Subclasses can override the two methods instead.
 
@@ -216,7 +220,7 @@ class Attack:
                  thresholds: torch.Tensor | None = None, sample_seeds: Sequence[int] | None = None) -> torch.Tensor:
         x0, is_same, thresholds = self._check_inputs(queries, is_same, thresholds)
         noise = SeededNoise(x0.shape[0], x0.device, self.seed, sample_seeds)
-        self._row_seeds = noise.row_seeds() if hasattr(self.model, "views") else None
+        self._row_seeds = noise.row_seeds() if self._seeded_model() else None
         self._draw = 0
         self._recorded = {}
         with eval_mode(self.model):
@@ -242,7 +246,7 @@ class Attack:
                 # Only when not fp32, so fp32 configs (and the cache keys built from them) stay short.
                 **({"precision": self.precision} if self.precision != "fp32" else {}),
                 # An attack through a defended model (BPDA / EOT) says so.
-                **({"defended_model": self.model.config()} if hasattr(self.model, "views") else {})}
+                **({"defended_model": self.model.config()} if self._seeded_model() else {})}
 
     def perturb(self, x0, target, is_same, thresholds, noise: SeededNoise) -> torch.Tensor:
         """Return float adversarial queries (in the image box; in the eps-box if eps-bounded).
@@ -271,6 +275,13 @@ class Attack:
         With a model that has ``views`` (BPDA / EOT): the gradient is taken at every view and
         averaged, and the similarity is the mean over the views. Returns fp32, contiguous.
         """
+        if hasattr(self.model, "terms"):  # an objective with its own penalty (e.g. a defense's gate)
+            xr = x.detach().requires_grad_(True)
+            with autocast(self.precision, x.device):
+                emb, penalty = self.model.terms(xr, *self._seeds_and_draw(rows))
+            s = self.objective.similarity(emb.float(), target)
+            (g,) = torch.autograd.grad(loss_fn(s).sum() + penalty.float().sum(), xr)
+            return torch.nan_to_num(g, nan=0.0).contiguous(), s.detach()
         grad = sim = None
         views = self._views(x, rows)
         for view in views:
@@ -290,21 +301,32 @@ class Attack:
     def score(self, x: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Forward-only similarities of ``x`` (mean over the views of a model that has them)."""
         with torch.no_grad():
+            if hasattr(self.model, "terms"):
+                with autocast(self.precision, x.device):
+                    emb = self.model.terms(x, *self._seeds_and_draw(rows))[0]
+                return self.objective.similarity(emb.float(), target)
             views = self._views(x, rows)
             sim = self._similarity(views[0], target)
             for view in views[1:]:
                 sim = sim + self._similarity(view, target)
             return sim / len(views) if len(views) > 1 else sim
 
-    def _views(self, x: torch.Tensor, rows: torch.Tensor | None) -> list[torch.Tensor]:
-        views = getattr(self.model, "views", None)
-        if views is None:
-            return [x]
+    def _seeded_model(self) -> bool:
+        """A model whose evaluations draw randomness per row (``views`` or ``terms``)."""
+        return hasattr(self.model, "views") or hasattr(self.model, "terms")
+
+    def _seeds_and_draw(self, rows: torch.Tensor | None) -> tuple[list[int], int]:
         seeds = self._row_seeds if rows is None else [self._row_seeds[r] for r in rows.tolist()]
         # The t-th evaluation of the call: every row still attacked sees the same t whatever the
         # batch (attacks evaluate all their active rows at every step), so draws never depend on batching.
         self._draw += 1
-        return views(x, seeds, self._draw - 1)
+        return seeds, self._draw - 1
+
+    def _views(self, x: torch.Tensor, rows: torch.Tensor | None) -> list[torch.Tensor]:
+        views = getattr(self.model, "views", None)
+        if views is None:
+            return [x]
+        return views(x, *self._seeds_and_draw(rows))
 
     def _embedder(self) -> nn.Module:
         return getattr(self.model, "embedder", self.model)

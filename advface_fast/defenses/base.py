@@ -16,6 +16,10 @@ What a defense declares:
   run of the largest; every other defense: ``("default",)``), each with ``variant_config(v)``;
 * ``randomized``: whether ``transform`` draws randomness. Draws come from per-image seeds
   ``derive_seed(seed, image id)``, so an image's result never depends on its batch or shard;
+* ``needs_fit()`` / ``fit(images, ids)``: a parameter fitted on CLEAN images before use (the
+  counter-attack's gate threshold; never refit on attacked data), recorded in ``config()``;
+* ``adaptive_models(samples, embedder)``: the defense-specific adaptive attacks, {row name: a
+  model the attack classes attack} (e.g. the counter-attack's gate-aware attacker; default none);
 * ``cost_per_image(v)``: model passes (forward-pass equivalents; a forward + backward step counts
   as one image-step like an attack step) the defense spends on one image;
 * for the adaptive attacker (:mod:`advface_fast.defenses.adaptive`): ``transform(x, seeds)`` is
@@ -97,6 +101,18 @@ class Defense:
 
     def settings(self) -> dict:
         """The defense's own parameters (part of :meth:`config`)."""
+        return {}
+
+    def needs_fit(self) -> bool:
+        """Whether :meth:`fit` must run on clean images before the defense is used (default: no)."""
+        return False
+
+    def fit(self, images, ids: Sequence[str]):
+        """Fit the defense's own parameters on CLEAN images (default: nothing to fit)."""
+        return None
+
+    def adaptive_models(self, samples: int = 1, embedder: nn.Module | None = None) -> dict:
+        """The defense-specific adaptive attacks beyond BPDA + EOT: {row name: model} (default: none)."""
         return {}
 
     # ------------------------------------------------------------------ derived, rarely overridden

@@ -9,6 +9,7 @@ defense comes in as ``package.module:factory``.
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
 
 from torch import nn
@@ -59,4 +60,39 @@ def create_defense(name: str, model: nn.Module, **params) -> Defense:
     return defense
 
 
-__all__ = ["create_defense", "list_defenses", "register_defense", "resolve_defense"]
+def parse_defense(spec: str) -> tuple[str, dict]:
+    """``"jpeg:quality=75"`` -> ("jpeg", {"quality": 75}); ``"pkg.mod:factory:k=v"`` -> ("pkg.mod:factory",
+    {"k": v}); values are JSON where they parse (numbers, true/false), else strings; ``a|b`` is a tuple."""
+    head, _, tail = spec.rpartition(":")
+    if not head or "=" not in tail:
+        return spec.strip(), {}
+    params = {}
+    for item in tail.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"bad defense parameters {tail!r} in {spec!r}; use e.g. jpeg:quality=75,name=value")
+        parts = [_value(v) for v in value.split("|")]
+        params[key.strip()] = tuple(parts) if len(parts) > 1 else parts[0]
+    return head.strip(), params
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text.strip()
+
+
+def defense_from_spec(spec: str, model: nn.Module, **run) -> Defense:
+    """A defense from a spec string (:func:`parse_defense`) with the run's settings (``seed``,
+    ``batch_size``, ...), which the spec may not set."""
+    name, params = parse_defense(spec)
+    clash = sorted(set(params) & set(run))
+    if clash:
+        raise ValueError(f"defense {spec}: {', '.join(clash)} come from the run, not the spec")
+    resolve_defense(name)  # an unknown name: one clear error before the model work
+    return create_defense(name, model, **run, **params)
+
+
+__all__ = ["create_defense", "defense_from_spec", "list_defenses", "parse_defense", "register_defense",
+           "resolve_defense"]

@@ -58,7 +58,8 @@ class GaussianSmoothing(Defense):
         return float(self.samples)
 
     def transform(self, x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        noise = SeededNoise(x.shape[0], x.device, None, list(seeds)).normal(x.shape[1:])
+        # Drawn on the CPU whatever x's device: the same draws (and cached embeddings) on every device.
+        noise = SeededNoise(x.shape[0], torch.device("cpu"), None, list(seeds)).normal(x.shape[1:]).to(x.device)
         return (x.detach() + noise.mul_(self.sigma / 255.0)).clamp_(0.0, 1.0)
 
     def embed(self, images, ids: Sequence[str]) -> dict:

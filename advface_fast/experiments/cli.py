@@ -131,7 +131,7 @@ def cmd_cost(args) -> int:
 def cmd_leaderboard(args) -> int:
     from ..environment import command_line
     from ..models import list_models
-    from .leaderboard import DEFAULT_DEFENSES, LeaderboardConfig, run_leaderboard
+    from .leaderboard import DEFAULT_DEFENSES, LeaderboardConfig, parse_model, run_leaderboard
     from .leaderboard_render import leaderboard_markdown, load_entries, write_leaderboard
 
     if args.out is None:
@@ -144,7 +144,7 @@ def cmd_leaderboard(args) -> int:
     check_pairs_file(args)
     apply_runtime(args)
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    unknown = [m for m in models if m not in list_models() and not m.startswith("onnx:")]
+    unknown = [m for m in models if parse_model(m)[0] not in list_models() and not m.startswith("onnx:")]
     if unknown or not models:
         raise ValueError(f"unknown model(s) {unknown or args.models!r}; available: {', '.join(list_models())}")
     defenses = tuple(args.defense) if args.defense else DEFAULT_DEFENSES
@@ -183,9 +183,14 @@ def _add_leaderboard_parser(sub) -> None:
         epilog="examples:\n"
                "  advface leaderboard --lfw data/lfw --models dlib-resnet,sface --folds 1 --eps 4 --out runs/leaderboard\n"
                "  advface leaderboard --lfw data/lfw --defense none --defense jpeg:quality=50 --pairs 100 --out runs/lb\n"
+               "  advface leaderboard --lfw data/lfw --models dlib-resnet,dlib-resnet@runs/pgd/weights.safetensors \\\n"
+               "      --defense none --folds 9 --out runs/lb-at   (an advtrain model on its held-out fold)\n"
                "  advface leaderboard --merge runs/lb-a runs/lb-b --out runs/lb   (entries of several machines)\n\n"
                "defaults: " + " ".join(DEFAULT_DEFENSES) + "\n\n" + EPILOG_PATHS)
-    p.add_argument("--models", default="dlib-resnet", metavar="LIST", help="comma list of models (default: %(default)s)")
+    p.add_argument("--models", default="dlib-resnet", metavar="LIST",
+                   help="comma list of models (default: %(default)s); NAME@WEIGHTS.safetensors is a model-stage entry "
+                        "(e.g. an 'advface advtrain' run's weights: attacked on its held-out --folds, judged under the "
+                        "same protocol; for it the white-box attack is the adaptive one)")
     p.add_argument("--defense", action="append", metavar="SPEC",
                    help="a defense NAME[:param=value,...] (repeat for several; default: every family, see below)")
     p.add_argument("--lfw", metavar="PATH", help="LFW folder or .bin file (see 'paths' below)")

@@ -54,6 +54,7 @@ class DefendConfig:
     on_bad: str = "error"
     no_face: str = "center"
     pairs_file: str | None = None
+    weights: str | None = None  # the model's weights from this safetensors file (e.g. an advtrain checkpoint)
 
 
 @dataclass
@@ -81,7 +82,7 @@ def make_context(lfw, cfg: DefendConfig, *, cache_dir=None, defended_dir=None, w
     if pairs is None:
         pairs = prepare_pairs(lfw, cfg.model, policy=InputPolicy(cfg.on_bad, cfg.no_face), pairs_file=cfg.pairs_file,
                               workers=workers, progress=progress)
-    net = net if net is not None else create_model(cfg.model)
+    net = net if net is not None else create_model(cfg.model, **({"weights": cfg.weights} if cfg.weights else {}))
     attacked_net = get_model_spec(cfg.model).make_fast(net) if cfg.fast_model else net
     runner = Runner(pairs, metric=cfg.metric, seed=cfg.seed, model=cfg.model, cache_dir=cache_dir,
                     batch_size=cfg.batch_size, progress=progress)
@@ -135,6 +136,27 @@ def calibration_index(ctx: Context) -> np.ndarray:
         in_fold = idx[pairs.folds == f]
         keep += [in_fold[pairs.same[in_fold]][:per], in_fold[~pairs.same[in_fold]][:per]]
     return np.sort(np.concatenate(keep))
+
+
+def fit_rows(ctx: Context, limit: int = 1000) -> np.ndarray:
+    """Chip rows of the clean images a defense fits its own parameters on (:meth:`Defense.fit`): the
+    images of the calibration pairs outside the attacked folds (all of them when the folds are
+    every fold), at most ``limit``, in pair order."""
+    pairs, cal_idx = ctx.pairs, calibration_index(ctx)
+    outside = cal_idx[~np.isin(pairs.folds[cal_idx], np.unique(ctx.sel.folds))]
+    use = outside if len(outside) else cal_idx
+    rows = np.stack([pairs.query[use], pairs.gallery[use]], axis=1).ravel()
+    _, first = np.unique(rows, return_index=True)
+    return rows[np.sort(first)][:limit]
+
+
+def fit_defense(ctx: Context, defense) -> dict | None:
+    """Fit a defense that needs it on clean images (:func:`fit_rows`); its fit record, or None."""
+    if not defense.needs_fit():
+        return None
+    rows, chips = fit_rows(ctx), ctx.pairs.chips
+    defense.fit(chips.chips[rows], [chips.ids[r] for r in rows])
+    return getattr(defense, "fit_record", None) or {"images": int(len(rows))}
 
 
 def calibrate_defense(ctx: Context, store: DefendedStore) -> dict[int, Calibration]:

@@ -11,7 +11,8 @@ An entry is (model, defense with its parameters). Its protocol, fixed before any
 4. **BPDA + EOT.** PGD through :class:`~advface_fast.defenses.DefendedModel`: the defense in the
    forward pass, its surrogate (identity by default) in the backward pass, the average over
    ``eot`` fresh draws of a randomised defense. Also at half the steps, and for a randomised
-   defense with one draw: the checks compare them.
+   defense with one draw: the checks compare them. Then the defense's own adaptive attacks
+   (``Defense.adaptive_models``, e.g. the counter-attack's gate-aware attacker), PGD with ``kappa``.
 5. **Square** (score-based black box, L-inf on the uint8 grid) on the defended similarity margin,
    dodging and impersonation, the defense's randomness redrawn at every query; ``square_queries``
    for defenses costing about one forward pass, ``costly_square_queries`` for costlier ones.
@@ -35,43 +36,61 @@ from pathlib import Path
 import numpy as np
 
 from ..attacks import DEFAULT_ATTACK_BATCH, make_attack
-from ..defenses import DefendedModel, adaptive_attack, create_defense
+from ..defenses import DefendedModel, adaptive_attack, create_defense, parse_defense
 from ..environment import environment
 from ..fileio import write_json_atomic
 from ..models.identity import weights_id
 from .defended import DefendedStore
 from .defense_context import (Context, DefendConfig, attacked_queries, auc_or_none, calibrate_defense, correct,
-                              make_context, query_attack, summarise)
+                              fit_defense, make_context, query_attack, summarise)
 from .adaptive import subset
+from .leaderboard_render import protocol_record, write_leaderboard
 from .runner import Selection
 
 SCHEME = "leaderboard-entry-v1"
 DEFAULT_DEFENSES = ("none", "attack-as-defense:attack=pgd,eps=4,steps=10", "jpeg:quality=75", "bit-depth:bits=4",
-                    "median:size=3", "gaussian-smoothing:sigma=8,samples=8")
+                    "median:size=3", "gaussian-smoothing:sigma=8,samples=8", "counter-attack:eps=4,steps=2")
 MASKING_POINTS = 0.2  # the black-box attack may beat the best white-box one by at most this (accuracy points)
 
 
-def parse_defense(spec: str) -> tuple[str, dict]:
-    """``"jpeg:quality=75"`` -> ("jpeg", {"quality": 75}); ``"pkg.mod:factory:k=v"`` -> ("pkg.mod:factory",
-    {"k": v}); values are JSON where they parse (numbers, true/false), else strings; ``a|b`` is a tuple."""
-    head, _, tail = spec.rpartition(":")
-    if not head or "=" not in tail:
-        return spec.strip(), {}
-    params = {}
-    for item in tail.split(","):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"bad defense parameters {tail!r} in {spec!r}; use e.g. jpeg:quality=75,name=value")
-        parts = [_value(v) for v in value.split("|")]
-        params[key.strip()] = tuple(parts) if len(parts) > 1 else parts[0]
-    return head.strip(), params
+def parse_model(spec: str) -> tuple[str, str | None]:
+    """``"dlib-resnet"`` -> ("dlib-resnet", None); ``"dlib-resnet@runs/pgd/weights.safetensors"`` -> the
+    registry model with those weights (a model-stage entry: an ``advface advtrain`` checkpoint)."""
+    name, at, weights = spec.partition("@")
+    if at and not weights.strip():
+        raise ValueError(f"--models {spec}: give the weights file after '@' (NAME@PATH.safetensors)")
+    return name.strip(), (weights.strip() or None)
 
 
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text.strip()
+def model_stage(spec: str, folds) -> dict | None:
+    """What a model-stage entry's weights are, from the ``train.json`` beside them (an ``advface
+    advtrain`` run): method, eps, steps, epochs, the held-out folds. Refuses (ValueError) to attack
+    folds whose identities the model may have been trained on."""
+    name, weights = parse_model(spec)
+    if weights is None:
+        return None
+    path = Path(weights)
+    if not path.is_file():
+        raise ValueError(f"--models {spec}: no weights file {weights}")
+    record = {"file": path.name, "run": path.parent.name}
+    train = path.parent / "train.json"
+    if not train.is_file():
+        return {**record, "stage": path.stem, "held_out_folds": None,
+                "note": "no train.json beside the weights: the training split is unknown"}
+    doc = json.loads(train.read_text())
+    c, held = doc.get("config", {}), sorted(doc.get("split", {}).get("test_folds") or [])
+    if folds is None or not held or not set(folds) <= set(held):
+        raise ValueError(f"--models {spec}: the model was trained outside folds {held or 'unknown'} only; attack "
+                         f"those held-out folds (--folds {','.join(map(str, held)) or 'N'}), not {folds or 'all'}")
+    stage = f"{c.get('method', '?')}-AT eps={c.get('eps', '?'):g}" if c.get("method") not in (None, "clean") \
+        else f"{c.get('method', 'fine-tuned')}"
+    return {**record, "stage": stage, "held_out_folds": held,
+            "training": {k: c.get(k) for k in ("method", "eps", "steps", "epochs", "seed")}}
+
+
+def model_label(spec: str, stage: dict | None) -> str:
+    name, _ = parse_model(spec)
+    return name if stage is None else f"{name} [{stage['stage']}]"
 
 
 def defense_slug(spec: str) -> str:
@@ -110,7 +129,8 @@ class LeaderboardConfig:
 
     def defend_config(self, model: str) -> DefendConfig:
         """The shared defense context's config: Table 1's attack settings, so its queries are reused."""
-        return DefendConfig(model=model, defenses=(), attacks=tuple(self.attacks), eps=(float(self.eps),),
+        model, weights = parse_model(model)
+        return DefendConfig(model=model, weights=weights, defenses=(), attacks=tuple(self.attacks), eps=(float(self.eps),),
                             attack_steps=self.attack_steps, folds=self.folds, max_pairs=self.max_pairs,
                             metric=self.metric, seed=self.seed, batch_size=self.batch_size,
                             defense_batch_size=self.defense_batch_size, precision=self.precision,
@@ -122,8 +142,9 @@ def _cap(n: int, cfg: LeaderboardConfig) -> int:
     return n if cfg.steps_cap is None else max(1, min(n, cfg.steps_cap))
 
 
-def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=None) -> dict:
-    """One leaderboard entry: the protocol of the module docstring for ``spec`` on ``ctx``'s pairs."""
+def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=None, stage: dict | None = None) -> dict:
+    """One leaderboard entry: the protocol of the module docstring for ``spec`` on ``ctx``'s pairs
+    (``stage``: the model-stage record of a model with its own weights, :func:`model_stage`)."""
     t0 = time.perf_counter()
     name, params = parse_defense(spec)
     reserved = sorted(set(params) & {"seed", "batch_size", "precision"})
@@ -132,6 +153,7 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     runner, sel, net = ctx.runner, ctx.sel, ctx.net
     defense = create_defense(name, net, seed=cfg.seed, batch_size=cfg.defense_batch_size,
                              **({"precision": cfg.precision} if name == "attack-as-defense" else {}), **params)
+    fitted = fit_defense(ctx, defense)  # e.g. the counter-attack's gate, on clean images outside the attacked folds
     if name == "none":
         cal, store = ctx.plain, None  # Table 1's verifier and thresholds, exactly
     else:
@@ -172,6 +194,15 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
         bpda[row] = (_cap(steps, cfg), s_)
         add(row, "white-box", attacked_queries(ctx, attack, target=cal, extra_key={"adaptive": "bpda-eot"}),
             attack_steps=_cap(steps, cfg), eot_samples=s_)
+    # 4b. The defense's own adaptive attacks (e.g. the counter-attack's gate-aware attacker): PGD at the full steps
+    # with the high-confidence margin kappa, so that once a pair is kappa past its threshold the step follows the
+    # defense's own term (the gate) instead of pushing the similarity further.
+    for label, model in defense.adaptive_models(samples=samples, embedder=embedder).items():
+        attack = make_attack("pgd", model, metric=cfg.metric, eps=eps, seed=seed, precision=cfg.precision,
+                             steps=_cap(cfg.adaptive_steps, cfg), kappa=cfg.kappa)
+        add(f"{label} (steps={_cap(cfg.adaptive_steps, cfg)}, eot={samples})", "white-box",
+            attacked_queries(ctx, attack, target=cal, extra_key={"adaptive": label}),
+            attack_steps=_cap(cfg.adaptive_steps, cfg), eot_samples=samples)
     # 5. Square on the defended margin, fresh draws of the defense at every query.
     budget = cfg.square_queries if defense.cost_per_image() <= 2 else cfg.costly_square_queries
     if cfg.steps_cap is not None:  # quick runs
@@ -189,11 +220,13 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     checks = _checks(rows, ok, bpda, sq_pos, reference=name == "none")
     cost = defense.cost_per_image()
     return {
-        "scheme": SCHEME, "model": ctx.cfg.model, "weights": weights_id(net),
+        "scheme": SCHEME, "model": ctx.cfg.model if stage is None else f"{ctx.cfg.model} [{stage['stage']}]",
+        "weights": weights_id(net), **({"model_stage": stage} if stage is not None else {}),
         "defense": {"spec": spec, "name": defense.name, "params": {k: list(v) if isinstance(v, tuple) else v
                                                                     for k, v in params.items()},
                     "config": defense.variant_config(defense.variants[-1]) if name != "none" else defense.config(),
-                    "paper": defense.paper, "randomized": defense.randomized, "bpda": defense.surrogate_name},
+                    "paper": defense.paper, "randomized": defense.randomized, "bpda": defense.surrogate_name,
+                    **({"fit": fitted} if fitted is not None else {})},
         "threat_model": threat_model(cfg),
         "pairs": pairs_record(sel),
         "clean": {**{k: rows["clean"][k] for k in ("accuracy", "accuracy_std", "matched_accuracy",
@@ -205,19 +238,11 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
                        "strongest": min(attacks, key=lambda r: _acc(ok, r, sq_pos)),
                        "square_subset": {**summarise(worst_sq, sq_sel)} if len(sq_pos) < len(sel) else None},
         "checks": checks, "flags": [c["message"] for c in checks if not c["ok"]],
-        "protocol": protocol_record(cfg, budget),
+        "protocol": protocol_record(asdict(cfg)),
         "cost": {"defense_passes_per_query": cost, "attack_budget": {"bpda_steps": _cap(cfg.adaptive_steps, cfg),
                                                                      "eot": samples, "square_queries": budget}},
         "config": asdict(cfg), "environment": environment(), "wall_seconds": round(time.perf_counter() - t0, 1),
     }
-
-
-def protocol_record(cfg: LeaderboardConfig, square_queries: int) -> dict:
-    """The attack budgets and calibration an entry was judged under (entries merge only when these agree)."""
-    return {"attack_steps": cfg.attack_steps or 40, "adaptive_steps": cfg.adaptive_steps, "eot": cfg.eot,
-            "copy_steps": cfg.copy_steps, "kappa": cfg.kappa, "square_queries": square_queries,
-            "square_pairs": cfg.square_pairs, "calibration_pairs": cfg.calibration_pairs, "steps_cap": cfg.steps_cap,
-            "seed": cfg.seed}
 
 
 def threat_model(cfg: LeaderboardConfig) -> dict:
@@ -297,25 +322,25 @@ def _comparable(config: dict) -> dict:
 
 
 def entry_path(out_dir, model: str, spec: str) -> Path:
-    return Path(out_dir) / "entries" / f"{model}__{defense_slug(spec)}.json"
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+    return Path(out_dir) / "entries" / f"{slug}__{defense_slug(spec)}.json"
 
 
 def run_leaderboard(lfw, cfg: LeaderboardConfig, out_dir, *, cache_dir=None, defended_dir=None, workers=None,
                     progress: bool = True) -> dict:
     """Every (model, defense) entry of ``cfg`` (an entry already written with the same config is
     read back, not recomputed: the run resumes), then LEADERBOARD.md, leaderboard.json and the plot."""
-    from .leaderboard_render import write_leaderboard
-
     from ..defenses import resolve_defense
 
     for spec in cfg.defenses:  # a bad spec fails now, not after the first entries
         resolve_defense(parse_defense(spec)[0])
     out = Path(out_dir)
     entries = []
+    stages = {model: model_stage(model, cfg.folds) for model in cfg.models}  # a bad weights spec fails now
     for model in cfg.models:
         ctx = None
         for spec in cfg.defenses:
-            path = entry_path(out, model, spec)
+            path = entry_path(out, model_label(model, stages[model]), spec)
             if path.is_file():
                 old = json.loads(path.read_text())
                 if old.get("scheme") == SCHEME and old["defense"]["spec"] == spec and \
@@ -325,10 +350,11 @@ def run_leaderboard(lfw, cfg: LeaderboardConfig, out_dir, *, cache_dir=None, def
             if ctx is None:
                 ctx = make_context(lfw, cfg.defend_config(model), cache_dir=cache_dir, defended_dir=defended_dir,
                                    workers=workers, progress=progress)
-            entry = run_entry(ctx, spec, cfg, defended_dir=defended_dir)
+            entry = run_entry(ctx, spec, cfg, defended_dir=defended_dir, stage=stages[model])
             write_json_atomic(path, entry)
             entries.append(entry)
     return write_leaderboard(entries, out)
 
 
-__all__ = ["DEFAULT_DEFENSES", "LeaderboardConfig", "defense_slug", "parse_defense", "run_entry", "run_leaderboard"]
+__all__ = ["DEFAULT_DEFENSES", "LeaderboardConfig", "defense_slug", "model_stage", "parse_defense", "parse_model",
+           "run_entry", "run_leaderboard"]

@@ -29,6 +29,21 @@ def load_entries(paths) -> list[dict]:
     return out
 
 
+def protocol_record(config: dict) -> dict:
+    """The attack budgets and calibration a run judged its entries under, from its config (entries
+    merge only when these agree). Both Square budgets are part of it: which one an entry got
+    depends on its defense's cost, and is recorded in its ``cost``."""
+    return {"attack_steps": config.get("attack_steps") or 40, "adaptive_steps": config["adaptive_steps"],
+            "eot": config["eot"], "copy_steps": config["copy_steps"], "kappa": config["kappa"],
+            "square_queries": config["square_queries"], "costly_square_queries": config["costly_square_queries"],
+            "square_pairs": config["square_pairs"], "calibration_pairs": config["calibration_pairs"],
+            "steps_cap": config["steps_cap"], "seed": config["seed"]}
+
+
+def _merge_key(e: dict, what: str):
+    return protocol_record(e["config"]) if what == "protocol" else e[what]
+
+
 def merge_entries(entries: list[dict]) -> list[dict]:
     """One table from entries made on different machines or runs: refused (ValueError, naming the two
     entries) when their pairs, threat model or protocol (attack budgets, calibration) differ; the same
@@ -36,9 +51,11 @@ def merge_entries(entries: list[dict]) -> list[dict]:
     ref = entries[0]
     for e in entries[1:]:
         for what in ("pairs", "threat_model", "protocol"):
-            if e[what] != ref[what]:
+            a, b = _merge_key(e, what), _merge_key(ref, what)
+            if a != b:
+                diff = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)} if isinstance(a, dict) else (a, b)
                 raise ValueError(f"cannot merge: {_label(e)} and {_label(ref)} differ in {what.replace('_', ' ')} "
-                                 f"({e[what]} vs {ref[what]})")
+                                 f"({diff})")
     merged = {}
     for e in entries:
         merged[(e["model"], e["weights"], json.dumps(e["defense"]["config"], sort_keys=True))] = e
@@ -102,7 +119,7 @@ def plot_leaderboard(entries: list[dict], path) -> Path:
     ax = fig.add_subplot(111)
     for e in entries:
         x, y = 100 * e["clean"]["accuracy"], 100 * e["worst_case"]["accuracy"]
-        undefended = e["defense"]["name"] == "none"
+        undefended = e["defense"]["name"] == "none" and "model_stage" not in e
         ax.scatter([x], [y], marker="*" if undefended else "o", s=140 if undefended else 50,
                    color="black" if undefended else None, zorder=3)
         ax.annotate(f"{e['model']} + {e['defense']['spec']}" + (" (undefended)" if undefended else ""), (x, y),

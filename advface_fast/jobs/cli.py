@@ -40,6 +40,19 @@ threshold: --threshold T, else --threshold-from FILE, else the one recorded in t
 """
 
 
+def check_defense_spec(text: str) -> str:
+    """--defense: an attack-as-defense attack name, or a spec naming a known defense (else ValueError)."""
+    from ..defenses import DEFENSE_ATTACKS, parse_defense, resolve_defense
+
+    if text in DEFENSE_ATTACKS:
+        return text
+    try:
+        resolve_defense(parse_defense(text)[0])
+    except KeyError as err:
+        raise ValueError(f"--defense {text}: {str(err).strip(chr(34) + chr(39))}") from None
+    return text
+
+
 def add_gallery_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli_options import add_input_options, add_threads_option
     from ..defenses.attack_as_defense import DEFENSE_ATTACKS
@@ -47,7 +60,11 @@ def add_gallery_arguments(p: argparse.ArgumentParser) -> None:
     from ..precision import PRECISIONS
 
     p.add_argument("--model", default="dlib-resnet", choices=list_models(), help="registry model (default: %(default)s)")
-    p.add_argument("--defense", choices=DEFENSE_ATTACKS, default="pgd", help="D's attack (default: %(default)s)")
+    p.add_argument("--defense", default="pgd", metavar="SPEC",
+                   help=f"attack-as-defense's attack D ({', '.join(DEFENSE_ATTACKS)}; with --defense-eps / -steps / "
+                        "-objective), or any registered defense by its spec, e.g. jpeg:quality=75, "
+                        "gaussian-smoothing:sigma=8,samples=8, counter-attack:tau=0.02, or package.module:factory "
+                        "(default: %(default)s)")
     p.add_argument("--defense-eps", type=float, default=4.0, metavar="EPS",
                    help="D's L-inf budget in 0-255 levels (default: %(default)s)")
     p.add_argument("--defense-steps", type=int, default=40, metavar="N", help="D's steps (default: %(default)s)")
@@ -96,6 +113,7 @@ def cmd_gallery(args) -> int:
     for name in ("shard_size", "batch_size", "defense_steps", "decode_threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_defense_spec(args.defense)
     config = GalleryConfig(model=args.model, defense=args.defense, eps=args.defense_eps, steps=args.defense_steps,
                            objective=args.defense_objective, seed=args.seed, aligned=args.aligned,
                            shard_size=args.shard_size, batch_size=args.batch_size,

@@ -124,7 +124,7 @@ def run_record(job: GalleryJob, worker: ShardWorker, plan: Plan, stats: dict, *,
     return {"started": started, "executor": executor, "rank": rank, "world_size": world_size,
             "config": plan.store_config, "job": {"input": str(job.input), "out": str(job.out),
                                                  "decode_threads": job.decode_threads, "device": str(worker.device)},
-            "precision": worker.defense.precision, "environment": {**environment(), "safetensors": st_version},
+            "precision": getattr(worker.defense, "precision", "fp32"), "environment": {**environment(), "safetensors": st_version},
             **stats}
 
 

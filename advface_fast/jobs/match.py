@@ -149,8 +149,7 @@ def match(gallery_dir: str | Path, queries: list[ImageRef], top_k: int = 5, thre
     if good:
         x = torch.from_numpy(np.stack([loaded[i][0] for i in good])).permute(0, 3, 1, 2).float().div_(255.0)
         qids = [queries[i].id for i in good]
-        defended = worker.defense.defend(x.to(worker.device), qids)[worker.config.steps]
-        q_emb = worker.embed(defended).numpy()
+        q_emb = worker.defended(x.to(worker.device), qids)[0]
         scores, rows = search(emb, q_emb, top_k, backend_used)
         for j, i in enumerate(good):
             results[i]["matches"] = [

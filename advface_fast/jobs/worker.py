@@ -68,7 +68,7 @@ class ShardWorker:
 
     def __init__(self, config: GalleryConfig, device: str | torch.device | None = None,
                  model_factory: Callable[[], torch.nn.Module] | None = None):
-        from ..defenses import make_defense
+        from ..defenses import DEFENSE_ATTACKS, defense_from_spec, make_defense
         from ..models import create_model
         from ..models.identity import weights_id
 
@@ -86,9 +86,17 @@ class ShardWorker:
         if spec is None:
             raise ValueError("the model needs a .spec (a ModelSpec: its input size and aligner)")
         self.input_size = tuple(spec.input_size)
-        # D exactly as `advface defend` builds (and calibrates) it: bf16 through the model's fast copy.
-        self.defense = make_defense(self.model, c.defense, c.eps, (c.steps,), spec=spec, objective=c.objective,
-                                    seed=c.seed, precision=c.precision, batch_size=c.batch_size)
+        if c.defense in DEFENSE_ATTACKS:
+            # D exactly as `advface defend` builds (and calibrates) it: bf16 through the model's fast copy.
+            self.defense = make_defense(self.model, c.defense, c.eps, (c.steps,), spec=spec, objective=c.objective,
+                                        seed=c.seed, precision=c.precision, batch_size=c.batch_size)
+            self.generic = False
+        else:  # any registered defense (or package.module:factory) by its spec, e.g. "jpeg:quality=75"
+            self.defense = defense_from_spec(c.defense, self.model, seed=c.seed, batch_size=c.batch_size)
+            if self.defense.needs_fit():
+                raise ValueError(f"--defense {c.defense}: this defense fits a parameter on clean images; give it in "
+                                 "the spec (e.g. counter-attack:tau=0.02, the value a leaderboard entry records)")
+            self.generic = True
         if c.aligned:
             self.align_key, self._make_aligner = "aligned chips (--aligned)", None
         else:  # the model's aligner as every command uses it: a faceless image gets the centre box (path "center")
@@ -104,7 +112,7 @@ class ShardWorker:
         n_images are added by the job)."""
         c = self.config
         return {"format": STORE_FORMAT, "model": c.model, "weights_sha256": self.weights_sha256,
-                "defense": self.defense.step_config(c.steps), "seed": c.seed,
+                "defense": self.defense.config() if self.generic else self.defense.step_config(c.steps), "seed": c.seed,
                 "alignment": {"aligned": c.aligned, "aligner": self.align_key}, "shard_size": c.shard_size,
                 "save_chips": c.save_chips, "input": c.policy.to_dict(), "options": c.to_dict()}
 
@@ -186,9 +194,7 @@ class ShardWorker:
         image_steps = 0
         if chips:
             x = torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).float().div_(255.0).to(self.device)
-            defended = self.defense.defend(x, ids)[self.config.steps]
-            image_steps = self.defense.last_stats["image_steps"]
-            emb = self.embed(defended).numpy()
+            emb, defended, image_steps = self.defended(x, ids, images=self.config.save_chips)
             out_chips = (torch.round(defended * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
                          if self.config.save_chips else None)
         else:
@@ -197,8 +203,25 @@ class ShardWorker:
                 out_chips = np.zeros((0, 0, 0, 3), np.uint8)
         data = encode_shard(k, config_sha, rows, emb, out_chips)
         return data, {"images": len(refs), "ok": len(chips), "image_steps": image_steps,
-                      "useful_image_steps": len(chips) * self.defense.image_steps_per_image(self.config.steps),
+                      "useful_image_steps": len(chips) * self.useful_steps_per_image(),
                       "seconds": time.perf_counter() - t0}
+
+    def defended(self, x: torch.Tensor, ids: list[str], images: bool = False):
+        """(fp32 embeddings N x D numpy, the defended images or None, image-steps spent). Attack-as-defense:
+        D's images embedded by the plain model; any other defense: its own ``embed`` (e.g. averaged draws),
+        and with ``images`` one draw of its transform (what ``--save-chips`` keeps)."""
+        if not self.generic:
+            defended = self.defense.defend(x, ids)[self.config.steps]
+            return self.embed(defended).numpy(), defended, self.defense.last_stats["image_steps"]
+        d = self.defense
+        emb = d.embed(x, ids)[d.variants[-1]].numpy().astype(np.float32)
+        steps = d.last_stats["image_steps"]
+        return emb, (d.transform(x, d.seeds(ids)).detach() if images else None), steps
+
+    def useful_steps_per_image(self) -> float:
+        if self.generic:
+            return self.defense.cost_per_image()
+        return self.defense.image_steps_per_image(self.config.steps)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """fp32 embeddings of defended images, every batch padded to ``batch_size`` (a row never
