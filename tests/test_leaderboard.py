@@ -149,6 +149,10 @@ def test_entries_merge_and_refuse_mismatches(board, tmp_path, capsys):
     assert "GRADIENT MASKING" in text and "| 1 |" in text
     ranking = json.loads((tmp_path / "merged" / "leaderboard.json").read_text())["ranking"]
     assert [r["worst_case_accuracy"] for r in ranking] == sorted((r["worst_case_accuracy"] for r in ranking), reverse=True)
+    for r in ranking:  # every row at the lowest single-attack accuracy is named, ties included
+        e = next(e for e in entries if e["defense"]["spec"] == r["defense"])
+        low = min(v["accuracy"] for k, v in e["attacks"].items() if k != "clean")
+        assert r["strongest_attacks"] == [k for k, v in e["attacks"].items() if k != "clean" and v["accuracy"] == low]
     assert (tmp_path / "merged" / "leaderboard.png").stat().st_size > 1000
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -179,3 +183,11 @@ def test_a_model_stage_entry_is_attacked_on_its_held_out_folds_only(tmp_path):
     for folds in ((1,), (9, 1), None):  # folds the model may have been trained on: refused
         with pytest.raises(ValueError, match="held-out folds"):
             model_stage(spec, folds)
+
+
+def test_defend_points_another_family_to_the_leaderboard(lfw_ci, tmp_path, capsys):
+    assert main(["defend", "--lfw", str(lfw_ci), "--defense", "jpeg:quality=75", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "advface leaderboard --defense jpeg:quality=75" in err[0]
+    assert main(["defend", "--lfw", str(lfw_ci), "--defense", "nope", "--out", str(tmp_path)]) == 2
+    assert "available: pgd, cw, fgsm" in capsys.readouterr().err

@@ -20,6 +20,24 @@ def _names(text: str, allowed, what: str) -> tuple:
     return names
 
 
+def _d_names(text: str) -> tuple:
+    """--defense of defend / paper: attack-as-defense's attacks D. A registered defense of another family is
+    pointed to the command that judges every family (one line, before any work)."""
+    from ..defenses import DEFENSE_ATTACKS, parse_defense, resolve_defense
+
+    names = tuple(a.strip() for a in text.split(",") if a.strip())
+    for spec in (n for n in names if n not in DEFENSE_ATTACKS):
+        try:
+            resolve_defense(parse_defense(spec)[0])
+        except (KeyError, ValueError):
+            continue  # not a defense at all: _names names the choices
+        raise ValueError(f"--defense {spec}: this command runs the paper's Tables 2-4 for attack-as-defense's D "
+                         f"({', '.join(DEFENSE_ATTACKS)}); judge {spec} with 'advface leaderboard --defense {spec}' "
+                         "(clean calibration, transfer, BPDA + EOT, Square) or serve it with 'advface gallery "
+                         f"--defense {spec}'")
+    return _names(text, DEFENSE_ATTACKS, "defense")
+
+
 def _adaptive_options(args) -> dict:
     opts = {field: getattr(args, option) for option, field in _ADAPTIVE_FIELDS.items()
             if getattr(args, option) is not None}
@@ -35,13 +53,12 @@ _ADAPTIVE_FIELDS = {"eot": "eot", "adaptive_steps": "steps", "adaptive_eps": "ep
 
 
 def cmd_defend(args) -> int:
-    from ..defenses import DEFENSE_ATTACKS
     from .defense_render import defend_markdown
     from .defense_tables import DefendConfig, run_defend
 
     check_pairs_file(args)
     apply_runtime(args)
-    cfg = DefendConfig(model=args.model, defenses=_names(args.defense, DEFENSE_ATTACKS, "defense"),
+    cfg = DefendConfig(model=args.model, defenses=_d_names(args.defense),
                        defense_eps=args.defense_eps, defense_steps=args.defense_steps,
                        attacks=_names(args.attacks, ("fgsm", "pgd", "cw"), "attack"), eps=args.eps,
                        attack_steps=args.attack_steps,

@@ -70,6 +70,18 @@ def ranked(entries: list[dict]) -> list[dict]:
     return sorted(entries, key=lambda e: (-e["worst_case"]["accuracy"], -e["clean"]["accuracy"]))
 
 
+def strongest(e: dict) -> list[str]:
+    """Every attack row at the entry's lowest single-row accuracy (ties listed, in row order)."""
+    rows = {r: v["accuracy"] for r, v in e["attacks"].items() if v.get("kind") != "clean"}
+    low = min(rows.values())
+    return [r for r, a in rows.items() if a <= low + 1e-12]
+
+
+def _strongest_cell(e: dict) -> str:
+    tied = strongest(e)
+    return tied[0] + (f" (+{len(tied) - 1} tied)" if len(tied) > 1 else "")
+
+
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
@@ -93,7 +105,7 @@ def leaderboard_markdown(entries: list[dict]) -> str:
         flags = "; ".join(f"**{f}**" if "MASKING" in f or "WEAKER" in f else f for f in e["flags"]) or "—"
         lines.append(f"| {i} | {e['model']} | {e['defense']['spec']} | {_pct(e['clean']['accuracy'])} | "
                      f"**{_pct(w['accuracy'])}** ± {_pct(w['accuracy_std'])} | {_pct(w['matched_accuracy'])} | "
-                     f"{_pct(w['mismatched_accuracy'])} | {w['strongest']} | {e['cost']['defense_passes_per_query']:g} | "
+                     f"{_pct(w['mismatched_accuracy'])} | {_strongest_cell(e)} | {e['cost']['defense_passes_per_query']:g} | "
                      f"{flags} |")
     lines += ["", "Per attack (accuracy %, all pairs unless noted):", ""]
     names = []
@@ -114,23 +126,26 @@ def plot_leaderboard(entries: list[dict], path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.5, 5))
+    fig = Figure(figsize=(9, 5))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(111)
-    for e in entries:
+    ax = fig.add_axes((0.08, 0.11, 0.5, 0.8))
+    legend = []
+    for i, e in enumerate(ranked(entries), 1):  # points numbered by rank, the names listed beside the axes
         x, y = 100 * e["clean"]["accuracy"], 100 * e["worst_case"]["accuracy"]
         undefended = e["defense"]["name"] == "none" and "model_stage" not in e
         ax.scatter([x], [y], marker="*" if undefended else "o", s=140 if undefended else 50,
                    color="black" if undefended else None, zorder=3)
-        ax.annotate(f"{e['model']} + {e['defense']['spec']}" + (" (undefended)" if undefended else ""), (x, y),
-                    textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.annotate(str(i), (x, y), textcoords="offset points", xytext=(4, 3 + 7 * (i % 3)), fontsize=7)
+        legend.append(f"{i}  {e['model']} + {e['defense']['spec']}" + ("  (undefended)" if undefended else "")
+                      + f"\n    clean {x:.1f}, worst case {y:.1f}")
+    fig.text(0.61, 0.91, "\n".join(legend), fontsize=6.5, va="top", family="monospace")
     ax.axhline(50, color="grey", lw=0.8, ls=":")
     ax.axvline(50, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel("worst-case robust accuracy (%)")
     tm = entries[0]["threat_model"]
     ax.set_title(f"defenses at L-inf eps = {tm['eps']:g}: the price and what it buys", fontsize=10)
-    ax.set_xlim(40, 100)
+    ax.set_xlim(40, 101)
     ax.set_ylim(-2, 100)
     ax.grid(alpha=0.3)
     path = Path(path)
@@ -146,7 +161,7 @@ def write_leaderboard(entries: list[dict], out_dir) -> dict:
     summary = [{"rank": i, "model": e["model"], "weights": e["weights"], "defense": e["defense"]["spec"],
                 "clean_accuracy": e["clean"]["accuracy"], "worst_case_accuracy": e["worst_case"]["accuracy"],
                 "dodging": e["worst_case"]["matched_accuracy"], "impersonation": e["worst_case"]["mismatched_accuracy"],
-                "strongest_attack": e["worst_case"]["strongest"], "flags": e["flags"]}
+                "strongest_attacks": strongest(e), "flags": e["flags"]}
                for i, e in enumerate(ranked(entries), 1)]
     report = {"threat_model": entries[0]["threat_model"], "pairs": entries[0]["pairs"], "ranking": summary}
     write_json_atomic(out / "leaderboard.json", report)
@@ -155,4 +170,5 @@ def write_leaderboard(entries: list[dict], out_dir) -> dict:
     return {**report, "entries": entries}
 
 
-__all__ = ["leaderboard_markdown", "load_entries", "merge_entries", "plot_leaderboard", "ranked", "write_leaderboard"]
+__all__ = ["leaderboard_markdown", "load_entries", "merge_entries", "plot_leaderboard", "protocol_record", "ranked",
+           "strongest", "write_leaderboard"]
