@@ -108,6 +108,9 @@ def test_the_counter_attack_entry_fits_its_gate_and_meets_the_gate_aware_attacke
     gate = [r for r in ttc["attacks"] if r.startswith("gate-aware")]
     assert len(gate) == 1 and ttc["attacks"][gate[0]]["kind"] == "white-box"
     assert gate[0] in ttc["worst_case"]["over"]
+    for row in ttc["attacks"].values():  # the gate's record on every row's queries
+        assert 0.0 <= row["defense_diagnostics"]["counterattacked"] <= 1.0
+    assert "defense_diagnostics" not in next(e for e in report["entries"] if e["defense"]["name"] == "none")["attacks"]["clean"]
 
 
 def test_a_rerun_resumes_and_a_bad_spec_is_one_line(lfw_ci, board, capsys):

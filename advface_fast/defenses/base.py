@@ -111,6 +111,11 @@ class Defense:
         """Fit the defense's own parameters on CLEAN images (default: nothing to fit)."""
         return None
 
+    def diagnostics(self, images, ids: Sequence[str]) -> dict | None:
+        """What the defense did to these images, for the record (e.g. the counter-attack's gate: the
+        fraction it counter-attacked); None: nothing to report (the default)."""
+        return None
+
     def adaptive_models(self, samples: int = 1, embedder: nn.Module | None = None) -> dict:
         """The defense-specific adaptive attacks beyond BPDA + EOT: {row name: model} (default: none)."""
         return {}

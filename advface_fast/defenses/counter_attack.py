@@ -155,6 +155,15 @@ class CounterAttack(Defense):
                                                        for q in (0.05, 0.1, 0.2, 0.5, 0.8, 0.95)}}}
         return self.tau
 
+    def diagnostics(self, images, ids: Sequence[str]) -> dict:
+        """The gate on these images (their own draws): the fraction below the threshold (counter-attacked)
+        and tau's quartiles."""
+        x, ids = self._inputs(images, ids)
+        taus = torch.cat([self.drifts(x[s: s + self.batch_size], self.seeds(ids[s: s + self.batch_size]))
+                          for s in range(0, x.shape[0], self.batch_size)]).numpy()
+        return {"counterattacked": float((taus < self.tau).mean()),
+                "tau_quartiles": [float(q) for q in np.quantile(taus, (0.25, 0.5, 0.75))]}
+
     def drifts(self, x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         """tau of each image with the defense's own noise draw (CPU float32)."""
         n = self._noise(x, seeds)

@@ -167,13 +167,24 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     rows, ok = {}, {}  # row name -> summary; row name -> (positions in sel, per-pair correct)
     all_pos = np.arange(len(sel))
 
+    chips = ctx.pairs.chips
+
+    def diagnose(q, s: Selection) -> dict:
+        """The defense's own record of what it did to these queries (ids as the defended store names them)."""
+        clean = chips.chips[s.query_rows]
+        images = clean if q is None else q.images(clean)
+        ids = [chips.ids[r] for r in s.query_rows] if q is None else [f"{pid}@{q.key}" for pid in s.pair_ids]
+        found = defense.diagnostics(images, ids)
+        return {"defense_diagnostics": found} if found is not None else {}
+
     def add(row: str, kind: str, q, s: Selection = sel, pos: np.ndarray = all_pos, **extra):
         sim = runner.similarity(cal, s, runner.query_embeddings(cal, s, q))
         c = correct(ctx, cal, sim, s)
         ok[row] = (pos, c)
         rows[row] = {"kind": kind, **summarise(c, s), "auc": auc_or_none(sim, s.same), **extra,
                      "attack_image_steps_per_pair": None if q is None else round(q.image_steps / max(len(s), 1), 1),
-                     "attack_seconds_per_pair": None if q is None else round(q.seconds / max(len(s), 1), 4)}
+                     "attack_seconds_per_pair": None if q is None else round(q.seconds / max(len(s), 1), 4),
+                     **diagnose(q, s)}
 
     add("clean", "clean", None)
     eps = float(cfg.eps)
