@@ -32,6 +32,7 @@ sign step follows the larger term and 0-2 of 8 images got past the gate; with ka
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -141,8 +142,6 @@ class CounterAttack(Defense):
     def fit(self, images, ids: Sequence[str]) -> float:
         """Set ``tau`` to the ``gate_quantile`` quantile of clean images' tau (their own noise draws).
         Returns the threshold; :attr:`fit_record` keeps what it was fitted on."""
-        import hashlib
-
         x, ids = self._inputs(images, ids)
         if x.shape[0] < 10:
             raise ValueError(f"{self.name}: fitting the gate needs at least 10 clean images, got {x.shape[0]}")
