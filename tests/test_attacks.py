@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from _images import uint8_images
 from _tolerances import assert_same_but_for_rare_flips, same_but_for_rare_flips
 from advface_fast.attacks import (
     ATTACKS,
@@ -22,15 +23,6 @@ from advface_fast.attacks import (
     make_attack,
     round_to_uint8_grid,
 )
-
-def uint8_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
-    """Random images on the uint8 grid, with saturated pixels to exercise the [0, 1] box."""
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 256, size=(n, 3, size, size))
-    img[rng.random(img.shape) < 0.1] = 0
-    img[rng.random(img.shape) < 0.1] = 255
-    return torch.from_numpy(img).float() / 255.0
-
 
 def pairs_for(model, n: int = 6, size: int = 16, seed: int = 0):
     """Queries, gallery embeddings of other random images, half matched / half mismatched."""

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from _images import uint8_images
 from advface_fast.attacks import PGD, Noise, Square, VerificationObjective, make_attack
 from advface_fast.attacks.square import p_selection
 
@@ -20,15 +21,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def uint8_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
-    """Random images on the uint8 grid, with saturated pixels to exercise the [0, 1] box."""
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 256, size=(n, 3, size, size))
-    img[rng.random(img.shape) < 0.1] = 0
-    img[rng.random(img.shape) < 0.1] = 255
-    return torch.from_numpy(img).float() / 255.0
 
 
 def similarities(model, x, gallery):

@@ -16,10 +16,10 @@ from advface_fast.defenses.counter_attack import CounterAttack, GateAwareModel
 from advface_fast.defenses.jpeg import JPEG
 from advface_fast.defenses.median import MedianFilter
 from advface_fast.defenses.none import NoDefense
-from advface_fast.defenses.registry import (create_defense, defense_from_spec, list_defenses, parse_defense,
+from advface_fast.defenses.registry import (check_defense, create_defense, defense_from_spec, list_defenses, parse_defense,
                                            register_defense, resolve_defense)
 from advface_fast.defenses.smoothing import GaussianSmoothing
 
 __all__ = ["DEFENSE_ATTACKS", "JPEG", "AttackAsDefense", "BitDepth", "CounterAttack", "DefendedModel", "DefendedVerifier", "Defense",
-           "GateAwareModel", "GaussianSmoothing", "MedianFilter", "NoDefense", "adaptive_attack", "as_image_batch", "create_defense", "defense_from_spec",
+           "GateAwareModel", "GaussianSmoothing", "MedianFilter", "NoDefense", "adaptive_attack", "as_image_batch", "check_defense", "create_defense", "defense_from_spec",
            "list_defenses", "make_defense", "parse_defense", "register_defense", "resolve_defense"]

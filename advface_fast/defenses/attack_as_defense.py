@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advface_fast.attacks import FGSM, Attack, make_attack, make_objective
-from advface_fast.defenses.base import Defense, DefendedVerifier, as_image_batch
+from advface_fast.defenses.base import Defense, DefendedVerifier, as_image_batch, pad_batch
 from advface_fast.defenses.registry import register_defense
 from advface_fast.precision import model_device, resolve_precision
 
@@ -213,9 +213,8 @@ class AttackAsDefense(Defense):
             chunk, chunk_ids = x[start : start + self.batch_size], ids[start : start + self.batch_size]
             n = chunk.shape[0]
             if n < self.batch_size:  # pad: every batch has the same size (see the class docstring)
-                pad = self.batch_size - n
-                chunk = torch.cat([chunk, chunk[-1:].expand(pad, *chunk.shape[1:])])
-                chunk_ids = chunk_ids + chunk_ids[-1:] * pad
+                chunk = pad_batch(chunk, self.batch_size)
+                chunk_ids = chunk_ids + chunk_ids[-1:] * (self.batch_size - n)
             final = self.attack(chunk, sample_seeds=self.seeds(chunk_ids))
             image_steps += self.attack.last_stats["image_steps"]
             bar.update(n)

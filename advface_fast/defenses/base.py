@@ -61,6 +61,14 @@ def as_image_batch(images, device=None) -> torch.Tensor:
     return images.to(device=device, dtype=torch.float32)
 
 
+def pad_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` padded to ``size`` rows by repeating its last row (a model's floats can depend on the batch
+    size; padding every pass to one size makes an image's result independent of its batch). The
+    padding carries no gradient."""
+    n = x.shape[0]
+    return x if n >= size else torch.cat([x, x[-1:].detach().expand(size - n, *x.shape[1:])])
+
+
 class Defense:
     """Base class of the test-time defenses (see the module docstring for the contract).
 
@@ -158,11 +166,8 @@ class Defense:
         with torch.no_grad(), eval_mode(self.model):
             for start in range(0, x.shape[0], self.batch_size):
                 batch = x[start : start + self.batch_size].to(device)
-                n = batch.shape[0]
-                if n < self.batch_size:  # padded: a model's floats can depend on the batch size
-                    batch = torch.cat([batch, batch[-1:].expand(self.batch_size - n, *batch.shape[1:])])
                 with autocast("fp32", device):
-                    embs.append(self.model(batch)[:n].float().cpu())
+                    embs.append(self.model(pad_batch(batch, self.batch_size))[: batch.shape[0]].float().cpu())
         return torch.cat(embs) if embs else torch.zeros(0, 0)
 
     def embed_memo(self, images, ids: Sequence[str]) -> dict:
@@ -236,4 +241,4 @@ class _TransformDraw:
         return self.defense.config()
 
 
-__all__ = ["Defense", "DefendedVerifier", "as_image_batch"]
+__all__ = ["Defense", "DefendedVerifier", "as_image_batch", "pad_batch"]

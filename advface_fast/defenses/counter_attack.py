@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from advface_fast.attacks.base import SeededNoise, eval_mode
-from advface_fast.defenses.base import Defense
+from advface_fast.defenses.base import Defense, pad_batch
 from advface_fast.defenses.registry import register_defense
 from advface_fast.precision import autocast, model_device
 from advface_fast.seeds import derive_seed
@@ -145,8 +145,7 @@ class CounterAttack(Defense):
         x, ids = self._inputs(images, ids)
         if x.shape[0] < 10:
             raise ValueError(f"{self.name}: fitting the gate needs at least 10 clean images, got {x.shape[0]}")
-        taus = torch.cat([self.drifts(x[s: s + self.batch_size], self.seeds(ids[s: s + self.batch_size]))
-                          for s in range(0, x.shape[0], self.batch_size)]).numpy()
+        taus = self._taus(x, ids)
         self.tau = float(np.quantile(taus, self.gate_quantile))
         self.fit_record = {"images": int(x.shape[0]),
                            "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16],
@@ -157,17 +156,20 @@ class CounterAttack(Defense):
     def diagnostics(self, images, ids: Sequence[str]) -> dict:
         """The gate on these images (their own draws): the fraction below the threshold (counter-attacked)
         and tau's quartiles."""
-        x, ids = self._inputs(images, ids)
-        taus = torch.cat([self.drifts(x[s: s + self.batch_size], self.seeds(ids[s: s + self.batch_size]))
-                          for s in range(0, x.shape[0], self.batch_size)]).numpy()
+        taus = self._taus(*self._inputs(images, ids))
         return {"counterattacked": float((taus < self.tau).mean()),
                 "tau_quartiles": [float(q) for q in np.quantile(taus, (0.25, 0.5, 0.75))]}
 
     def drifts(self, x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         """tau of each image with the defense's own noise draw (CPU float32)."""
         n = self._noise(x, seeds)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.model):
             return drift(self._f(x + n), self._f(x)).cpu()
+
+    def _taus(self, x: torch.Tensor, ids: list[str]) -> np.ndarray:
+        """:meth:`drifts` of every image, in ``batch_size`` chunks with the images' own seeds."""
+        return torch.cat([self.drifts(x[s: s + self.batch_size], self.seeds(ids[s: s + self.batch_size]))
+                          for s in range(0, x.shape[0], self.batch_size)]).numpy()
 
     # ------------------------------------------------------------------ internals
 
@@ -181,15 +183,11 @@ class CounterAttack(Defense):
     def _f(self, x: torch.Tensor) -> torch.Tensor:
         """f(x) in fp32, every pass padded to ``batch_size`` (gradients flow when enabled)."""
         device = model_device(self.model, x.device)
-        n = x.shape[0]
-        xb = x.to(device)
-        if n < self.batch_size:
-            xb = torch.cat([xb, xb[-1:].detach().expand(self.batch_size - n, *xb.shape[1:])])
         with autocast("fp32", device):
-            return self.model(xb)[:n].float()
+            return self.model(pad_batch(x.to(device), self.batch_size))[: x.shape[0]].float()
 
     def _run(self, x: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(defended image, tau, counter-attacked mask) for a batch of at most ``batch_size`` images."""
+        """(defended images, tau, counter-attacked mask), on ``x``'s device, in ``batch_size`` chunks."""
         if self.tau is None:
             raise RuntimeError(f"{self.name}: the gate threshold is not set: pass tau=... or call fit() on clean images")
         x = x.detach().float()
@@ -198,7 +196,7 @@ class CounterAttack(Defense):
             for s in range(0, x.shape[0], self.batch_size):
                 y, t, c = self._run_batch(x[s: s + self.batch_size], seeds[s: s + self.batch_size])
                 out.append(y), taus.append(t), closed.append(c)
-        return torch.cat(out), torch.cat(taus).cpu(), torch.cat(closed).cpu()
+        return torch.cat(out), torch.cat(taus), torch.cat(closed)
 
     def _run_batch(self, x, seeds):
         eps, alpha = self.eps / 255.0, self.alpha / 255.0

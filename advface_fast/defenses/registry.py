@@ -83,6 +83,16 @@ def _value(text: str):
         return text.strip()
 
 
+def check_defense(spec: str) -> str:
+    """``spec`` if it names a registered defense or a loadable ``package.module:factory`` (parameters
+    are checked when it is built); else ValueError, one line."""
+    try:
+        resolve_defense(parse_defense(spec)[0])
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    return spec
+
+
 def defense_from_spec(spec: str, model: nn.Module, **run) -> Defense:
     """A defense from a spec string (:func:`parse_defense`) with the run's settings (``seed``,
     ``batch_size``, ...), which the spec may not set."""
@@ -90,9 +100,9 @@ def defense_from_spec(spec: str, model: nn.Module, **run) -> Defense:
     clash = sorted(set(params) & set(run))
     if clash:
         raise ValueError(f"defense {spec}: {', '.join(clash)} come from the run, not the spec")
-    resolve_defense(name)  # an unknown name: one clear error before the model work
+    check_defense(spec)  # an unknown name: one clear error before the model work
     return create_defense(name, model, **run, **params)
 
 
-__all__ = ["create_defense", "defense_from_spec", "list_defenses", "parse_defense", "register_defense",
+__all__ = ["check_defense", "create_defense", "defense_from_spec", "list_defenses", "parse_defense", "register_defense",
            "resolve_defense"]

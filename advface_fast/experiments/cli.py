@@ -23,13 +23,13 @@ def _names(text: str, allowed, what: str) -> tuple:
 def _d_names(text: str) -> tuple:
     """--defense of defend / paper: attack-as-defense's attacks D. A registered defense of another family is
     pointed to the command that judges every family (one line, before any work)."""
-    from ..defenses import DEFENSE_ATTACKS, parse_defense, resolve_defense
+    from ..defenses import DEFENSE_ATTACKS, check_defense
 
     names = tuple(a.strip() for a in text.split(",") if a.strip())
     for spec in (n for n in names if n not in DEFENSE_ATTACKS):
         try:
-            resolve_defense(parse_defense(spec)[0])
-        except (KeyError, ValueError):
+            check_defense(spec)
+        except ValueError:
             continue  # not a defense at all: _names names the choices
         raise ValueError(f"--defense {spec}: this command runs the paper's Tables 2-4 for attack-as-defense's D "
                          f"({', '.join(DEFENSE_ATTACKS)}); judge {spec} with 'advface leaderboard --defense {spec}' "

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..attacks import DEFAULT_ATTACK_BATCH, make_attack
-from ..defenses import DefendedModel, adaptive_attack, create_defense, parse_defense
+from ..defenses import DefendedModel, adaptive_attack, check_defense, create_defense, parse_defense
 from ..environment import environment
 from ..fileio import write_json_atomic
 from ..models.identity import weights_id
@@ -341,10 +341,8 @@ def run_leaderboard(lfw, cfg: LeaderboardConfig, out_dir, *, cache_dir=None, def
                     progress: bool = True) -> dict:
     """Every (model, defense) entry of ``cfg`` (an entry already written with the same config is
     read back, not recomputed: the run resumes), then LEADERBOARD.md, leaderboard.json and the plot."""
-    from ..defenses import resolve_defense
-
     for spec in cfg.defenses:  # a bad spec fails now, not after the first entries
-        resolve_defense(parse_defense(spec)[0])
+        check_defense(spec)
     out = Path(out_dir)
     entries = []
     stages = {model: model_stage(model, cfg.folds) for model in cfg.models}  # a bad weights spec fails now

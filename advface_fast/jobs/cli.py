@@ -42,15 +42,14 @@ threshold: --threshold T, else --threshold-from FILE, else the one recorded in t
 
 def check_defense_spec(text: str) -> str:
     """--defense: an attack-as-defense attack name, or a spec naming a known defense (else ValueError)."""
-    from ..defenses import DEFENSE_ATTACKS, parse_defense, resolve_defense
+    from ..defenses import DEFENSE_ATTACKS, check_defense
 
     if text in DEFENSE_ATTACKS:
         return text
     try:
-        resolve_defense(parse_defense(text)[0])
-    except KeyError as err:
-        raise ValueError(f"--defense {text}: {str(err).strip(chr(34) + chr(39))}") from None
-    return text
+        return check_defense(text)
+    except ValueError as err:
+        raise ValueError(f"--defense {text}: {err}") from None
 
 
 def add_gallery_arguments(p: argparse.ArgumentParser) -> None:

@@ -90,13 +90,13 @@ class ShardWorker:
             # D exactly as `advface defend` builds (and calibrates) it: bf16 through the model's fast copy.
             self.defense = make_defense(self.model, c.defense, c.eps, (c.steps,), spec=spec, objective=c.objective,
                                         seed=c.seed, precision=c.precision, batch_size=c.batch_size)
-            self.generic = False
+            self.generic, self.variant = False, c.steps
         else:  # any registered defense (or package.module:factory) by its spec, e.g. "jpeg:quality=75"
             self.defense = defense_from_spec(c.defense, self.model, seed=c.seed, batch_size=c.batch_size)
             if self.defense.needs_fit():
                 raise ValueError(f"--defense {c.defense}: this defense fits a parameter on clean images; give it in "
                                  "the spec (e.g. counter-attack:tau=0.02, the value a leaderboard entry records)")
-            self.generic = True
+            self.generic, self.variant = True, self.defense.variants[-1]
         if c.aligned:
             self.align_key, self._make_aligner = "aligned chips (--aligned)", None
         else:  # the model's aligner as every command uses it: a faceless image gets the centre box (path "center")
@@ -112,7 +112,7 @@ class ShardWorker:
         n_images are added by the job)."""
         c = self.config
         return {"format": STORE_FORMAT, "model": c.model, "weights_sha256": self.weights_sha256,
-                "defense": self.defense.config() if self.generic else self.defense.step_config(c.steps), "seed": c.seed,
+                "defense": self.defense.variant_config(self.variant), "seed": c.seed,
                 "alignment": {"aligned": c.aligned, "aligner": self.align_key}, "shard_size": c.shard_size,
                 "save_chips": c.save_chips, "input": c.policy.to_dict(), "options": c.to_dict()}
 
@@ -214,7 +214,7 @@ class ShardWorker:
             defended = self.defense.defend(x, ids)[self.config.steps]
             return self.embed(defended).numpy(), defended, self.defense.last_stats["image_steps"]
         d = self.defense
-        emb = d.embed(x, ids)[d.variants[-1]].numpy().astype(np.float32)
+        emb = d.embed(x, ids)[self.variant].numpy().astype(np.float32)
         steps = d.last_stats["image_steps"]
         return emb, (d.transform(x, d.seeds(ids)).detach() if images else None), steps
 
@@ -227,16 +227,14 @@ class ShardWorker:
         """fp32 embeddings of defended images, every batch padded to ``batch_size`` (a row never
         depends on its batch mates or the batch size torch saw)."""
         from ..attacks.base import eval_mode
+        from ..defenses.base import pad_batch
 
         b = self.config.batch_size
         out = []
         with torch.no_grad(), eval_mode(self.model):
             for start in range(0, x.shape[0], b):
                 chunk = x[start : start + b]
-                n = chunk.shape[0]
-                if n < b:
-                    chunk = torch.cat([chunk, chunk[-1:].expand(b - n, *chunk.shape[1:])])
-                out.append(self.model(chunk).float()[:n].cpu())
+                out.append(self.model(pad_batch(chunk, b)).float()[: chunk.shape[0]].cpu())
         return torch.cat(out)
 
 
