@@ -18,11 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import re
 import sys
-import tempfile
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -31,51 +27,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, write_json  # noqa: E402
 
 from advface_fast.attacks import PGD
+from advface_fast.bench.onednn import count_primitives, onednn_log
 from advface_fast.models import create_model
 from advface_fast.models.fast import make_fast
 from advface_fast.precision import device_features, resolve_precision
 
 
-def weight_shaped(dims: str) -> bool:
-    """A 4-d tensor whose trailing two dims are a small square kernel (1x1 .. 7x7): a conv weight."""
-    parts = dims.split("x")
-    return len(parts) == 4 and parts[2] == parts[3] and int(parts[2]) <= 7 and int(parts[0]) >= 8
-
-
-def parse(log: str) -> dict:
-    """Executed primitives in a oneDNN verbose log: counts by kind."""
-    counts, reorders = Counter(), Counter()
-    for line in log.splitlines():
-        if not line.startswith("onednn_verbose") or ",exec," not in line:
-            continue
-        fields = line.split(",")
-        kind = next((f for f in fields if f in ("convolution", "reorder", "matmul", "inner_product", "eltwise",
-                                                  "pooling", "binary", "sum")), "other")
-        prop = next((f for f in fields if f.startswith(("forward", "backward"))), "")
-        counts[f"{kind} {prop}".strip()] += 1
-        if kind == "reorder":
-            dims = re.findall(r"\b\d+(?:x\d+){3}\b", line)
-            reorders["weight-shaped" if dims and weight_shaped(dims[-1]) else "other"] += 1
-    return {"primitives": dict(sorted(counts.items())), "reorders": dict(sorted(reorders.items()))}
-
-
 def verbose_step(attack: PGD, x, gallery, is_same) -> str:
-    """oneDNN's verbose log of one step (its C++ stdout captured through the file descriptor)."""
+    """oneDNN's verbose log of one step after two warm-up steps."""
     for _ in range(2):
         attack._ascent_gradient(x, gallery, is_same)
-    with tempfile.TemporaryFile(mode="w+") as log:
-        sys.stdout.flush()
-        saved = os.dup(1)
-        os.dup2(log.fileno(), 1)
-        try:
-            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                attack._ascent_gradient(x, gallery, is_same)
-        finally:
-            sys.stdout.flush()
-            os.dup2(saved, 1)
-            os.close(saved)
-        log.seek(0)
-        return log.read()
+    return onednn_log(lambda: attack._ascent_gradient(x, gallery, is_same))
 
 
 def main() -> int:
@@ -83,6 +45,8 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--precision", default="auto")
+    p.add_argument("--packed", action="append", default=[], choices=("weights", "fused", "fused-mul"),
+                   help="also count the fast path with make_fast(packed=MODE); repeatable")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.threads:
@@ -96,9 +60,11 @@ def main() -> int:
     is_same = torch.arange(args.batch) % 2 == 0
     rows = {}
     for name, model, prec in (("fp32 eager (plain model)", plain, "fp32"),
-                              (f"fast path ({precision})", make_fast(plain), precision)):
+                              (f"fast path, unpacked ({precision})", make_fast(plain, packed="off"), precision),
+                              *((f"fast path, packed={mode} ({precision})", make_fast(plain, packed=mode), precision)
+                                for mode in args.packed)):
         attack = PGD(model, eps=4, precision=prec)
-        found = parse(verbose_step(attack, x, gallery, is_same))
+        found = count_primitives(verbose_step(attack, x, gallery, is_same))
         rows[name] = found
         print(f"{name}: {found['reorders']} reorders; {found['primitives']}")
     record = {"command": command_line(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),

@@ -18,6 +18,13 @@ grid. Configurations, each a switch on top of the one before:
     ... frozen-convs          + every convolution a FrozenConv2d: weights kept in the autocast
                               dtype (no per-step weight cast)
     ... torch.compile         the fast copy with PyTorch's stem under torch.compile (inductor)
+    ... packed-weights        instead of frozen-convs: the convolutions on weights prepacked once
+                              for oneDNN, each residual block one autograd Function (packed="weights")
+    ... packed-fused          + bias + ReLU and residual add + ReLU as post-ops, the input
+                              gradient's shortcut add fused, the stem's ReLU in its chunks (the default)
+    ... packed-fused-mul      + the ReLU-backward mask as a fused multiply
+
+(every configuration before the packed ones says packed="off": the default copy is packed-fused)
     bf16 ...                  the same under bf16 autocast
 
 Everything runs in ONE process, interleaved: every round times every (configuration, batch
@@ -49,14 +56,20 @@ from advface_fast.precision import device_features
 
 _SWITCHES = (  # label suffix, make_fast switches; each adds one switch to the one before
     ("CL", dict(fold_affine=False, inplace=False, stem="plain")),
-    ("CL folded", dict(fold_affine=True, inplace=False, stem="plain")),
-    ("CL folded in-place", dict(fold_affine=True, inplace=True, stem="plain")),
-    ("CL folded in-place polyphase-stem", dict(fold_affine=True, inplace=True, stem="polyphase")),
-    ("CL folded in-place fused-stem", dict(fold_affine=True, inplace=True, stem="fused")),
-    ("CL folded in-place fused-stem frozen-convs", dict(fold_affine=True, inplace=True, stem="fused", frozen_convs=True)),
+    ("CL folded", dict(fold_affine=True, inplace=False, stem="plain", packed="off")),
+    ("CL folded in-place", dict(fold_affine=True, inplace=True, stem="plain", packed="off")),
+    ("CL folded in-place polyphase-stem", dict(fold_affine=True, inplace=True, stem="polyphase", packed="off")),
+    ("CL folded in-place fused-stem", dict(fold_affine=True, inplace=True, stem="fused", packed="off")),
+    ("CL folded in-place fused-stem frozen-convs", dict(fold_affine=True, inplace=True, stem="fused", frozen_convs=True,
+                                                                   packed="off")),
     # torch.compile (inductor, CPU; needs a C++ compiler) of the fast copy with PyTorch's own stem,
     # whose element-wise work and pooling inductor may fuse: measured against the eager switches
-    ("CL folded in-place torch.compile", dict(fold_affine=True, inplace=True, stem="plain", compile=True)),
+    ("CL folded in-place torch.compile", dict(fold_affine=True, inplace=True, stem="plain", packed="off",
+                                                         compile=True)),
+    ("CL folded in-place fused-stem packed-weights", dict(fold_affine=True, inplace=True, stem="fused", packed="weights")),
+    ("CL folded in-place fused-stem packed-fused", dict(fold_affine=True, inplace=True, stem="fused", packed="fused")),
+    ("CL folded in-place fused-stem packed-fused-mul",
+     dict(fold_affine=True, inplace=True, stem="fused", packed="fused-mul")),
 )
 CONFIGS = tuple(  # label, precision, make_fast switches (None: the plain model)
     item for precision in ("fp32", "bf16")

@@ -47,6 +47,8 @@ from advface_fast.precision import device_features, resolve_precision
 
 # Profiler op name -> group. First matching substring wins; everything else is "other".
 GROUPS = (
+    # the prepacked oneDNN primitives of the packed fast path run both ways (models/packed_conv.py)
+    ("mkldnn::_convolution", "conv prepacked (forward + input gradient)"),
     ("convolution_backward", "conv backward"),
     ("mkldnn_convolution", "conv forward"),
     ("convolution", "conv forward"),
@@ -120,6 +122,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--plain-stem", action="store_true",
                     help="also profile the fast path with PyTorch's own stem (make_fast(stem='plain')): the "
                          "fast path before the fused stem, in the same run")
+    ap.add_argument("--packed", action="append", default=[], choices=("off", "weights", "fused-mul"),
+                    help="also profile the fast path with make_fast(packed=MODE) (the default is \"fused\"); "
+                         "off: the fast path before prepacked weights; repeatable")
     ap.add_argument("--out", type=Path, help="write the JSON here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -129,11 +134,15 @@ def main(argv=None) -> dict:
     plain = create_model("dlib-resnet")
     configs = {"fp32 eager (plain model, NCHW)": PGD(plain, eps=4, precision="fp32")}
     if args.plain_stem:
-        configs[f"fast path, plain stem ({precision})"] = PGD(make_fast(plain, stem="plain"), eps=4, precision=precision)
-    configs[f"fast path ({precision}, channels_last, folded, fused stem)"] = PGD(make_fast(plain), eps=4,
+        configs[f"fast path, plain stem ({precision})"] = PGD(make_fast(plain, stem="plain", packed="off"), eps=4,
+                                                              precision=precision)
+    configs[f"fast path ({precision}, channels_last, folded, fused stem, packed)"] = PGD(make_fast(plain), eps=4,
                                                                                 precision=precision)
     if args.frozen_convs:  # the switch under test: the fast path with FrozenConv2d (before / after in one run)
-        configs[f"fast path + frozen convs ({precision})"] = PGD(make_fast(plain, frozen_convs=True), eps=4,
+        configs[f"fast path + frozen convs ({precision})"] = PGD(make_fast(plain, frozen_convs=True, packed="off"),
+                                                                 eps=4, precision=precision)
+    for mode in args.packed:
+        configs[f"fast path, packed={mode} ({precision})"] = PGD(make_fast(plain, packed=mode), eps=4,
                                                                  precision=precision)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (args.batch, 3, 150, 150), generator=gen).float().div_(255.0)
@@ -150,7 +159,7 @@ def main(argv=None) -> dict:
         for label, attack in configs.items():
             print(f"profiling {label}", file=sys.stderr, flush=True)
             r = profile_step(attack, x, gallery, is_same, args.steps)
-            conv_s = r["groups_s"].get("conv forward", 0.0) + r["groups_s"].get("conv backward", 0.0)
+            conv_s = sum(s for g, s in r["groups_s"].items() if g.startswith("conv"))
             r["image_steps_per_s"] = args.batch / r["step_s_unprofiled"]
             r["conv_share"] = conv_s / r["profiled_step_s"]
             r["conv_gflops"] = flops / conv_s / 1e9 if conv_s else None
@@ -192,6 +201,8 @@ def format_report(result: dict) -> str:
             s = r["groups_s"].get(g, 0.0)
             cells.append(f"{1e3 * s:.1f} ({100 * s / r['profiled_step_s']:.0f}%)")
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    lines.append("| outside convolutions | " + " | ".join(
+        f"{100 * (1 - result['configs'][l]['conv_share']):.1f}%" for l in labels) + " |")
     for key, fmt in (("image_steps_per_s", "{:.0f}"), ("conv_gflops", "{:.0f}"), ("step_gflops", "{:.0f}")):
         name = {"image_steps_per_s": "image-steps/s (unprofiled)", "conv_gflops": "GFLOP/s inside convolutions",
                 "step_gflops": "GFLOP/s over the whole step"}[key]

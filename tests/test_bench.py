@@ -391,6 +391,7 @@ def test_profile_script_splits_a_step_into_groups(tmp_path):
     assert script.group_of("aten::convolution_backward") == "conv backward"
     assert script.group_of("aten::mkldnn_convolution") == "conv forward"
     assert script.group_of("aten::_to_copy") == script.group_of("aten::copy_")
+    assert script.group_of("mkldnn::_convolution_transpose_pointwise").startswith("conv prepacked")
 
     out = tmp_path / "profile.json"
     result = script.main(["--threads", "1", "--batch", "2", "--steps", "1", "--gemm-size", "128",
@@ -398,8 +399,11 @@ def test_profile_script_splits_a_step_into_groups(tmp_path):
     assert json.loads(out.read_text())["batch"] == 2
     for r in result["configs"].values():
         assert sum(r["groups_s"].values()) == pytest.approx(r["profiled_step_s"])
-        assert r["groups_s"]["conv forward"] > 0 and r["groups_s"]["conv backward"] > 0
+        conv = {g: t for g, t in r["groups_s"].items() if g.startswith("conv")}
+        assert (conv.get("conv forward", 0) > 0 and conv.get("conv backward", 0) > 0) or \
+            conv.get("conv prepacked (forward + input gradient)", 0) > 0, conv  # the packed path: both ways
         assert 0 < r["conv_share"] <= 1 and r["image_steps_per_s"] > 0
+    assert any(g.startswith("conv prepacked") for r in result["configs"].values() for g in r["groups_s"])
     # About 1.1 GFLOP per image-step for a 150x150 dlib-resnet forward + input-gradient backward.
     assert 0.8 < result["fwd_bwd_gflop_per_step"] / 2 < 1.5
 
@@ -424,3 +428,15 @@ def test_threads_vs_load_script_quick(tmp_path):
     assert json.loads(out.read_text())["rows"] == result["rows"]
     assert result["rows"][0]["threads"] == 1 and result["rows"][0]["median_step_s"] > 0
     assert result["default_rule_picked"] >= 1 and result["default_rule_why"].startswith("auto: ")
+
+
+def test_flop_fraction_target_follows_the_cpu(monkeypatch):
+    """The step's FLOP-rate target: 0.50 of bf16 GEMM on AMX CPUs, 0.80 on AVX512-BF16 ones, 0.70 elsewhere."""
+    import advface_fast.precision as precision
+    from advface_fast.bench import flops
+
+    for flags, want in (({"amx_bf16": True, "avx512_bf16": True}, 0.50), ({"avx512_bf16": True}, 0.80),
+                        ({"avx2": True}, flops.TARGET_FLOP_FRACTION)):
+        monkeypatch.setattr(precision, "cpu_features", lambda flags=flags: {"flags": flags})
+        assert flops.flop_fraction_target(torch.device("cpu")) == want
+    assert flops.flop_fraction_target(torch.device("cuda")) == flops.TARGET_FLOP_FRACTION

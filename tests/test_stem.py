@@ -117,7 +117,9 @@ def test_frozen_convs_keep_channels_last_and_the_plain_stem():
     from advface_fast.models.fast import make_fast
 
     plain = create_model("dlib-resnet")
-    for model in (make_fast(plain, stem="plain", frozen_convs=True), make_fast(plain, fold_affine=False, frozen_convs=True)):
+    # packed="off": the packed default runs its convolutions as prepacked primitives, not through the modules
+    for model in (make_fast(plain, stem="plain", frozen_convs=True, packed="off"),
+                  make_fast(plain, fold_affine=False, frozen_convs=True)):
         assert isinstance(model.stem_conv, FrozenConv2d) and model.stem_conv.input_grad == "aten"
         seen = []
         model.blocks[0].conv1.register_forward_hook(lambda m, i, o: seen.append(o))

@@ -176,6 +176,12 @@ def check_record_steps(record_steps, steps: int) -> tuple[int, ...]:
     return out
 
 
+def _zero_nans(g: torch.Tensor) -> torch.Tensor:
+    """NaN -> 0; in place where ``g`` is dense (autograd's fresh gradient: no new tensor to allocate and fill)."""
+    return g.nan_to_num_(nan=0.0) if g.is_contiguous() or g.is_contiguous(memory_format=torch.channels_last) \
+        else torch.nan_to_num(g, nan=0.0)
+
+
 class Attack:
     """Base class. Subclasses set ``name`` and implement :meth:`perturb`.
 
@@ -281,14 +287,14 @@ class Attack:
                 emb, penalty = self.model.terms(xr, *self._seeds_and_draw(rows))
             s = self.objective.similarity(emb.float(), target)
             (g,) = torch.autograd.grad(loss_fn(s).sum() + penalty.float().sum(), xr)
-            return torch.nan_to_num(g, nan=0.0).contiguous(), s.detach()
+            return _zero_nans(g).contiguous(), s.detach()
         grad = sim = None
         views = self._views(x, rows)
         for view in views:
             v = view.detach().requires_grad_(True)
             s = self._similarity(v, target)
             (g,) = torch.autograd.grad(loss_fn(s).sum(), v)
-            g = torch.nan_to_num(g, nan=0.0)
+            g = _zero_nans(g)
             grad, sim = (g, s.detach()) if grad is None else (grad.add_(g), sim.add_(s.detach()))
         if len(views) > 1:
             grad.div_(len(views))

@@ -73,15 +73,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
-def polyphase_input_grad(grad: torch.Tensor, weight_p: torch.Tensor, stride: tuple[int, int],
-                         padding: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+def polyphase_input_grad(grad: torch.Tensor, weight_p: torch.Tensor | None, stride: tuple[int, int],
+                         padding: tuple[int, int], out: torch.Tensor, phases: torch.Tensor | None = None) -> torch.Tensor:
     """dL/dx of a stride-s convolution from dL/dy (see the module docstring), written into ``out``
     (the input's shape, dtype and layout) and returned. ``weight_p`` is ``polyphase_weight(W, stride)``
-    in ``grad``'s dtype."""
+    in ``grad``'s dtype; or ``phases``, its convolution with ``grad`` computed by the caller (a prepacked one)."""
     n, c_in, h, w = out.shape
     sh, sw = stride
-    th, tw = weight_p.shape[2:]
-    phases = F.conv2d(grad, weight_p, padding=(th - 1, tw - 1))  # N x (sh*sw*C_in) x OH' x OW'
+    if phases is None:
+        th, tw = weight_p.shape[2:]
+        phases = F.conv2d(grad, weight_p, padding=(th - 1, tw - 1))  # N x (sh*sw*C_in) x OH' x OW'
     oh, ow = phases.shape[2:]
     exact = (oh * sh, ow * sw) == (h, w) and tuple(padding) == (0, 0)
     # the phases cover padded rows / columns [0, oh*sh) x [0, ow*sw); rows past them get no gradient

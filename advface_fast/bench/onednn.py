@@ -1,0 +1,64 @@
+"""oneDNN's own account of what a step executes: its verbose log, captured and counted.
+
+``onednn_log(fn)`` runs ``fn`` with oneDNN's verbose mode on and returns the log (oneDNN writes it to
+the process's stdout from C++, so it is captured through the file descriptor); ``count_primitives``
+counts the executed primitives by kind and splits the reorders into weight-shaped ones (4-d,
+kernel-sized trailing dims: frozen weights re-packed at every call) and the rest. A count is a
+property of the code path, not of the machine's load: valid on a busy machine, and testable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from typing import Callable
+
+import torch
+
+KINDS = ("convolution", "deconvolution", "reorder", "matmul", "inner_product", "eltwise", "pooling", "binary", "sum")
+
+
+def weight_shaped(dims: str) -> bool:
+    """A 4-d tensor whose trailing two dims are a small square kernel (1x1 .. 7x7): a conv weight."""
+    parts = dims.split("x")
+    return len(parts) == 4 and parts[2] == parts[3] and int(parts[2]) <= 7 and int(parts[0]) >= 8
+
+
+def count_primitives(log: str) -> dict:
+    """Executed primitives in a oneDNN verbose log: {"primitives": {kind + propagation: n},
+    "reorders": {"weight-shaped" | "other": n}}."""
+    counts, reorders = Counter(), Counter()
+    for line in log.splitlines():
+        if not line.startswith("onednn_verbose") or ",exec," not in line:
+            continue
+        fields = line.split(",")
+        kind = next((f for f in fields if f in KINDS), "other")
+        prop = next((f for f in fields if f.startswith(("forward", "backward"))), "")
+        counts[f"{kind} {prop}".strip()] += 1
+        if kind == "reorder":
+            dims = re.findall(r"\b\d+(?:x\d+){3}\b", line)
+            reorders["weight-shaped" if dims and weight_shaped(dims[-1]) else "other"] += 1
+    return {"primitives": dict(sorted(counts.items())), "reorders": dict(sorted(reorders.items()))}
+
+
+def onednn_log(fn: Callable[[], object]) -> str:
+    """oneDNN's verbose log of one call of ``fn`` (its C++ stdout captured through the file descriptor)."""
+    with tempfile.TemporaryFile(mode="w+") as log:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(log.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                fn()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        log.seek(0)
+        return log.read()
+
+
+__all__ = ["count_primitives", "onednn_log", "weight_shaped"]
