@@ -116,7 +116,11 @@ def test_a_changed_weight_is_repacked_and_copies_drop_their_packs():
     assert not torch.allclose(packed.forward(x), before)
     conv.load_state_dict({"weight": torch.ones_like(conv.weight), "bias": torch.zeros_like(conv.bias)})
     assert_close_to_scale(packed.forward(x), conv(x), rel=FP32_NET)
-    assert packed._packs
+    for _ in range(5):  # new storage under the same Parameter, version unchanged: the freed address may come back
+        conv.weight.data = torch.randn_like(conv.weight)
+        conv.weight.data = torch.randn_like(conv.weight)
+        assert_close_to_scale(packed.forward(x), conv(x), rel=FP32_NET, what="param.data replaced")
+    assert len(packed._packs) == 1  # the earlier weights' packs of this shape are dropped
     clone = copy.deepcopy(packed)
     assert clone._packs == {} and clone.conv is not conv
     assert pickle.loads(pickle.dumps(packed))._packs == {}
@@ -157,10 +161,17 @@ def test_packed_block_equals_the_plain_block(c_in, c_out, side, downsample, fuse
     assert_close_to_scale(gx1, gx0, rel=FP32_NET, what="input gradient")
 
 
-def test_packed_block_checks_its_relu_backward():
+def test_packed_block_checks_its_arguments():
+    from advface_fast.models.packed_block import check_block
+
     conv = make_conv(4, 4, 1, 1)
     with pytest.raises(ValueError, match="relu_backward"):
         packed_block(inputs(4, 5), PackedConv(conv), PackedConv(conv), False, relu_backward="exact")
+    check_block(PackedConv(make_conv(4, 8, 2, 0)), PackedConv(make_conv(8, 8, 1, 1)), True)  # dlib's shapes
+    for c1, c2, down in (((16, 8, 2, 0), (8, 8, 1, 1), True), ((4, 8, 1, 1), (8, 8, 1, 1), False),
+                         ((4, 8, 2, 0), (8, 4, 1, 1), True)):  # a shortcut wider than the output, a bad conv2
+        with pytest.raises(ValueError, match="not a dlib residual block"):
+            check_block(PackedConv(make_conv(*c1)), PackedConv(make_conv(*c2)), down)
 
 
 # ------------------------------------------------------------------------- the fast copy
@@ -185,7 +196,8 @@ def embedding_and_grad(model, x, bf16=False):
 def test_packed_fast_copy_equals_the_unpacked_one(dlib, mode):
     from advface_fast.models.fast import make_fast
 
-    x = torch.rand(3, 3, 150, 150, generator=torch.Generator().manual_seed(8))
+    # 10 images: more than one stem chunk (8), the second one partial
+    x = torch.rand(10, 3, 150, 150, generator=torch.Generator().manual_seed(8))
     off, packed = make_fast(dlib, packed="off"), make_fast(dlib, packed=mode)
     e0, g0 = embedding_and_grad(off, x)
     e1, g1 = embedding_and_grad(packed, x)
@@ -196,8 +208,16 @@ def test_packed_fast_copy_equals_the_unpacked_one(dlib, mode):
     assert_close_to_scale(b1, e0, rel=0.05, what="bf16 embedding vs fp32")
     # bf16 input gradients of a 29-layer net: as close to fp32 as the unpacked bf16 path's are
     assert (h1 - g0).norm() <= 1.25 * (h0 - g0).norm() + 1e-3 * g0.norm()
-    with torch.no_grad():  # the no-gradient path too
+    with torch.no_grad():  # the no-gradient paths too
         assert_close_to_scale(packed(x), e0, rel=FP32_DEEP, what="no-grad embedding")
+    fresh = make_fast(dlib, packed=mode)
+    with torch.inference_mode():  # its packs first built here: used by the gradient path after
+        assert_close_to_scale(fresh(x), e0, rel=FP32_DEEP, what="inference-mode embedding")
+    assert_close_to_scale(embedding_and_grad(fresh, x)[1], g0, rel=FP32_DEEP, what="gradient after inference mode")
+    xg = x[:2].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(packed(xg).sum(), xg, create_graph=True)
+    with pytest.raises(RuntimeError):  # no double backward through the primitives (none silently wrong)
+        g.sum().backward()
 
 
 def test_switch_in_the_arithmetic_key_only_when_on(dlib):
@@ -213,7 +233,10 @@ def test_switch_in_the_arithmetic_key_only_when_on(dlib):
         make_fast(dlib, packed="yes")
     with pytest.raises(ValueError, match="fold_affine"):
         make_fast(dlib, fold_affine=False, packed="fused")
-    clone = copy.deepcopy(on)  # a copy works and packs anew for itself
+    clone = copy.deepcopy(on)  # a copy works and packs anew for its own convolutions
+    for block, original in zip(clone.blocks, on.blocks):
+        assert block.packed_convs[0].conv is block.conv1 and block.packed_convs[1].conv is block.conv2
+        assert block.conv1 is not original.conv1 and block.packed_convs[0]._packs == {}
     x = torch.rand(2, 3, 150, 150, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         assert_close_to_scale(clone(x), on(x), rel=FP32_NET)

@@ -44,7 +44,7 @@ from torch import nn
 
 from .dlib_resnet import ChannelAffine, DlibResNet, ResidualBlock, add_zero_padded
 from .frozen_conv import FrozenConv2d, compute_dtype, freeze_convs
-from .packed_block import packed_block
+from .packed_block import check_block, packed_block
 from .packed_conv import PackedConv, channels_last, packing_supported
 from .registry import register_fast_copy
 from .stem import ChunkedStem
@@ -98,6 +98,7 @@ class FastResidualBlock(nn.Module):
     def pack(self) -> None:
         """Prepack the convolutions (after the last change to the module's convolutions)."""
         self.packed_convs = (PackedConv(self.conv1), PackedConv(self.conv2))
+        check_block(*self.packed_convs, self.downsample)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed != "off":

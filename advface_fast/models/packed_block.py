@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .packed_conv import PackedConv, channels_last
 
@@ -65,6 +66,7 @@ class _PackedBlockFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the primitives have no derivatives of their own: no double backward
     def backward(ctx, grad):
         x, y1, out = ctx.saved_tensors
         conv1, conv2 = ctx.convs
@@ -84,6 +86,14 @@ class _PackedBlockFunction(torch.autograd.Function):
         return conv1.input_grad(g_y1, x.shape, add=g_short), None, None, None, None, None
 
 
+def check_block(conv1: PackedConv, conv2: PackedConv, downsample: bool) -> None:
+    """The shapes this Function supports: dlib's blocks (the shortcut never has more channels than the output)."""
+    c_in, c_out = conv1.conv.weight.shape[1], conv1.conv.weight.shape[0]
+    if tuple(conv2.conv.weight.shape[:2]) != (c_out, c_out) or (c_in > c_out if downsample else c_in != c_out):
+        raise ValueError(f"packed block: conv1 {c_in}->{c_out}, conv2 {tuple(conv2.conv.weight.shape[1::-1])} "
+                         f"with downsample={downsample} is not a dlib residual block (shortcut channels <= output's)")
+
+
 def packed_block(x: torch.Tensor, conv1: PackedConv, conv2: PackedConv, downsample: bool, fuse: bool = True,
                  relu_backward: str = "threshold") -> torch.Tensor:
     """One residual block on prepacked convolutions (see the module docstring); ``x`` NHWC in the compute dtype."""
@@ -92,4 +102,4 @@ def packed_block(x: torch.Tensor, conv1: PackedConv, conv2: PackedConv, downsamp
     return _PackedBlockFunction.apply(x, conv1, conv2, downsample, fuse, relu_backward)
 
 
-__all__ = ["RELU_BACKWARDS", "packed_block"]
+__all__ = ["RELU_BACKWARDS", "check_block", "packed_block"]

@@ -15,8 +15,9 @@ primitives (``torch._C._nn.mkldnn_reorder_conv2d_weight`` and
   transposed convolution for a strided one, or the polyphase kernel of an image stem
   (see :mod:`~advface_fast.models.frozen_conv`).
 
-A pack is keyed by the weight tensor's identity and version, so a changed weight (training, a
-``load_state_dict``) is re-packed, never met with a stale pack; copies and pickles drop their packs.
+A pack is keyed by the weight tensor's identity, version and storage (which the pack holds, so its
+address cannot be reused while the pack lives), so a changed weight (training, a ``load_state_dict``,
+``param.data = ...``) is re-packed, never met with a stale pack; copies and pickles drop their packs.
 CPU only (``packing_supported``); elsewhere the callers run their plain operations.
 """
 
@@ -80,12 +81,17 @@ class PackedConv:
         pack = self._packs.get(key)
         if pack is not None:
             return pack
+        for old in [k for k in self._packs if k[:2] == key[:2]]:  # this shape's pack of an earlier weight
+            del self._packs[old]
         if len(self._packs) >= 8:  # a few input shapes (e.g. the last partial batch's chunk) at most
             self._packs.clear()
         with torch.inference_mode(False), torch.no_grad():
             w = weight.detach().to(dtype).contiguous()
             in_shape, out_shape = list(in_shape), self.out_shape(in_shape)
-            pack = {"bias": None if bias is None else bias.detach().to(dtype),
+            # the weight's storage is held by its pack, so no other tensor can take its address while the
+            # pack lives: a key with the same address is the same storage (``param.data = ...`` re-packs)
+            pack = {"source": (weight.detach(), None if bias is None else bias.detach()),
+                    "bias": None if bias is None else bias.detach().to(dtype),
                     "forward": torch._C._nn.mkldnn_reorder_conv2d_weight(
                         w.to_mkldnn(), self.padding, self.stride, [1, 1], 1, in_shape)}
             if self.input_grad_kind == "flipped":
