@@ -21,7 +21,7 @@ from torch import nn
 from _tolerances import FP32_DEEP, FP32_NET, assert_close_to_scale
 from advface_fast.models.frozen_conv import polyphase_input_grad
 from advface_fast.models.packed_block import packed_block
-from advface_fast.models.packed_conv import PackedConv, channels_last, packing_supported
+from advface_fast.models.packed_conv import PackedConv, packing_supported, to_nhwc
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.empty(1), torch.float32), reason="oneDNN not built")
 
@@ -38,7 +38,7 @@ def make_conv(c_in, c_out, stride, padding, seed=0, k=3):
 
 def inputs(c_in, side, dtype=torch.float32, seed=1, n=3):
     x = torch.randn(n, c_in, side, side, generator=torch.Generator().manual_seed(seed))
-    return channels_last(x, dtype)
+    return to_nhwc(x, dtype)
 
 
 def autograd_input_grad(conv, x, g):
@@ -60,7 +60,7 @@ def test_fp32_forward_and_input_grad_equal_plain_torch(c_in, c_out, side, stride
     other = inputs(c_out, y.shape[2], seed=2)[:, :, :, :y.shape[3]].contiguous(memory_format=CL)
     assert_close_to_scale(packed.forward(x, add=other), y + other, rel=FP32_NET, what="add")
     assert_close_to_scale(packed.forward(x, "relu", add=other), F.relu(y + other), rel=FP32_NET, what="add + relu")
-    g = channels_last(torch.randn(y.shape, generator=torch.Generator().manual_seed(4)), torch.float32)
+    g = to_nhwc(torch.randn(y.shape, generator=torch.Generator().manual_seed(4)), torch.float32)
     gx = autograd_input_grad(conv, x, g)
     out = packed.input_grad(g, x.shape)
     assert out.shape == x.shape and out.is_contiguous(memory_format=CL)
@@ -76,7 +76,7 @@ def test_polyphase_input_grad_of_the_stem_equals_autograd():
     packed = PackedConv(conv, "polyphase")
     x = inputs(3, 45)
     y = conv(x)
-    g = channels_last(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)), torch.float32)
+    g = to_nhwc(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)), torch.float32)
     out = torch.empty(x.shape).contiguous(memory_format=CL)
     polyphase_input_grad(g, None, (2, 2), (0, 0), out, phases=packed.input_grad(g, x.shape))
     assert_close_to_scale(out, autograd_input_grad(conv, x, g), rel=FP32_NET)
@@ -90,7 +90,7 @@ def test_bf16_is_plain_bf16_up_to_rounding():
     y = packed.forward(x, "relu")
     assert y.dtype == torch.bfloat16
     assert_close_to_scale(y.float(), F.relu(F.conv2d(x, w, b, 1, 1)).float(), rel=2 ** -7)
-    g = channels_last(torch.randn(y.shape, generator=torch.Generator().manual_seed(6)), torch.bfloat16)
+    g = to_nhwc(torch.randn(y.shape, generator=torch.Generator().manual_seed(6)), torch.bfloat16)
     ref = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                                               [True, False, False])[0]
     assert_close_to_scale(packed.input_grad(g, x.shape).float(), ref.float(), rel=2 ** -7)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import precision as _precision  # module attribute: the CPU flags stay patchable
 from .context import BenchContext, pgd_one_step
 from .harness import BenchRow, Variant, time_variants, timing_dict
 
@@ -23,9 +24,7 @@ CPU_FLOP_FRACTION_TARGETS = {"amx_bf16": 0.50, "avx512_bf16": 0.80}
 def flop_fraction_target(device: torch.device) -> float:
     """The step's target fraction of the bf16 GEMM rate on ``device`` (see CPU_FLOP_FRACTION_TARGETS)."""
     if device.type == "cpu":
-        from ..precision import cpu_features
-
-        flags = cpu_features()["flags"]
+        flags = _precision.cpu_features()["flags"]
         for flag, target in CPU_FLOP_FRACTION_TARGETS.items():  # AMX first: its CPUs also have AVX512-BF16
             if flags.get(flag):
                 return target

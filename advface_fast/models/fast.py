@@ -45,7 +45,7 @@ from torch import nn
 from .dlib_resnet import ChannelAffine, DlibResNet, ResidualBlock, add_zero_padded
 from .frozen_conv import FrozenConv2d, compute_dtype, freeze_convs
 from .packed_block import check_block, packed_block
-from .packed_conv import PackedConv, channels_last, packing_supported
+from .packed_conv import PackedConv, packing_supported, to_nhwc
 from .registry import register_fast_copy
 from .stem import ChunkedStem
 
@@ -105,7 +105,7 @@ class FastResidualBlock(nn.Module):
             dtype = compute_dtype(x)
             if packing_supported(x, dtype):
                 with torch.autocast(x.device.type, enabled=False):
-                    return packed_block(channels_last(x, dtype), *self.packed_convs, self.downsample,
+                    return packed_block(to_nhwc(x, dtype), *self.packed_convs, self.downsample,
                                         fuse=self.packed != "weights",
                                         relu_backward="mul" if self.packed == "fused-mul" else "threshold")
         # In place is safe: a conv / affine output is not saved for backward; ReLU saves its

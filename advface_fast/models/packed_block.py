@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .packed_conv import PackedConv, channels_last
+from .packed_conv import PackedConv, to_nhwc
 
 RELU_BACKWARDS = ("threshold", "mul")
 
@@ -70,7 +70,7 @@ class _PackedBlockFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, y1, out = ctx.saved_tensors
         conv1, conv2 = ctx.convs
-        g_s = _threshold(channels_last(grad, out.dtype), out)
+        g_s = _threshold(to_nhwc(grad, out.dtype), out)
         y2_shape = conv2.out_shape(y1.shape)
         g_y2 = g_s if tuple(g_s.shape) == tuple(y2_shape) else \
             g_s[:, :, :y2_shape[2], :y2_shape[3]].contiguous(memory_format=torch.channels_last)

@@ -36,7 +36,7 @@ def packing_supported(x: torch.Tensor, dtype: torch.dtype) -> bool:
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
-def channels_last(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def to_nhwc(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype``, NHWC (a no-op when it already is)."""
     return t.to(dtype).contiguous(memory_format=torch.channels_last)
 
@@ -131,22 +131,17 @@ class PackedConv:
         if add is not None and mul is not None:
             raise ValueError("one fused post-op at a time: add or mul")
         pack = self._pack(grad.dtype, in_shape)
+        if self.input_grad_kind == "flipped" and (add is not None or mul is not None):  # fused into the primitive
+            op, other = ("add", add) if add is not None else ("mul", mul)
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                grad, other, pack["grad"], None, pack["grad_padding"], [1, 1], [1, 1], 1, op,
+                1.0 if op == "add" else None, None, [], None)
         if self.input_grad_kind == "transposed":
             out = torch.ops.mkldnn._convolution_transpose_pointwise(
                 grad, pack["grad"], None, self.padding, pack["output_padding"], self.stride, [1, 1], 1, "none", [], "")
         else:
-            other, op = (add, "add") if add is not None else (mul, "mul")
-            if other is not None and self.input_grad_kind == "flipped":
-                return torch.ops.mkldnn._convolution_pointwise.binary(
-                    grad, other, pack["grad"], None, pack["grad_padding"], [1, 1], [1, 1], 1, op,
-                    1.0 if op == "add" else None, None, [], None)
             out = torch.ops.mkldnn._convolution_pointwise(grad, pack["grad"], None, pack["grad_padding"], [1, 1],
                                                           [1, 1], 1, "none", [], "")
-        if add is not None:
-            out = out.add_(add)
-        elif mul is not None:
-            out = out.mul_(mul)
-        return out
+        return out.add_(add) if add is not None else out.mul_(mul) if mul is not None else out
 
-
-__all__ = ["INPUT_GRADS", "PackedConv", "channels_last", "packing_supported"]
+__all__ = ["INPUT_GRADS", "PackedConv", "packing_supported", "to_nhwc"]
