@@ -4,7 +4,11 @@ the share of PReLU (forward + backward) in each step, from torch.profiler.
     python benchmarks/model_attack_step.py --threads 1 --batch 16 --out benchmarks/results/model_attack_step.json
 
 One attack step is ``PGD._ascent_gradient`` (forward, cosine similarity to fixed gallery
-embeddings, input gradient) on N random chips of the model's input size. facenet and
+embeddings, input gradient) on N random chips of the model's input size. The configurations are
+timed interleaved, one step each per round, ``--repeats`` rounds (the median reported). A fast
+copy with the dilated input gradient (SFace's; ``make_fast(dilated_grad=)``) is also timed
+without it in the same rounds. The allocator setting of the command-line tools is applied
+(``keep_freed_memory``; ``ADVFACE_KEEP_FREED_MEMORY`` chooses) and recorded. facenet and
 cosface-sphere20 need user weights; speed does not depend on the weight values, so without
 weights they are timed with random weights (marked "random weights" in the output).
 """
@@ -23,8 +27,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_average, write_json  # noqa: E402
+from common import command_line, load_average, write_json  # noqa: E402
 
+from advface_fast.allocator import keep_freed_memory
 from advface_fast.attacks import PGD
 from advface_fast.models import create_model, get_model_spec
 from advface_fast.precision import resolve_precision
@@ -42,15 +47,18 @@ def build(name: str):
         return net, "random weights"
 
 
-def step_seconds(attack, x, gallery, same, repeats: int) -> float:
-    for _ in range(2):
-        attack._ascent_gradient(x, gallery, same)
-    times = []
+def interleaved_step_seconds(attacks: dict, x, gallery, same, repeats: int) -> dict:
+    """label -> median seconds of one step, the labels taking turns (one step each per round)."""
+    for attack in attacks.values():
+        for _ in range(2):
+            attack._ascent_gradient(x, gallery, same)
+    times = {label: [] for label in attacks}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        attack._ascent_gradient(x, gallery, same)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for label, attack in attacks.items():
+            t0 = time.perf_counter()
+            attack._ascent_gradient(x, gallery, same)
+            times[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(ts) for label, ts in times.items()}
 
 
 def prelu_share(attack, x, gallery, same, steps: int = 2) -> dict:
@@ -78,9 +86,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--models", default="dlib-resnet,sface,facenet,cosface-sphere20")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
+    allocator = keep_freed_memory()
     torch.set_num_threads(args.threads)
     bf16 = resolve_precision("auto", "cpu")
-    out = {"benchmark": "attack step per model", "threads": args.threads, "batch": args.batch,
+    out = {"benchmark": "attack step per model", "command": command_line(argv), "threads": args.threads, "batch": args.batch,
+           "repeats": args.repeats, "statistic": "median over interleaved rounds", **allocator,
            "load_average_before": load_average(), "auto_precision": bf16,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "models": {}}
     gen = torch.Generator().manual_seed(0)
@@ -96,12 +106,15 @@ def main(argv=None) -> dict:
         row = {"weights": weights, "input": [h, w]}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            configs = {"plain fp32": PGD(net, eps=4, precision="fp32"), "fast fp32": PGD(fast, eps=4, precision="fp32")}
+            copies = {"fast": fast}
+            if "dilated_grad" in getattr(fast, "switches", {}):
+                copies["fast without dilated_grad"] = spec.make_fast(net, dilated_grad=False)
+            configs = {"plain fp32": PGD(net, eps=4, precision="fp32")}
+            configs.update({f"{label} fp32": PGD(copy, eps=4, precision="fp32") for label, copy in copies.items()})
             if bf16 == "bf16":
-                configs["fast bf16"] = PGD(fast, eps=4, precision="bf16")
-            for label, attack in configs.items():
-                print(f"{name}: {label}", file=sys.stderr, flush=True)
-                s = step_seconds(attack, x, gallery, same, args.repeats)
+                configs.update({f"{label} bf16": PGD(copy, eps=4, precision="bf16") for label, copy in copies.items()})
+            print(f"{name}: {', '.join(configs)}", file=sys.stderr, flush=True)
+            for label, s in interleaved_step_seconds(configs, x, gallery, same, args.repeats).items():
                 row[label] = {"step_s": round(s, 4), "image_steps_per_s": round(args.batch / s, 1)}
             row["speedup_fast_fp32"] = round(row["plain fp32"]["step_s"] / row["fast fp32"]["step_s"], 2)
             if "fast bf16" in row:

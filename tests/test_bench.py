@@ -344,9 +344,12 @@ def test_allocator_page_faults_script_quick(tmp_path):
     out = tmp_path / "faults.json"
     result = script.main(["--threads", "1", "--batch", "2", "--steps", "1", "--runs", "1", "--out", str(out)])
     assert json.loads(out.read_text())["median"] == result["median"]
-    detail = result["runs_detail"]
-    assert [r["keep_freed_memory"] for r in detail["keep"]] == [True] and detail["default"][0]["keep_freed_memory"] is False
-    assert all(m["step_ms"] > 0 for m in result["median"].values())
+    detail = result["runs_detail"]["dlib-resnet"]
+    assert detail["default"][0]["keep_freed_memory"] is False
+    for setting in ("threshold", "heap"):
+        assert [r["keep_freed_memory"] for r in detail[setting]] == [True]
+        assert f"mallopt {setting} applied" in detail[setting][0]["allocator"]
+    assert all(m["step_ms"] > 0 for m in result["median"]["dlib-resnet"].values())
 
 
 def test_stem_input_grad_script_quick(tmp_path):
@@ -440,3 +443,21 @@ def test_flop_fraction_target_follows_the_cpu(monkeypatch):
         monkeypatch.setattr(precision, "cpu_features", lambda flags=flags: {"flags": flags})
         assert flops.flop_fraction_target(torch.device("cpu")) == want
     assert flops.flop_fraction_target(torch.device("cuda")) == flops.TARGET_FLOP_FRACTION
+
+
+def test_model_attack_step_script_quick(tmp_path):
+    script = load_script("model_attack_step")
+    out = tmp_path / "steps.json"
+    result = script.main(["--threads", "1", "--batch", "2", "--repeats", "1", "--models", "sface", "--out", str(out)])
+    row = json.loads(out.read_text())["models"]["sface"]
+    assert row == result["models"]["sface"]
+    labels = ["plain fp32", "fast fp32", "fast without dilated_grad fp32"]
+    assert all(row[label]["step_s"] > 0 for label in labels)
+    assert "keep_freed_memory" in result and result["statistic"] == "median over interleaved rounds"
+
+
+def test_bench_prelu_script_quick(tmp_path):
+    script = load_script("bench_prelu")
+    result = script.main(["--batch", "1", "--dtypes", "fp32,bf16", "--out", str(tmp_path / "prelu.json")])
+    assert [r["dtype"] for r in result["rows"]] == ["fp32"] * 8 + ["bf16"] * 8
+    assert all(r[k] > 0 for r in result["rows"] for k in ("fused_ms", "sign_ms", "two_pass_ms", "reference_ms"))

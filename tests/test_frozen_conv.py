@@ -1,4 +1,4 @@
-"""FrozenConv2d against nn.Conv2d over shapes and input-gradient forms (aten, flipped, polyphase):
+"""FrozenConv2d against nn.Conv2d over shapes and input-gradient forms (aten, flipped, polyphase, dilated):
 equal outputs and input gradients in fp32 (<= 1e-5), equal to autocast's bf16 convolution up to
 rounding, no weight cast after the first step, gradients in the input's own dtype and layout; the
 polyphase kernel against a direct construction; the fast dlib-resnet with frozen convolutions
@@ -26,7 +26,13 @@ SHAPES = [  # (c_in, c_out, kernel, stride, padding, bias, spatial)
 
 def modes(shape):
     stride = shape[3] if isinstance(shape[3], tuple) else (shape[3], shape[3])
-    return ["aten", "polyphase", "auto"] + (["flipped"] if stride == (1, 1) else [])
+    return ["aten", "polyphase", "dilated", "auto"] + (["flipped"] if stride == (1, 1) else [])
+
+
+GROUPED = [  # (c_in, c_out, kernel, stride, padding, groups, spatial): depthwise and grouped, strided
+    (16, 16, 3, 2, 1, 16, 14), (6, 6, 3, 2, 1, 6, 15), (8, 12, 3, 2, 1, 4, 13), (8, 8, 5, 3, 2, 8, 17),
+    (4, 8, 3, 2, 0, 4, 12), (6, 6, (3, 5), (2, 3), (1, 2), 3, 19), (8, 8, 3, 1, 1, 8, 9),
+]
 
 
 def grads(module, x, dtype=None, g=None):
@@ -60,10 +66,40 @@ def test_fp32_output_and_input_gradient_equal_conv2d(shape, channels_last):
         assert gx.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), mode
 
 
+@pytest.mark.parametrize("shape", GROUPED, ids=str)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dilated_input_gradient_of_grouped_convs_equals_conv2d(shape, channels_last):
+    """The zero-inserted form for depthwise / grouped convolutions: fp32 within 1e-5 of scale, bf16
+    within bf16 rounding of autocast's convolution, the gradient in the input's own dtype and layout."""
+    c_in, c_out, k, stride, pad, groups, hw = shape
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad, groups=groups).requires_grad_(False)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, c_in, hw, hw).contiguous(memory_format=fmt)
+    conv = conv.to(memory_format=fmt)
+    frozen = FrozenConv2d(conv, "dilated")
+    y0, g0 = grads(conv, x)
+    y1, g1 = grads(frozen, x)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    assert (g1 - g0).abs().max() <= 1e-5 * g0.abs().max()
+    y0b, g0b = grads(conv, x, torch.bfloat16)
+    y1b, g1b = grads(frozen, x, torch.bfloat16)
+    assert (y1b - y0b).abs().max() <= 2 ** -7 * y0b.abs().max()
+    assert (g1b - g0).abs().max() <= 2 ** -6 * g0.abs().max() and (g0b - g0).abs().max() <= 2 ** -6 * g0.abs().max()
+    x_in = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(frozen(x_in).sum(), x_in)
+    assert gx.dtype == torch.float32 and gx.is_contiguous(memory_format=fmt)
+
+
 def test_auto_picks_polyphase_for_strided_convs_on_few_channels_only():
     assert FrozenConv2d(nn.Conv2d(3, 32, 7, stride=2)).input_grad == "polyphase"
     assert FrozenConv2d(nn.Conv2d(32, 64, 3, stride=2)).input_grad == "aten"
     assert FrozenConv2d(nn.Conv2d(3, 32, 3, padding=1)).input_grad == "aten"
+    assert FrozenConv2d(nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32)).input_grad == "dilated"
+    assert FrozenConv2d(nn.Conv2d(32, 32, 3, padding=1, groups=32)).input_grad == "aten"
+    assert FrozenConv2d(nn.Conv2d(32, 32, 3, stride=2, padding=3, groups=32)).input_grad == "aten"
+    with pytest.raises(ValueError, match="dilated"):
+        FrozenConv2d(nn.Conv2d(8, 8, 3, stride=2, padding=3, groups=8), "dilated")
     with pytest.raises(ValueError, match="flipped"):
         FrozenConv2d(nn.Conv2d(3, 8, 3, stride=2), "flipped")
     with pytest.raises(ValueError, match="polyphase"):

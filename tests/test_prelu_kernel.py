@@ -54,6 +54,17 @@ def test_fused_matches_reference_and_aten_bitwise(dtype, channels_last):
     assert torch.equal(_aten_input_grad(grad, x, a), ref)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_two_pass_path_is_bitwise_for_slopes_of_any_size(channels_last):
+    """The bf16 "fused" path (leaky_relu_backward + lerp) for slopes beyond lerp's 0.5 switch
+    (SFace's run from -0.81 to 1.12), gradients spanning many binades, exact zeros and NaNs in x."""
+    for seed in range(5):
+        grad, x, _ = _inputs((2, 64, 9, 9), torch.bfloat16, channels_last, seed)
+        grad = grad * torch.exp(torch.randn(grad.shape, generator=torch.Generator().manual_seed(seed)) * 8).to(grad.dtype)
+        a = (torch.rand(64, generator=torch.Generator().manual_seed(seed)) * 3 - 1.5).to(torch.bfloat16)
+        assert torch.equal(prelu_backward_fused(grad, x, a), prelu_backward_reference(grad, x, a))
+
+
 @pytest.mark.parametrize("shape", [(4, 3), (2, 3, 9), (2, 1, 4, 4)])
 def test_other_ranks_and_a_single_slope(shape):
     grad, x, _ = _inputs(shape)

@@ -139,9 +139,18 @@ def test_keep_freed_memory_is_applied_once_and_reported(monkeypatch):
     info = allocator.keep_freed_memory()
     import sys
     if sys.platform.startswith("linux") and info["allocator"].startswith("glibc"):
-        assert info["keep_freed_memory"] is True and "applied" in info["allocator"]
+        assert info["keep_freed_memory"] is True and "mallopt heap applied" in info["allocator"]
     assert allocator.keep_freed_memory() == info  # once
     assert environment()["allocator"] == info["allocator"]
+
+
+def test_keep_freed_memory_refuses_an_unknown_setting(monkeypatch):
+    from advface_fast import allocator
+
+    monkeypatch.setattr(allocator, "_state", {"keep_freed_memory": False, "why": "not requested"})
+    monkeypatch.setenv("ADVFACE_KEEP_FREED_MEMORY", "huge")
+    with pytest.raises(ValueError, match="ADVFACE_KEEP_FREED_MEMORY must be"):
+        allocator.keep_freed_memory()
 
 
 def test_weights_first_cached_under_inference_mode_still_serve_an_attack(stem_setup):

@@ -13,6 +13,13 @@ ordinary convolution that oneDNN runs with its fast forward kernels:
   layout, interleaves the phases. This matters for dlib-resnet's stem (3 <- 32 channels, 7x7,
   stride 2): oneDNN's backward-data kernel for it ran at 121 GFLOP/s in bf16, a quarter of the
   step's time, the polyphase form at 280 (benchmarks/results/stem_input_grad.json).
+* stride s > 1, any groups (``input_grad="dilated"``): dL/dy with s - 1 zeros inserted between its
+  entries (and up to s - 1 more at the end, where the forward dropped the input's last rows), then
+  the stride-1 rule: a grouped convolution with each group's weights transposed and flipped. It does
+  s*s times the multiplications of the transposed convolution, but runs oneDNN's forward kernel: for
+  SFace's stride-2 depthwise convolutions (bf16, channels_last, batch 64) oneDNN's backward-data
+  kernel took 100-190 ms each on an AVX512-BF16 EPYC where the dilated form took 2-15 ms
+  (benchmarks/results/sface_strided_grad.json).
 
 ``FrozenConv2d`` also keeps its weights (and the rewritten ones) in the autocast dtype, so a bf16
 attack step casts no weight. The image's master copy and every decision stay fp32; in fp32 the
@@ -33,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-INPUT_GRADS = ("auto", "aten", "flipped", "polyphase")
+INPUT_GRADS = ("auto", "aten", "flipped", "polyphase", "dilated")
 POLYPHASE_BELOW_CHANNELS = 16  # "auto": polyphase input gradients for strided convs with fewer input channels
 
 
@@ -59,6 +66,14 @@ def polyphase_weight(weight: torch.Tensor, stride: tuple[int, int]) -> torch.Ten
             taps = w[:, :, a::sh, b::sw]  # u = 0 .. ceil((k - a) / s) - 1
             out[a, b, :, :, th - taps.shape[2]:, tw - taps.shape[3]:] = taps.flip(2, 3)
     return out.reshape(sh * sw * c_in, c_out, th, tw)
+
+
+def dilated_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """C_in x (C_out / groups) x kh x kw: each group's weights transposed and flipped, the kernel of
+    the strided input gradient's stride-1 convolution over the zero-inserted dL/dy."""
+    c_out, c_in_g, kh, kw = weight.shape
+    w = weight.reshape(groups, c_out // groups, c_in_g, kh, kw).transpose(1, 2)
+    return w.reshape(groups * c_in_g, c_out // groups, kh, kw).flip(2, 3)
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
@@ -98,40 +113,74 @@ def polyphase_input_grad(grad: torch.Tensor, weight_p: torch.Tensor | None, stri
     return out
 
 
+def dilated_input_grad(grad: torch.Tensor, weight_d: torch.Tensor, stride: tuple[int, int],
+                       padding: tuple[int, int], groups: int, input_size: tuple[int, int]) -> torch.Tensor:
+    """dL/dx (spatial size ``input_size``) of a stride-s convolution from dL/dy by the zero-inserted
+    form (see the module docstring), in ``grad``'s dtype and layout. ``weight_d`` is
+    ``dilated_weight(W, groups)`` in ``grad``'s dtype; needs padding <= kernel - 1."""
+    h, w = input_size
+    kh, kw = weight_d.shape[2:]
+    (sh, sw), (ph, pw) = stride, padding
+    if ph > kh - 1 or pw > kw - 1:
+        raise ValueError(f"the dilated input gradient needs padding <= kernel - 1, got {padding} for {(kh, kw)}")
+    # rows (oh - 1) * s + 1 + the rows the forward's floor dropped: h + 2p - k + 1
+    up = torch.empty((grad.shape[0], grad.shape[1], h + 2 * ph - kh + 1, w + 2 * pw - kw + 1), dtype=grad.dtype,
+                     device=grad.device, memory_format=memory_format_of(grad)).zero_()
+    up[:, :, ::sh, ::sw] = grad
+    return F.conv2d(up, weight_d, padding=(kh - 1 - ph, kw - 1 - pw), groups=groups)
+
+
 class _InputGradAsConv(torch.autograd.Function):
     """conv2d(x in w's dtype and layout, w, b) whose backward gives dL/dx through a forward
     convolution, in x's own dtype and layout."""
 
     @staticmethod
-    def forward(ctx, x, weight, rewritten, bias, stride, padding, polyphase):
+    def forward(ctx, x, weight, rewritten, bias, stride, padding, groups, mode, memory_format):
         ctx.save_for_backward(rewritten)
-        ctx.stride, ctx.padding, ctx.polyphase = stride, padding, polyphase
+        ctx.stride, ctx.padding, ctx.groups, ctx.mode = stride, padding, groups, mode
         ctx.back_padding = tuple(k - 1 - p for k, p in zip(weight.shape[2:], padding))
         ctx.x_meta = (x.shape, x.dtype, x.device, memory_format_of(x))
-        x = x.to(weight.dtype).contiguous(memory_format=memory_format_of(weight))
-        return F.conv2d(x, weight, bias, stride, padding)
+        x = x.to(weight.dtype).contiguous(memory_format=memory_format)
+        return F.conv2d(x, weight, bias, stride, padding, 1, groups)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
+            return (None,) * 9
         (rewritten,) = ctx.saved_tensors
         shape, dtype, device, memory_format = ctx.x_meta
         grad = grad.to(rewritten.dtype)
-        out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-        if ctx.polyphase:
+        if ctx.mode == "polyphase":
+            out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
             grad_x = polyphase_input_grad(grad, rewritten, ctx.stride, ctx.padding, out)
         else:
-            grad_x = out.copy_(F.conv2d(grad, rewritten, padding=ctx.back_padding))
-        return grad_x, None, None, None, None, None, None
+            if ctx.mode == "dilated":
+                grad_x = dilated_input_grad(grad, rewritten, ctx.stride, ctx.padding, ctx.groups, shape[2:])
+            else:
+                grad_x = F.conv2d(grad, rewritten, padding=ctx.back_padding)
+            grad_x = grad_x.to(dtype).contiguous(memory_format=memory_format)  # no copy when they already match
+        return grad_x, *(None,) * 8
+
+
+def conv2d_input_grad_as_conv(x: torch.Tensor, weight: torch.Tensor, rewritten: torch.Tensor, bias: torch.Tensor | None,
+                              stride: tuple[int, int], padding: tuple[int, int], groups: int, mode: str,
+                              memory_format: torch.memory_format | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, 1, groups)`` in ``weight``'s dtype and in
+    ``memory_format`` (None: ``x``'s) whose input gradient is the ``mode`` rewrite ("flipped",
+    "polyphase" or "dilated") with ``rewritten`` its kernel (``flipped_weight`` / ``polyphase_weight`` /
+    ``dilated_weight``, in ``weight``'s dtype); the gradient comes back in ``x``'s dtype and layout."""
+    return _InputGradAsConv.apply(x, weight, rewritten, bias, stride, padding, groups, mode,
+                                  memory_format or memory_format_of(x))
 
 
 class FrozenConv2d(nn.Module):
     """``conv`` (an ``nn.Conv2d``) frozen for input-gradient attacks (see the module docstring).
 
-    ``input_grad``: "aten" (PyTorch's backward), "flipped" (stride 1 only), "polyphase" (any stride,
-    groups 1, dilation 1) or "auto" (polyphase for strided convolutions on < 16 input channels, otherwise aten).
+    ``input_grad``: "aten" (PyTorch's backward), "flipped" (stride 1, groups 1 only), "polyphase" (any stride,
+    groups 1, dilation 1), "dilated" (any stride and groups, dilation 1, padding < kernel) or "auto"
+    (polyphase for strided convolutions on < 16 input channels, dilated for strided grouped ones,
+    otherwise aten).
     ``memory_format``: the layout the convolution runs in (None: the input's); the input gradient
     comes back in the input's own dtype and layout either way.
     """
@@ -148,11 +197,16 @@ class FrozenConv2d(nn.Module):
         plain = self.dilation == (1, 1) and self.groups == 1
         strided = self.stride != (1, 1)
         if input_grad == "auto":  # measured: oneDNN's backward-data kernel starves on few input channels
-            input_grad = "polyphase" if strided and plain and conv.in_channels < POLYPHASE_BELOW_CHANNELS else "aten"
+            input_grad = ("polyphase" if strided and plain and conv.in_channels < POLYPHASE_BELOW_CHANNELS
+                          else "dilated" if dilated_supported(conv.stride, conv.padding, conv.dilation, conv.groups,
+                                                              conv.kernel_size) else "aten")
         if input_grad == "flipped" and (strided or not plain):
             raise ValueError("input_grad='flipped' needs stride 1, dilation 1 and groups 1")
         if input_grad == "polyphase" and not plain:
             raise ValueError("input_grad='polyphase' needs dilation 1 and groups 1")
+        if input_grad == "dilated" and (self.dilation != (1, 1) or any(
+                p > k - 1 for p, k in zip(self.padding, conv.kernel_size))):
+            raise ValueError("input_grad='dilated' needs dilation 1 and padding < kernel size")
         self.input_grad = input_grad
         self.memory_format = memory_format
         self._cache: dict = {}
@@ -160,6 +214,8 @@ class FrozenConv2d(nn.Module):
     def _rewritten(self, weight: torch.Tensor) -> torch.Tensor | None:
         if self.input_grad == "flipped":
             return flipped_weight(weight)
+        if self.input_grad == "dilated":
+            return dilated_weight(weight, self.groups)
         if self.input_grad == "polyphase":
             return polyphase_weight(weight, self.stride)
         return None
@@ -186,14 +242,21 @@ class FrozenConv2d(nn.Module):
         w, rewritten, b = self.weights(dtype, memory_format)
         with torch.autocast(device_type, enabled=False):
             if rewritten is not None and torch.is_grad_enabled() and x.requires_grad:
-                return _InputGradAsConv.apply(x, w, rewritten, b, self.stride, self.padding,
-                                              self.input_grad == "polyphase")
+                return conv2d_input_grad_as_conv(x, w, rewritten, b, self.stride, self.padding, self.groups,
+                                                 self.input_grad, memory_format)
             x = x.to(dtype).contiguous(memory_format=memory_format)
             return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1]}, {self.weight.shape[0]}, kernel_size={tuple(self.weight.shape[2:])}, "
                 f"stride={self.stride}, padding={self.padding}, input_grad={self.input_grad!r}")
+
+
+def dilated_supported(stride, padding, dilation, groups: int, kernel_size) -> bool:
+    """Where "auto" picks the dilated input gradient: strided grouped 2-D convolutions (dilation 1,
+    padding < kernel), whose oneDNN backward-data kernel is the slow one."""
+    return (tuple(stride) != (1, 1) and groups > 1 and tuple(dilation) == (1, 1) and len(tuple(kernel_size)) == 2
+            and all(p <= k - 1 for p, k in zip(padding, kernel_size)))
 
 
 def freeze_convs(module: nn.Module, input_grad: str = "auto") -> nn.Module:
@@ -206,4 +269,6 @@ def freeze_convs(module: nn.Module, input_grad: str = "auto") -> nn.Module:
     return module
 
 
-__all__ = ["INPUT_GRADS", "FrozenConv2d", "compute_dtype", "flipped_weight", "memory_format_of", "freeze_convs", "polyphase_input_grad", "polyphase_weight"]
+__all__ = ["INPUT_GRADS", "FrozenConv2d", "compute_dtype", "conv2d_input_grad_as_conv", "dilated_input_grad",
+           "dilated_supported", "dilated_weight", "flipped_weight", "freeze_convs", "memory_format_of",
+           "polyphase_input_grad", "polyphase_weight"]

@@ -108,23 +108,35 @@ class OnnxFaceModel(nn.Module):
         return self.net(x.contiguous(memory_format=self.memory_format))
 
 
-def make_fast(model: OnnxFaceModel, fold_bn: bool = True, channels_last: bool = True) -> OnnxFaceModel:
+ARITHMETIC_VERSION = 1  # the fast copy's arithmetic beyond fold_bn / channels_last (cache keys; see make_fast)
+
+
+def make_fast(model: OnnxFaceModel, fold_bn: bool = True, channels_last: bool = True,
+              dilated_grad: bool = True) -> OnnxFaceModel:
     """A new, frozen, eval-mode fast copy of an ``OnnxFaceModel`` (``model`` is not changed):
-    Conv -> BatchNormalization pairs folded into one Conv (``fold_batchnorm``) and activations and
-    4-D weights in channels_last order. Same function up to float rounding."""
-    from .onnx_torch import fold_batchnorm
+    Conv -> BatchNormalization pairs folded into one Conv (``fold_batchnorm``), activations and
+    4-D weights in channels_last order, and (``dilated_grad``) strided grouped convolutions taking
+    their input gradient as a forward convolution (``dilate_strided_grouped_convs``; SFace's stride-2
+    depthwise layers, whose oneDNN backward-data kernel is slow in bf16). Same function up to float
+    rounding. With ``dilated_grad`` the copy carries an ``arithmetic`` record (its bf16 gradients
+    round differently, so cached attacks made with it are new entries); without, none (keys as before)."""
+    from .onnx_torch import dilate_strided_grouped_convs, fold_batchnorm
 
     if not isinstance(model, OnnxFaceModel):
         raise TypeError(f"make_fast supports OnnxFaceModel, got {type(model).__name__}")
     fast = copy.deepcopy(model)
     if fold_bn:
         fast.net = fold_batchnorm(fast.net)
+    if dilated_grad:
+        fast.net = dilate_strided_grouped_convs(fast.net)
     if channels_last:
         fast.memory_format = torch.channels_last
         for name, buf in fast.net.named_buffers():
             if buf.dim() == 4 and buf.is_floating_point():
                 setattr(fast.net, name, buf.contiguous(memory_format=torch.channels_last))
-    fast.switches = {"fold_bn": fold_bn, "channels_last": channels_last}
+    fast.switches = {"fold_bn": fold_bn, "channels_last": channels_last, "dilated_grad": dilated_grad}
+    if dilated_grad:
+        fast.arithmetic = {"version": ARITHMETIC_VERSION, **fast.switches}
     return fast.eval().requires_grad_(False)
 
 

@@ -94,6 +94,37 @@ def op_conv(a, x, w, b=None):
     return conv(x, w.to(x.dtype), None if b is None else b.to(x.dtype), strides, padding, dilations, group)
 
 
+def conv_dilated_grad_supported(a: dict, w: torch.Tensor | None) -> bool:
+    """Whether a Conv node (attributes ``a``, constant weight ``w``) can take the dilated input
+    gradient (``op_conv_dilated_grad``): 2-D, strided, grouped, dilation 1, explicit symmetric pads
+    below the kernel size (``frozen_conv.dilated_supported``)."""
+    from .frozen_conv import dilated_supported
+
+    if w is None or w.dim() != 4 or a.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return False
+    begins, ends = _pairs(a.get("pads"), 2)
+    return begins == ends and dilated_supported(a.get("strides", [1, 1]), begins, a.get("dilations", [1, 1]),
+                                                a.get("group", 1), tuple(a.get("kernel_shape", w.shape[2:])))
+
+
+def op_conv_dilated_grad(a, x, w, b, w_dilated):
+    """Conv whose input gradient is a forward convolution of the zero-inserted dL/dy
+    (``frozen_conv.dilated_input_grad``; ``w_dilated`` = ``dilated_weight(w, group)``): the fast
+    copy's rewrite of the nodes ``conv_dilated_grad_supported`` accepts. Runs in autocast's dtype;
+    in fp32 it is plain ``op_conv`` (there oneDNN's own backward was the faster one: SFace's fp32
+    step 8% slower with the rewrite, its bf16 step 1.7x faster; benchmarks/results/model_attack_step_dilated.json)."""
+    from .frozen_conv import compute_dtype, conv2d_input_grad_as_conv, memory_format_of
+
+    dtype = compute_dtype(x)
+    if not (torch.is_grad_enabled() and x.requires_grad) or dtype in (torch.float32, torch.float64):
+        return op_conv(a, x, w, b)
+    padding = _pairs(a.get("pads"), 2)[0]
+    with torch.autocast(x.device.type, enabled=False):
+        return conv2d_input_grad_as_conv(x, w.to(dtype), w_dilated.to(dtype), None if b is None else b.to(dtype),
+                                         tuple(a.get("strides")), tuple(padding), a.get("group", 1), "dilated",
+                                         memory_format_of(x))
+
+
 def op_batchnorm(a, x, scale, bias, mean, var, *_):
     scale, bias, mean, var = (t.to(x.dtype) for t in (scale, bias, mean, var))
     return F.batch_norm(x, mean, var, scale, bias, training=False, momentum=0.0,

@@ -187,6 +187,31 @@ def fold_batchnorm(net: OnnxModule) -> OnnxModule:
     return net
 
 
+def dilate_strided_grouped_convs(net: OnnxModule) -> OnnxModule:
+    """A copy of ``net`` in which every strided grouped Conv (``onnx_ops.conv_dilated_grad_supported``)
+    takes its input gradient as a forward convolution of the zero-inserted dL/dy
+    (``frozen_conv.dilated_input_grad``): same forward, the rewritten kernel a new constant."""
+    from .frozen_conv import dilated_weight
+    from .onnx_ops import conv_dilated_grad_supported, op_conv_dilated_grad
+
+    net = copy.deepcopy(net)
+    const = lambda name: getattr(net, net._const_keys[name]) if name in net._const_keys else None  # noqa: E731
+    for step in net.steps:
+        weight = const(step.inputs[1]) if step.op == "Conv" and len(step.inputs) > 1 else None
+        if weight is None or not conv_dilated_grad_supported(step.attrs, weight):
+            continue
+        bias_name = step.inputs[2] if len(step.inputs) > 2 and step.inputs[2] else ""
+        if bias_name and const(bias_name) is None:
+            continue
+        name = f"{step.outputs[0]}::dilated_weight"
+        key = f"c{1 + max((int(k[1:]) for k in net._const_keys.values()), default=-1)}"
+        net._const_keys[name] = key
+        net.register_buffer(key, dilated_weight(weight, step.attrs.get("group", 1)).contiguous())
+        step.inputs = [step.inputs[0], step.inputs[1], bias_name, name]
+        step.fn = op_conv_dilated_grad
+    return net
+
+
 # -- numpy reference rewrites ---------------------------------------------------------------------
 
 def _dequantize_np(x, scale, zero_point, axis, block_size):
@@ -253,5 +278,5 @@ def graph_input_shape(model) -> list:
     raise ValueError("the ONNX graph has no non-constant input")
 
 
-__all__ = ["OnnxModule", "fold_batchnorm", "SUPPORTED_OPS", "UnsupportedOnnxOpError", "check_supported",
+__all__ = ["OnnxModule", "dilate_strided_grouped_convs", "fold_batchnorm", "SUPPORTED_OPS", "UnsupportedOnnxOpError", "check_supported",
            "dequantize_onnx", "graph_input_shape", "prune_graph_inputs"]

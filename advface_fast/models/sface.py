@@ -61,10 +61,10 @@ def load_sface(onnx_path=None, check_sha256: bool = True) -> OnnxFaceModel:
     return model
 
 
-def _fast_sface(model):
+def _fast_sface(model, **switches):
     from .onnx_face import make_fast
 
-    return make_fast(model)
+    return make_fast(model, **switches)
 
 
 register_model(ModelSpec(
