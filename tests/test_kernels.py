@@ -116,6 +116,11 @@ def test_pgd_fused_matches_reference_bitwise(n):
     fused = pgd_step(fused_in, grad, lo, hi, ALPHA, impl="fused")
     assert fused is fused_in
     assert same_bits(fused, ref)
+    # overwrite_grad: the same update, the sign written over the gradient (NaN -> 0 as in torch.sign)
+    scratch = grad.clone()
+    assert same_bits(pgd_step(x.clone(), scratch, lo, hi, ALPHA, impl="fused", overwrite_grad=True), ref)
+    assert same_bits(scratch, torch.sign(grad))
+    assert same_bits(pgd_step(x.clone(), grad.clone(), lo, hi, ALPHA, impl="reference", overwrite_grad=True), ref)
 
 
 def test_pgd_auto_on_cpu_is_fused_and_matches():

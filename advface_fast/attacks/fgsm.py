@@ -60,5 +60,5 @@ class FGSM(Attack):
         grad, _ = self._ascent_gradient(x, target, is_same)
         # Forward + backward image passes computed, and what the full attack costs (the same).
         self.last_stats = {"image_steps": x0.shape[0], "image_steps_full": x0.shape[0]}
-        pgd_step(x, grad, lo, hi, self.eps / 255.0)
+        pgd_step(x, grad, lo, hi, self.eps / 255.0, overwrite_grad=True)
         return x

@@ -168,7 +168,7 @@ class PGD(Attack):
                 observe(0, x)
             for step in range(1, self.steps + 1):
                 grad, _ = self.loss_and_grad(x, target, loss_fn)
-                pgd_step(x, grad, lo, hi, alpha)  # in place: x <- clamp(x + alpha*sign(grad), lo, hi)
+                pgd_step(x, grad, lo, hi, alpha, overwrite_grad=True)  # in place: x <- clamp(x + alpha*sign(grad), lo, hi)
                 if step in record:
                     observe(step, x)
         self._recorded = {k: v[0] for k, v in best.items() if k != self.steps}
@@ -200,7 +200,7 @@ class PGD(Attack):
                 # A zero gradient is a zero step: finished rows stay at the iterate just scored
                 # until the next compaction removes them (only matters for compact_every > 1).
                 grad.masked_fill_(finished.view(-1, 1, 1, 1), 0.0)
-                pgd_step(x, grad, lo_a, hi_a, alpha)
+                pgd_step(x, grad, lo_a, hi_a, alpha, overwrite_grad=True)
                 if step % self.compact_every and step < self.steps:
                     continue
                 keep, gone = split_finished(finished)  # the host sync

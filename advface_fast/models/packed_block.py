@@ -14,7 +14,8 @@ backward (dL/dx only; the weights are frozen)::
     g_y1 = conv2^T(g_s) * [y1 > 0]              a forward primitive of flipped weights, then the mask
                                                 (``relu_backward="mul"``: the mask as a fused multiply)
     g_x  = conv1^T(g_y1) + shortcut^T(g_s)      one primitive with the add fused (stride 1);
-                                                a prepacked transposed convolution (downsampling)
+                                                a prepacked transposed convolution (downsampling),
+                                                the average pool's gradient added in place
 
 Without ``fuse`` the same primitives run without post-ops, the bias, ReLUs and add separately (the
 "prepacked weights only" switch). Saved for backward: ``y1`` and ``out`` (``out`` is the next
@@ -80,10 +81,14 @@ class _PackedBlockFunction(torch.autograd.Function):
             g_y1 = _threshold(conv2.input_grad(g_y2, y1.shape), y1)
         if not ctx.downsample:
             return conv1.input_grad(g_y1, x.shape, add=g_s), None, None, None, None, None
-        pooled = [x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2]
-        g_pool = g_s[:, :pooled[1], :pooled[2], :pooled[3]]
-        g_short = torch.ops.aten.avg_pool2d_backward(g_pool, x, [2, 2], [2, 2], [0, 0], False, True, None)
-        return conv1.input_grad(g_y1, x.shape, add=g_short), None, None, None, None, None
+        _, c, h, w = x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2
+        g_x = conv1.input_grad(g_y1, x.shape)
+        # the shortcut's 2 x 2 average pool: g / 4 added in place to each window's four inputs (an odd
+        # input's last row / column is in no window); one pass, where avg_pool2d_backward zero-fills,
+        # scatters and is then added. Same bits: g * 0.25 is exact and rounds once with the add.
+        g_x[:, :, :2 * h, :2 * w].unflatten(3, (w, 2)).unflatten(2, (h, 2)).add_(
+            g_s[:, :c, :h, None, :w, None], alpha=0.25)
+        return g_x, None, None, None, None, None
 
 
 def check_block(conv1: PackedConv, conv2: PackedConv, downsample: bool) -> None:
