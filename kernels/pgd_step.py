@@ -180,10 +180,9 @@ def pgd_step_triton(x, grad, lo, hi, alpha, block_size: int = BLOCK_SIZE):
 
 def pgd_step_fused(x, grad, lo, hi, alpha, overwrite_grad: bool = False):
     """In-place ATen: 3 passes over memory (sign, add, clamp) and one temporary, or none when
-    ``overwrite_grad`` (the sign written over ``grad``: an attack's fresh gradient, in cache and
-    never read again; dlib-resnet's bf16 step at batch 64: ~3.5 ms less, profiled). ``torch.sgn``
-    is ``torch.sign`` for real tensors (same values, NaN -> 0 included) through a faster vectorised
-    CPU kernel (64 x 3 x 150 x 150 fp32, 2 threads: 0.7 vs 1.7 ms)."""
+    ``overwrite_grad`` (the sign written over ``grad``: an attack's fresh gradient, still in cache
+    and never read again). ``torch.sgn`` is ``torch.sign`` for real tensors (same values, NaN -> 0
+    included) through a faster vectorised CPU kernel."""
     step = grad.sgn_() if overwrite_grad else torch.sgn(grad)
     if isinstance(alpha, torch.Tensor):
         x.addcmul_(step, _alpha_view(x, alpha))  # 1 * sign * alpha: exact, same bits as add_(alpha * sign)
