@@ -55,7 +55,8 @@ def child(model_name: str, threads: int, batch: int, steps: int, setting: str) -
     return {"model": model_name, "setting": setting, "keep_freed_memory": info["keep_freed_memory"],
             "allocator": info["allocator"], "precision": precision,
             "step_ms": 1e3 * seconds / steps, "minor_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / steps,
-            "system_ms_per_step": 1e3 * (r1.ru_stime - r0.ru_stime) / steps}
+            "system_ms_per_step": 1e3 * (r1.ru_stime - r0.ru_stime) / steps,
+            "peak_rss_mb": round(r1.ru_maxrss / 1024)}  # Linux: KiB
 
 
 def main(argv=None) -> dict | None:
@@ -86,7 +87,7 @@ def main(argv=None) -> dict | None:
                 runs[model][setting].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(model, setting, runs[model][setting][-1], file=sys.stderr)
     summary = {m: {s: {k: round(statistics.median(r[k] for r in rs), 2)
-                       for k in ("step_ms", "minor_faults_per_step", "system_ms_per_step")}
+                       for k in ("step_ms", "minor_faults_per_step", "system_ms_per_step", "peak_rss_mb")}
                    for s, rs in by_setting.items()} for m, by_setting in runs.items()}
     result = {"what": "minor page faults and kernel time per PGD step under glibc's default and each "
                       "keep_freed_memory() setting",
@@ -98,7 +99,8 @@ def main(argv=None) -> dict | None:
     for model, by_setting in summary.items():
         for setting, m in by_setting.items():
             print(f"{model:12s} {setting:9s} step {m['step_ms']:7.1f} ms  faults/step "
-                  f"{m['minor_faults_per_step']:8.1f}  kernel {m['system_ms_per_step']:5.2f} ms/step")
+                  f"{m['minor_faults_per_step']:8.1f}  kernel {m['system_ms_per_step']:5.2f} ms/step  "
+                  f"peak RSS {m['peak_rss_mb']:6.0f} MB")
     write_json(result, args.out)
     return result
 

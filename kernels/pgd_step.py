@@ -181,9 +181,8 @@ def pgd_step_triton(x, grad, lo, hi, alpha, block_size: int = BLOCK_SIZE):
 def pgd_step_fused(x, grad, lo, hi, alpha, overwrite_grad: bool = False):
     """In-place ATen: 3 passes over memory (sign, add, clamp) and one temporary, or none when
     ``overwrite_grad`` (the sign written over ``grad``: an attack's fresh gradient, still in cache
-    and never read again). ``torch.sgn`` is ``torch.sign`` for real tensors (same values, NaN -> 0
-    included) through a faster vectorised CPU kernel."""
-    step = grad.sgn_() if overwrite_grad else torch.sgn(grad)
+    and never read again)."""
+    step = grad.sign_() if overwrite_grad else grad.sign()
     if isinstance(alpha, torch.Tensor):
         x.addcmul_(step, _alpha_view(x, alpha))  # 1 * sign * alpha: exact, same bits as add_(alpha * sign)
     else:

@@ -20,10 +20,12 @@ backward computes only ``grad_x = g if x > 0 else a[c] * g``:
   "reference" the plain eager formula ``torch.where(x > 0, g, a * g)`` (ATen's own rule).
   "auto"      triton for CUDA tensors when Triton is importable, else fused.
 
-Every path is bitwise equal to the reference (1 * g and a * g are single roundings, NaN and
-zero inputs take the slope branch as in ATen), for fp32 and bf16, NCHW and channels_last, with
-one exception: an infinite upstream gradient where x <= 0 gives NaN on the bf16 / fp16 "fused"
-path (inf * 0), a * inf in the reference.
+Every path gives the reference's values (1 * g and a * g are single roundings, NaN and zero
+inputs take the slope branch as in ATen), for fp32 and bf16, NCHW and channels_last; the fp32
+paths and "triton" bit for bit. The bf16 / fp16 "fused" path differs in two corners: the sign of a
+zero result (h + a * (g - h) gives +0 where the reference may give -0: equal values, and sign(+-0)
+is 0 for the attacks) and infinite upstream gradients, which give NaN (inf - inf) where the
+reference gives +-inf (a bf16 gradient overflowing; the attacks then zero the NaN).
 
 ``prelu(x, a)`` is the drop-in: the forward is ``F.prelu`` itself; the fused backward is used
 only when x needs a gradient and ``a`` does not (training the slopes falls back to ATen).

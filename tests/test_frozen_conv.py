@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advface_fast.models.frozen_conv import FrozenConv2d, freeze_convs, polyphase_input_grad, polyphase_weight
+from advface_fast.models.frozen_conv import (FrozenConv2d, conv2d_input_grad_as_conv, dilated_supported, freeze_convs,
+                                             polyphase_input_grad, polyphase_weight)
 
 SHAPES = [  # (c_in, c_out, kernel, stride, padding, bias, spatial)
     (3, 8, 3, 1, 1, True, 12), (8, 8, 3, 1, 0, False, 9), (4, 6, 5, 1, 2, True, 11), (4, 6, 1, 1, 0, True, 7),
@@ -26,7 +27,7 @@ SHAPES = [  # (c_in, c_out, kernel, stride, padding, bias, spatial)
 
 def modes(shape):
     stride = shape[3] if isinstance(shape[3], tuple) else (shape[3], shape[3])
-    return ["aten", "polyphase", "dilated", "auto"] + (["flipped"] if stride == (1, 1) else [])
+    return ["aten", "polyphase", "dilated", "auto"] + (["flipped"] if stride == (1, 1) else [])  # groups 1 here
 
 
 GROUPED = [  # (c_in, c_out, kernel, stride, padding, groups, spatial): depthwise and grouped, strided
@@ -95,11 +96,20 @@ def test_auto_picks_polyphase_for_strided_convs_on_few_channels_only():
     assert FrozenConv2d(nn.Conv2d(3, 32, 7, stride=2)).input_grad == "polyphase"
     assert FrozenConv2d(nn.Conv2d(32, 64, 3, stride=2)).input_grad == "aten"
     assert FrozenConv2d(nn.Conv2d(3, 32, 3, padding=1)).input_grad == "aten"
-    assert FrozenConv2d(nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32)).input_grad == "dilated"
-    assert FrozenConv2d(nn.Conv2d(32, 32, 3, padding=1, groups=32)).input_grad == "aten"
-    assert FrozenConv2d(nn.Conv2d(32, 32, 3, stride=2, padding=3, groups=32)).input_grad == "aten"
+    assert FrozenConv2d(nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32)).input_grad == "aten"  # never dilated
     with pytest.raises(ValueError, match="dilated"):
         FrozenConv2d(nn.Conv2d(8, 8, 3, stride=2, padding=3, groups=8), "dilated")
+    w = torch.randn(8, 1, 3, 3)
+    with pytest.raises(ValueError, match="groups 1"):
+        conv2d_input_grad_as_conv(torch.randn(1, 8, 6, 6), w, w, None, (2, 2), (1, 1), 8, "flipped")
+
+
+def test_dilated_supported_accepts_strided_grouped_convs_only():
+    assert dilated_supported((2, 2), (1, 1), (1, 1), 32, (3, 3))
+    assert not dilated_supported((1, 1), (1, 1), (1, 1), 32, (3, 3))  # stride 1
+    assert not dilated_supported((2, 2), (1, 1), (1, 1), 1, (3, 3))  # groups 1: oneDNN's own kernel
+    assert not dilated_supported((2, 2), (1, 1), (2, 2), 32, (3, 3))  # dilation
+    assert not dilated_supported((2, 2), (3, 3), (1, 1), 32, (3, 3))  # padding >= kernel
     with pytest.raises(ValueError, match="flipped"):
         FrozenConv2d(nn.Conv2d(3, 8, 3, stride=2), "flipped")
     with pytest.raises(ValueError, match="polyphase"):

@@ -343,3 +343,49 @@ def test_input_size_from_metadata_when_the_graph_does_not_fix_it(tmp_path):
     with pytest.raises(ValueError, match="input_size"):
         create_model(f"onnx:{path}")
     assert create_model(f"onnx:{path}", input_size=(8, 8)).input_size == (8, 8)
+
+
+def depthwise_graph(rng, **conv_attrs):
+    """x (1 x 4 x 9 x 9) -> a grouped Conv with ``conv_attrs`` (bias given) -> y."""
+    w = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["y"], group=4, **conv_attrs)]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 9, 9])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [init("w", w), init("b", b)])
+
+
+@pytest.mark.parametrize("attrs, rewritten", [
+    ({"strides": [2, 2], "pads": [1, 1, 1, 1]}, True),
+    ({"strides": [3, 2], "pads": [0, 1, 0, 1]}, True),
+    ({"strides": [1, 1], "pads": [1, 1, 1, 1]}, False),  # stride 1
+    ({"strides": [2, 2], "pads": [0, 0, 1, 1]}, False),  # asymmetric pads
+    ({"strides": [2, 2], "auto_pad": "SAME_UPPER"}, False),
+    ({"strides": [2, 2], "auto_pad": "VALID"}, False),
+    ({"strides": [2, 2], "pads": [1, 1, 1, 1], "dilations": [2, 2]}, False),
+])
+def test_dilate_strided_grouped_convs_rewrites_only_what_it_supports(attrs, rewritten):
+    """The fast copy's rewrite (onnx_torch.dilate_strided_grouped_convs) on one grouped Conv: applied
+    exactly where the dilated form holds; the same forward; in bf16 the input gradient within bf16
+    rounding of fp32 autograd (the rewritten step's own backward), in fp32 the plain op itself."""
+    from advface_fast.models.onnx_torch import DILATED_CONV, dilate_strided_grouped_convs, fold_batchnorm
+
+    rng = np.random.default_rng(9)
+    net = OnnxModule(depthwise_graph(rng, **attrs))
+    dilated, count = dilate_strided_grouped_convs(net)
+    assert count == int(rewritten) and [s.op for s in dilated.steps] == [DILATED_CONV if rewritten else "Conv"]
+    assert dilate_strided_grouped_convs(dilated)[1] == 0 and fold_batchnorm(dilated).steps[0].op == dilated.steps[0].op
+    x = torch.from_numpy(rng.standard_normal((2, 4, 9, 9)).astype(np.float32))
+    g = None
+    grads = []
+    for module in (net, dilated):
+        for dtype in (torch.float32, torch.bfloat16):
+            xi = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
+                y = module(xi)
+            g = torch.randn(y.shape, generator=torch.Generator().manual_seed(0)) if g is None else g
+            y.float().mul(g).sum().backward()
+            grads.append((y.detach().float(), xi.grad))
+    (y32, g32), (y16, g16), (y32d, g32d), (y16d, g16d) = grads
+    assert torch.equal(y32d, y32) and torch.equal(g32d, g32)  # fp32: the plain op
+    assert (y16d - y16).abs().max() <= 2 ** -7 * y32.abs().max()
+    assert (g16d - g32).abs().max() <= 2 ** -6 * g32.abs().max()

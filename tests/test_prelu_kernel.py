@@ -62,7 +62,19 @@ def test_bf16_two_pass_path_is_bitwise_for_slopes_of_any_size(channels_last):
         grad, x, _ = _inputs((2, 64, 9, 9), torch.bfloat16, channels_last, seed)
         grad = grad * torch.exp(torch.randn(grad.shape, generator=torch.Generator().manual_seed(seed)) * 8).to(grad.dtype)
         a = (torch.rand(64, generator=torch.Generator().manual_seed(seed)) * 3 - 1.5).to(torch.bfloat16)
-        assert torch.equal(prelu_backward_fused(grad, x, a), prelu_backward_reference(grad, x, a))
+        got, ref = prelu_backward_fused(grad, x, a), prelu_backward_reference(grad, x, a)
+        nonzero = ref != 0  # +-0 may differ in sign only (module docstring)
+        assert torch.equal(got, ref) and torch.equal(got[nonzero].view(torch.int16), ref[nonzero].view(torch.int16))
+
+
+def test_bf16_two_pass_path_documented_corners():
+    """Signed zeros and infinite gradients: as the module docstring states, and nothing else."""
+    x = torch.tensor([1.0, -1.0, 1.0, -1.0, 2.0]).bfloat16().view(1, 5)
+    grad = torch.tensor([-0.0, 0.0, float("inf"), float("inf"), 3.0]).bfloat16().view(1, 5)
+    a = torch.tensor([0.5, -0.5, 0.5, 0.5, 0.5]).bfloat16()
+    got, ref = prelu_backward_fused(grad, x, a), prelu_backward_reference(grad, x, a)
+    assert torch.equal(got[:, :2], ref[:, :2]) and not got[0, 1].signbit() and ref[0, 1].signbit()
+    assert got[:, 2:4].isnan().all() and ref[:, 2:4].isinf().all() and torch.equal(got[:, 4:], ref[:, 4:])
 
 
 @pytest.mark.parametrize("shape", [(4, 3), (2, 3, 9), (2, 1, 4, 4)])

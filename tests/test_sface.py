@@ -143,7 +143,7 @@ def test_fast_copy_matches_the_plain_model(model, images):
     assert (g_layout - g_plain).norm() <= 1e-2 * g_plain.norm()
 
 
-def test_fast_copy_takes_the_dilated_input_gradient_for_strided_depthwise_convs(model, images):
+def test_fast_copy_takes_the_dilated_input_gradient_for_strided_depthwise_convs(model, images, monkeypatch):
     """The fast copy's stride-2 depthwise convolutions take their input gradient as a forward
     convolution (frozen_conv.dilated_input_grad): in fp32 the same gradient as the copy without it
     up to summation order; in bf16 no further from the fp32 gradient than the copy without it is
@@ -151,21 +151,27 @@ def test_fast_copy_takes_the_dilated_input_gradient_for_strided_depthwise_convs(
     from advface_fast.models import arithmetic_key
     from advface_fast.models.onnx_face import make_fast
 
+    from advface_fast.models import frozen_conv
+
     fast, without = make_fast(model), make_fast(model, dilated_grad=False)
     assert sum(s.fn.__name__ == "op_conv_dilated_grad" for s in fast.net.steps) == 4
     assert all(s.fn.__name__ != "op_conv_dilated_grad" for s in without.net.steps)
     assert arithmetic_key(fast)["dilated_grad"] is True and arithmetic_key(without) is None
+    calls = []
+    real = frozen_conv.dilated_input_grad
+    monkeypatch.setattr(frozen_conv, "dilated_input_grad", lambda *a: calls.append(a[0].dtype) or real(*a))
     x = images[:2]
     g_with, g_without = input_gradient(fast, x), input_gradient(without, x)
-    assert torch.equal(g_with, g_without)  # fp32 keeps oneDNN's own backward (measured faster there)
+    assert torch.equal(g_with, g_without) and calls == []  # fp32 keeps oneDNN's own backward (faster there)
 
     def bf16_gradient(net):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return input_gradient(net, x)
 
     err_with = (bf16_gradient(fast) - g_without).norm()
+    assert calls == [torch.bfloat16] * 4  # the four stride-2 depthwise layers took the dilated form
     err_without = (bf16_gradient(without) - g_without).norm()
-    assert 0 < err_with <= max(1.25 * err_without, 2 ** -7 * g_without.norm())
+    assert len(calls) == 4 and 0 < err_with <= max(1.25 * err_without, 2 ** -7 * g_without.norm())
     with torch.no_grad():
         torch.testing.assert_close(fast(x), without(x))
 

@@ -18,8 +18,9 @@ ordinary convolution that oneDNN runs with its fast forward kernels:
   the stride-1 rule: a grouped convolution with each group's weights transposed and flipped. It does
   s*s times the multiplications of the transposed convolution, but runs oneDNN's forward kernel: for
   SFace's stride-2 depthwise convolutions (bf16, channels_last, batch 64) oneDNN's backward-data
-  kernel took 100-190 ms each on an AVX512-BF16 EPYC where the dilated form took 2-15 ms
-  (benchmarks/results/sface_strided_grad.json).
+  kernel was the slow one on an AVX512-BF16 EPYC: SFace's bf16 step 54.0 vs 93.5 image-steps/s
+  without / with this form (benchmarks/results/model_attack_step_sface_fast.json). The ONNX fast
+  copy uses it in bf16 only (``onnx_ops.op_conv_dilated_grad``); "auto" never picks it.
 
 ``FrozenConv2d`` also keeps its weights (and the rewritten ones) in the autocast dtype, so a bf16
 attack step casts no weight. The image's master copy and every decision stay fp32; in fp32 the
@@ -66,6 +67,12 @@ def polyphase_weight(weight: torch.Tensor, stride: tuple[int, int]) -> torch.Ten
             taps = w[:, :, a::sh, b::sw]  # u = 0 .. ceil((k - a) / s) - 1
             out[a, b, :, :, th - taps.shape[2]:, tw - taps.shape[3]:] = taps.flip(2, 3)
     return out.reshape(sh * sw * c_in, c_out, th, tw)
+
+
+def dilated_padding_ok(padding, kernel_size) -> bool:
+    """The dilated form's condition on padding: at most kernel - 1 on each side (the stride-1
+    convolution's padding, kernel - 1 - padding, is then >= 0)."""
+    return all(p <= k - 1 for p, k in zip(padding, kernel_size))
 
 
 def dilated_weight(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
@@ -121,7 +128,7 @@ def dilated_input_grad(grad: torch.Tensor, weight_d: torch.Tensor, stride: tuple
     h, w = input_size
     kh, kw = weight_d.shape[2:]
     (sh, sw), (ph, pw) = stride, padding
-    if ph > kh - 1 or pw > kw - 1:
+    if not dilated_padding_ok(padding, (kh, kw)):
         raise ValueError(f"the dilated input gradient needs padding <= kernel - 1, got {padding} for {(kh, kw)}")
     # rows (oh - 1) * s + 1 + the rows the forward's floor dropped: h + 2p - k + 1
     up = torch.empty((grad.shape[0], grad.shape[1], h + 2 * ph - kh + 1, w + 2 * pw - kw + 1), dtype=grad.dtype,
@@ -170,6 +177,10 @@ def conv2d_input_grad_as_conv(x: torch.Tensor, weight: torch.Tensor, rewritten: 
     ``memory_format`` (None: ``x``'s) whose input gradient is the ``mode`` rewrite ("flipped",
     "polyphase" or "dilated") with ``rewritten`` its kernel (``flipped_weight`` / ``polyphase_weight`` /
     ``dilated_weight``, in ``weight``'s dtype); the gradient comes back in ``x``'s dtype and layout."""
+    if mode not in ("flipped", "polyphase", "dilated"):
+        raise ValueError(f"mode must be flipped, polyphase or dilated, got {mode!r}")
+    if groups != 1 and mode != "dilated":
+        raise ValueError(f"mode {mode!r} needs groups 1 (got {groups}); the dilated form takes any groups")
     return _InputGradAsConv.apply(x, weight, rewritten, bias, stride, padding, groups, mode,
                                   memory_format or memory_format_of(x))
 
@@ -179,8 +190,7 @@ class FrozenConv2d(nn.Module):
 
     ``input_grad``: "aten" (PyTorch's backward), "flipped" (stride 1, groups 1 only), "polyphase" (any stride,
     groups 1, dilation 1), "dilated" (any stride and groups, dilation 1, padding < kernel) or "auto"
-    (polyphase for strided convolutions on < 16 input channels, dilated for strided grouped ones,
-    otherwise aten).
+    (polyphase for strided convolutions on < 16 input channels, otherwise aten).
     ``memory_format``: the layout the convolution runs in (None: the input's); the input gradient
     comes back in the input's own dtype and layout either way.
     """
@@ -197,15 +207,12 @@ class FrozenConv2d(nn.Module):
         plain = self.dilation == (1, 1) and self.groups == 1
         strided = self.stride != (1, 1)
         if input_grad == "auto":  # measured: oneDNN's backward-data kernel starves on few input channels
-            input_grad = ("polyphase" if strided and plain and conv.in_channels < POLYPHASE_BELOW_CHANNELS
-                          else "dilated" if dilated_supported(conv.stride, conv.padding, conv.dilation, conv.groups,
-                                                              conv.kernel_size) else "aten")
+            input_grad = "polyphase" if strided and plain and conv.in_channels < POLYPHASE_BELOW_CHANNELS else "aten"
         if input_grad == "flipped" and (strided or not plain):
             raise ValueError("input_grad='flipped' needs stride 1, dilation 1 and groups 1")
         if input_grad == "polyphase" and not plain:
             raise ValueError("input_grad='polyphase' needs dilation 1 and groups 1")
-        if input_grad == "dilated" and (self.dilation != (1, 1) or any(
-                p > k - 1 for p, k in zip(self.padding, conv.kernel_size))):
+        if input_grad == "dilated" and (self.dilation != (1, 1) or not dilated_padding_ok(self.padding, conv.kernel_size)):
             raise ValueError("input_grad='dilated' needs dilation 1 and padding < kernel size")
         self.input_grad = input_grad
         self.memory_format = memory_format
@@ -253,10 +260,10 @@ class FrozenConv2d(nn.Module):
 
 
 def dilated_supported(stride, padding, dilation, groups: int, kernel_size) -> bool:
-    """Where "auto" picks the dilated input gradient: strided grouped 2-D convolutions (dilation 1,
-    padding < kernel), whose oneDNN backward-data kernel is the slow one."""
+    """Where the ONNX fast copy uses the dilated input gradient: strided grouped 2-D convolutions
+    (dilation 1, padding < kernel), whose oneDNN bf16 backward-data kernel is the slow one."""
     return (tuple(stride) != (1, 1) and groups > 1 and tuple(dilation) == (1, 1) and len(tuple(kernel_size)) == 2
-            and all(p <= k - 1 for p, k in zip(padding, kernel_size)))
+            and dilated_padding_ok(padding, kernel_size))
 
 
 def freeze_convs(module: nn.Module, input_grad: str = "auto") -> nn.Module:
@@ -270,5 +277,5 @@ def freeze_convs(module: nn.Module, input_grad: str = "auto") -> nn.Module:
 
 
 __all__ = ["INPUT_GRADS", "FrozenConv2d", "compute_dtype", "conv2d_input_grad_as_conv", "dilated_input_grad",
-           "dilated_supported", "dilated_weight", "flipped_weight", "freeze_convs", "memory_format_of",
+           "dilated_padding_ok", "dilated_supported", "dilated_weight", "flipped_weight", "freeze_convs", "memory_format_of",
            "polyphase_input_grad", "polyphase_weight"]

@@ -118,8 +118,8 @@ def make_fast(model: OnnxFaceModel, fold_bn: bool = True, channels_last: bool = 
     4-D weights in channels_last order, and (``dilated_grad``) strided grouped convolutions taking
     their input gradient as a forward convolution (``dilate_strided_grouped_convs``; SFace's stride-2
     depthwise layers, whose oneDNN backward-data kernel is slow in bf16). Same function up to float
-    rounding. With ``dilated_grad`` the copy carries an ``arithmetic`` record (its bf16 gradients
-    round differently, so cached attacks made with it are new entries); without, none (keys as before)."""
+    rounding. A copy with rewritten nodes carries an ``arithmetic`` record (its bf16 gradients may
+    round differently, so cached attacks made with it are new entries); otherwise none (keys as before)."""
     from .onnx_torch import dilate_strided_grouped_convs, fold_batchnorm
 
     if not isinstance(model, OnnxFaceModel):
@@ -127,15 +127,16 @@ def make_fast(model: OnnxFaceModel, fold_bn: bool = True, channels_last: bool = 
     fast = copy.deepcopy(model)
     if fold_bn:
         fast.net = fold_batchnorm(fast.net)
+    rewritten = 0
     if dilated_grad:
-        fast.net = dilate_strided_grouped_convs(fast.net)
+        fast.net, rewritten = dilate_strided_grouped_convs(fast.net)
     if channels_last:
         fast.memory_format = torch.channels_last
         for name, buf in fast.net.named_buffers():
             if buf.dim() == 4 and buf.is_floating_point():
                 setattr(fast.net, name, buf.contiguous(memory_format=torch.channels_last))
     fast.switches = {"fold_bn": fold_bn, "channels_last": channels_last, "dilated_grad": dilated_grad}
-    if dilated_grad:
+    if rewritten:  # only a copy whose arithmetic changed gets new cache keys
         fast.arithmetic = {"version": ARITHMETIC_VERSION, **fast.switches}
     return fast.eval().requires_grad_(False)
 

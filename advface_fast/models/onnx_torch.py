@@ -143,6 +143,16 @@ class OnnxModule(nn.Module):
         result = tuple(env[n] for n in self.output_names)
         return result[0] if len(result) == 1 else result
 
+    def const(self, name: str) -> torch.Tensor | None:
+        """The constant (buffer) behind graph value ``name``, or None when it is computed."""
+        return getattr(self, self._const_keys[name]) if name in self._const_keys else None
+
+    def add_const(self, name: str, value: torch.Tensor) -> None:
+        """Register ``value`` as the constant graph value ``name`` (a rewrite's new weights)."""
+        key = f"c{1 + max((int(k[1:]) for k in self._const_keys.values()), default=-1)}"
+        self._const_keys[name] = key
+        self.register_buffer(key, value.contiguous())
+
     def extra_repr(self) -> str:
         return f"inputs={self.input_names}, outputs={self.output_names}, nodes={len(self.steps)}"
 
@@ -153,7 +163,7 @@ def fold_batchnorm(net: OnnxModule) -> OnnxModule:
     net = copy.deepcopy(net)
     reads = Counter(n for s in net.steps for n in s.inputs if n) + Counter(net.output_names)
     convs = {s.outputs[0]: s for s in net.steps if s.op == "Conv"}
-    const = lambda name: getattr(net, net._const_keys[name]) if name in net._const_keys else None  # noqa: E731
+    const = net.const
     steps = []
     for step in net.steps:
         conv = convs.get(step.inputs[0]) if step.op == "BatchNormalization" else None
@@ -174,9 +184,7 @@ def fold_batchnorm(net: OnnxModule) -> OnnxModule:
         names = []
         for suffix, value in (("weight", new_w), ("bias", new_b)):
             name = f"{conv.outputs[0]}::folded_{suffix}"
-            key = f"c{1 + max((int(k[1:]) for k in net._const_keys.values()), default=-1)}"
-            net._const_keys[name] = key
-            net.register_buffer(key, value.contiguous())
+            net.add_const(name, value)
             names.append(name)
         conv.inputs = [conv.inputs[0], *names]
         conv.outputs = list(step.outputs[:1])
@@ -187,29 +195,33 @@ def fold_batchnorm(net: OnnxModule) -> OnnxModule:
     return net
 
 
-def dilate_strided_grouped_convs(net: OnnxModule) -> OnnxModule:
+DILATED_CONV = "Conv[dilated input gradient]"  # a rewritten step's op: no later rewrite takes it for a Conv
+
+
+def dilate_strided_grouped_convs(net: OnnxModule) -> tuple[OnnxModule, int]:
     """A copy of ``net`` in which every strided grouped Conv (``onnx_ops.conv_dilated_grad_supported``)
-    takes its input gradient as a forward convolution of the zero-inserted dL/dy
-    (``frozen_conv.dilated_input_grad``): same forward, the rewritten kernel a new constant."""
+    takes its input gradient (in bf16) as a forward convolution of the zero-inserted dL/dy
+    (``frozen_conv.dilated_input_grad``): same forward, the rewritten kernel a new constant. Returns
+    the copy and how many nodes it rewrote. Run it after ``fold_batchnorm`` (a rewritten step's op
+    is ``DILATED_CONV``, which folding leaves alone)."""
     from .frozen_conv import dilated_weight
     from .onnx_ops import conv_dilated_grad_supported, op_conv_dilated_grad
 
     net = copy.deepcopy(net)
-    const = lambda name: getattr(net, net._const_keys[name]) if name in net._const_keys else None  # noqa: E731
+    rewritten = 0
     for step in net.steps:
-        weight = const(step.inputs[1]) if step.op == "Conv" and len(step.inputs) > 1 else None
+        weight = net.const(step.inputs[1]) if step.op == "Conv" and len(step.inputs) > 1 else None
         if weight is None or not conv_dilated_grad_supported(step.attrs, weight):
             continue
         bias_name = step.inputs[2] if len(step.inputs) > 2 and step.inputs[2] else ""
-        if bias_name and const(bias_name) is None:
+        if bias_name and net.const(bias_name) is None:
             continue
         name = f"{step.outputs[0]}::dilated_weight"
-        key = f"c{1 + max((int(k[1:]) for k in net._const_keys.values()), default=-1)}"
-        net._const_keys[name] = key
-        net.register_buffer(key, dilated_weight(weight, step.attrs.get("group", 1)).contiguous())
+        net.add_const(name, dilated_weight(weight, step.attrs.get("group", 1)))
         step.inputs = [step.inputs[0], step.inputs[1], bias_name, name]
-        step.fn = op_conv_dilated_grad
-    return net
+        step.op, step.fn = DILATED_CONV, op_conv_dilated_grad
+        rewritten += 1
+    return net, rewritten
 
 
 # -- numpy reference rewrites ---------------------------------------------------------------------
@@ -278,5 +290,5 @@ def graph_input_shape(model) -> list:
     raise ValueError("the ONNX graph has no non-constant input")
 
 
-__all__ = ["OnnxModule", "dilate_strided_grouped_convs", "fold_batchnorm", "SUPPORTED_OPS", "UnsupportedOnnxOpError", "check_supported",
+__all__ = ["DILATED_CONV", "OnnxModule", "dilate_strided_grouped_convs", "fold_batchnorm", "SUPPORTED_OPS", "UnsupportedOnnxOpError", "check_supported",
            "dequantize_onnx", "graph_input_shape", "prune_graph_inputs"]
