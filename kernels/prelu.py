@@ -15,8 +15,9 @@ backward computes only ``grad_x = g if x > 0 else a[c] * g``:
               a * g of two 8- or 11-bit mantissas is exact, so it rounds once, as the reference).
               fp32 (where that lerp is one ulp off): ``t = 2 * sign(relu(x)) - 1`` (+1 where
               x > 0, else -1; NaN and 0 give -1), ``d = prelu(t, a) * t`` (exactly 1 or a),
-              ``grad_x = d * g``: seven passes. SFace's bf16 step: 2.1x faster PReLU backward
-              with the two passes (24 vs 52 ms at 64 x 64 x 112 x 112, 2 threads).
+              ``grad_x = d * g``: seven passes. bf16, 64 x 64 x 112 x 112, 2 threads: two passes
+              32.4 ms channels_last / 17.5 NCHW vs seven 51.0 / 49.4 (ATen's autograd 171 / 174;
+              benchmarks/results/bench_prelu_bf16.json).
   "reference" the plain eager formula ``torch.where(x > 0, g, a * g)`` (ATen's own rule).
   "auto"      triton for CUDA tensors when Triton is importable, else fused.
 

@@ -461,3 +461,11 @@ def test_bench_prelu_script_quick(tmp_path):
     result = script.main(["--batch", "1", "--dtypes", "fp32,bf16", "--out", str(tmp_path / "prelu.json")])
     assert [r["dtype"] for r in result["rows"]] == ["fp32"] * 8 + ["bf16"] * 8
     assert all(r[k] > 0 for r in result["rows"] for k in ("fused_ms", "sign_ms", "two_pass_ms", "reference_ms"))
+
+
+def test_strided_depthwise_grad_script_quick(tmp_path):
+    script = load_script("strided_depthwise_grad")
+    result = script.main(["--threads", "1", "--batch", "1", "--rounds", "1", "--out", str(tmp_path / "dw.json")])
+    assert [(r["layer"][0], r["dtype"]) for r in result["rows"]][:2] == [(64, "bf16"), (64, "fp32")]
+    assert all(r["dilated_ms"] > 0 and r["aten_backward_ms"] > 0 for r in result["rows"])
+    assert all(r["dilated_relative_error"] < (2 ** -6 if r["dtype"] == "bf16" else 1e-5) for r in result["rows"])

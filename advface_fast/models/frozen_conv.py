@@ -18,9 +18,9 @@ ordinary convolution that oneDNN runs with its fast forward kernels:
   the stride-1 rule: a grouped convolution with each group's weights transposed and flipped. It does
   s*s times the multiplications of the transposed convolution, but runs oneDNN's forward kernel: for
   SFace's stride-2 depthwise convolutions (bf16, channels_last, batch 64) oneDNN's backward-data
-  kernel was the slow one on an AVX512-BF16 EPYC: SFace's bf16 step 54.0 vs 93.5 image-steps/s
-  without / with this form (benchmarks/results/model_attack_step_sface_fast.json). The ONNX fast
-  copy uses it in bf16 only (``onnx_ops.op_conv_dilated_grad``); "auto" never picks it.
+  kernel took 142-213 ms per layer on an AVX512-BF16 EPYC, this form 3.7-17.8; in fp32 oneDNN's
+  was 2.3-2.6x faster than this form (benchmarks/results/strided_depthwise_grad.json). The ONNX
+  fast copy uses it in bf16 only (``onnx_ops.op_conv_dilated_grad``); "auto" never picks it.
 
 ``FrozenConv2d`` also keeps its weights (and the rewritten ones) in the autocast dtype, so a bf16
 attack step casts no weight. The image's master copy and every decision stay fp32; in fp32 the
