@@ -469,3 +469,12 @@ def test_strided_depthwise_grad_script_quick(tmp_path):
     assert [(r["layer"][0], r["dtype"]) for r in result["rows"]][:2] == [(64, "bf16"), (64, "fp32")]
     assert all(r["dilated_ms"] > 0 and r["aten_backward_ms"] > 0 for r in result["rows"])
     assert all(r["dilated_relative_error"] < (2 ** -6 if r["dtype"] == "bf16" else 1e-5) for r in result["rows"])
+
+
+def test_square_query_rate_script_quick(tmp_path):
+    script = load_script("square_query_rate")
+    result = script.main(["--threads", "1", "--pairs", "2", "--queries", "2", "--rounds", "1", "--models", "dlib-resnet",
+                          "--out", str(tmp_path / "sq.json")])
+    row = result["models"]["dlib-resnet"]
+    assert row["plain fp32"]["queries_per_s"] > 0 and row["fast copy fp32"]["queries_per_s"] > 0
+    assert row["max_similarity_difference"] < 1e-3  # the same function up to summation order

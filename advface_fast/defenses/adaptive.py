@@ -69,6 +69,7 @@ from torch import nn
 
 from advface_fast.attacks import Attack, make_attack, round_to_uint8_grid
 from advface_fast.defenses.base import Defense
+from advface_fast.models import arithmetic_key
 from advface_fast.seeds import derive_seed
 
 
@@ -148,6 +149,9 @@ class DefendedModel(nn.Module):
                 # Only when per-step, so the fixed-draw attacker's earlier cache keys still hold.
                 **({"eot_redraw": self.redraw} if self.redraw != "fixed" else {}),
                 **({} if self.embedder is defense.model else {"embedder": type(self.embedder).__name__}),
+                # a fast copy's arithmetic (its switches and version), so a changed copy never meets old entries
+                **({"embedder_arithmetic": arithmetic} if (arithmetic := arithmetic_key(self.embedder))
+                   and self.embedder is not defense.model else {}),
                 "defense": defense.variant_config(defense.variants[-1]) | {"copy": self.copy.config()}}
 
 

@@ -219,9 +219,12 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     if cfg.steps_cap is not None:  # quick runs
         budget = max(1, min(budget, 10 * cfg.steps_cap))
     sq_sel, sq_pos = subset(sel, cfg.square_pairs)  # the first N/2 matched and N/2 mismatched pairs
-    # The deployed pipeline, not the attacker's proxy: the full defense (no reduced copy), the plain fp32 model, and
-    # for a defense that averages draws (gaussian-smoothing) as many draws per query (scores averaged).
-    deployed = DefendedModel(defense, samples=int(getattr(defense, "samples", 1)))
+    # The deployed pipeline, not the attacker's proxy: the full defense (no reduced copy), the model in fp32, and
+    # for a defense that averages draws (gaussian-smoothing) as many draws per query (scores averaged). In fp32 the
+    # model's fast copy (with --fast-model, the default) is the plain model's function up to summation order, and
+    # Square's forward-only queries run faster through it; its final queries are judged like every row's.
+    embedder_sq = None if ctx.attacked_net is net else ctx.attacked_net
+    deployed = DefendedModel(defense, samples=int(getattr(defense, "samples", 1)), embedder=embedder_sq)
     square = make_attack("square", deployed, metric=cfg.metric, eps=eps, n_queries=budget, seed=seed, precision="fp32")
     add(f"square (queries={budget})", "black-box",
         attacked_queries(ctx, square, target=cal, sel=sq_sel, extra_key={"adaptive": "square"}), sq_sel, sq_pos,
