@@ -157,8 +157,8 @@ def linf_bounds(x0: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tenso
 # ----------------------------------------------------------------------------------------------------------
 # Implementations (no input checks: go through pgd_step)
 # ----------------------------------------------------------------------------------------------------------
-def pgd_step_triton(x, grad, lo, hi, alpha, block_size: int = BLOCK_SIZE):
-    """Launch the Triton kernel over the flattened tensors; updates x in place."""
+def pgd_step_triton(x, grad, lo, hi, alpha, overwrite_grad: bool = False, block_size: int = BLOCK_SIZE):
+    """Launch the Triton kernel over the flattened tensors; updates x in place (``grad`` is only read)."""
     n = x.numel()
     if n == 0:
         return x
@@ -190,8 +190,8 @@ def pgd_step_fused(x, grad, lo, hi, alpha, overwrite_grad: bool = False):
     return x.clamp_(lo, hi)
 
 
-def pgd_step_reference(x, grad, lo, hi, alpha):
-    """Plain eager reference: x <- clamp(x + alpha * sign(grad), lo, hi)."""
+def pgd_step_reference(x, grad, lo, hi, alpha, overwrite_grad: bool = False):
+    """Plain eager reference: x <- clamp(x + alpha * sign(grad), lo, hi) (``grad`` is only read)."""
     if isinstance(alpha, torch.Tensor):
         alpha = _alpha_view(x, alpha)
     return x.copy_(torch.clamp(x + alpha * grad.sign(), lo, hi))
@@ -221,7 +221,4 @@ def pgd_step(x, grad, lo, hi, alpha, impl: str = "auto", overwrite_grad: bool = 
     """
     check_tensors("pgd_step", x, grad=grad, lo=lo, hi=hi)
     _check_alpha(x, alpha)
-    impl = resolve_impl(x.device, impl)
-    if impl == "fused":
-        return pgd_step_fused(x, grad, lo, hi, alpha, overwrite_grad)
-    return _PGD_IMPLS[impl](x, grad, lo, hi, alpha)
+    return _PGD_IMPLS[resolve_impl(x.device, impl)](x, grad, lo, hi, alpha, overwrite_grad)

@@ -275,7 +275,8 @@ class Attack:
         each image's loss depends on its own input only, so the gradient of the sum is every
         image's own gradient. NaN gradient entries (e.g. from a degenerate embedding) become 0:
         those pixels do not move this step. The gradient is a fresh tensor the caller owns (PGD and
-        FGSM write its sign over it: ``pgd_step(overwrite_grad=True)``); an override must keep that. ``rows`` are the positions of ``x``'s rows in the
+        FGSM write its sign over it: ``pgd_step(overwrite_grad=True)``); an override must keep that.
+        ``rows`` are the positions of ``x``'s rows in the
         call's batch (attacks that drop finished rows pass them; None = all rows), used to give
         a substituted gradient (views) each row's own seed.
 

@@ -148,10 +148,11 @@ class DefendedModel(nn.Module):
                 **({"copy_steps": self.steps} if self.steps is not None else {}),
                 # Only when per-step, so the fixed-draw attacker's earlier cache keys still hold.
                 **({"eot_redraw": self.redraw} if self.redraw != "fixed" else {}),
-                **({} if self.embedder is defense.model else {"embedder": type(self.embedder).__name__}),
-                # a fast copy's arithmetic (its switches and version), so a changed copy never meets old entries
-                **({"embedder_arithmetic": arithmetic} if (arithmetic := arithmetic_key(self.embedder))
-                   and self.embedder is not defense.model else {}),
+                # another embedder by its type, and a fast copy's arithmetic (switches and version), so a
+                # changed copy never meets old entries
+                **({} if self.embedder is defense.model else {
+                    "embedder": type(self.embedder).__name__,
+                    **({"embedder_arithmetic": arithmetic} if (arithmetic := arithmetic_key(self.embedder)) else {})}),
                 "defense": defense.variant_config(defense.variants[-1]) | {"copy": self.copy.config()}}
 
 

@@ -81,7 +81,7 @@ class _PackedBlockFunction(torch.autograd.Function):
             g_y1 = _threshold(conv2.input_grad(g_y2, y1.shape), y1)
         if not ctx.downsample:
             return conv1.input_grad(g_y1, x.shape, add=g_s), None, None, None, None, None
-        _, c, h, w = x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2
+        c, h, w = x.shape[1], x.shape[2] // 2, x.shape[3] // 2
         g_x = conv1.input_grad(g_y1, x.shape)
         # the shortcut's 2 x 2 average pool: g / 4 added in place to each window's four inputs (an odd
         # input's last row / column is in no window); one pass, where avg_pool2d_backward zero-fills,
