@@ -130,6 +130,27 @@ def test_input_validation(tiny):
         PGD(tiny)(queries, gallery, is_same, sample_seeds=[1])
 
 
+def test_a_given_start_is_the_first_iterate_projected_onto_the_budget(tiny):
+    queries, gallery, is_same = pairs_for(tiny, n=4)
+    far = round_to_uint8_grid((queries + 10 / 255 * torch.sign(torch.randn(queries.shape,
+                                                                  generator=torch.Generator().manual_seed(3)))).clamp(0, 1),
+                              queries, None)
+    # steps=0: the delivered image IS the start, projected onto the eps-box (random start skipped)
+    out = PGD(tiny, eps=4, steps=0, seed=1)(queries, gallery, is_same, start=far)
+    expected = torch.minimum(torch.maximum(far, (queries - 4 / 255).clamp(0, 1)), (queries + 4 / 255).clamp(0, 1))
+    assert np.array_equal(as_int(out), as_int(expected))
+    assert not np.array_equal(as_int(out), as_int(PGD(tiny, eps=4, steps=0, seed=1)(queries, gallery, is_same)))
+    # a warm-started attack is deterministic and its steps start from there (not from the random start)
+    warm = PGD(tiny, eps=4, steps=3, seed=1)
+    a, b = warm(queries, gallery, is_same, start=far), warm(queries, gallery, is_same, start=far)
+    assert torch.equal(a, b) and (a - queries).abs().max() <= 4 / 255 + 1e-6
+    assert not torch.equal(a, warm(queries, gallery, is_same))
+    with pytest.raises(ValueError, match="shaped like"):
+        PGD(tiny, eps=4, steps=1)(queries, gallery, is_same, start=far[:2])
+    with pytest.raises(ValueError, match="does not take a start"):
+        Noise(tiny, eps=4)(queries, gallery, is_same, start=far)
+
+
 # ----------------------------------------------------------------------------- seeding and batching
 
 

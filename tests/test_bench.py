@@ -478,3 +478,27 @@ def test_square_query_rate_script_quick(tmp_path):
     row = result["models"]["dlib-resnet"]
     assert row["plain fp32"]["queries_per_s"] > 0 and row["fast copy fp32"]["queries_per_s"] > 0
     assert row["max_similarity_difference"] < 1e-3  # the same function up to summation order
+
+
+def test_onednn_log_counts_weight_reorders_of_dense_and_grouped_convolutions():
+    from advface_fast.bench.onednn import count_primitives
+
+    head = "onednn_verbose,v1,primitive,exec,cpu,"
+    log = "\n".join([
+        head + "reorder,jit:uni,undef,src:bf16::blocked:abcd::f0 dst:bf16::blocked:AcdB64a2b::f0,"
+               "attr-scratchpad:user,,512x256x1x1,0.25",
+        head + "reorder,jit:uni,undef,src:bf16::blocked:abcde::f0 dst:bf16::blocked:debcA16a::f0,"
+               "attr-scratchpad:user,,512x1x1x3x3,0.5",  # a depthwise weight (groups x 1 x 1 x k x k)
+        head + "reorder,jit:uni,undef,src:bf16::blocked:abcd::f0 dst:bf16::blocked:acdb::f0,"
+               "attr-scratchpad:user,,64x32x75x75,1.0",  # an activation
+        head + "convolution,brgconv:avx512_core_bf16,forward_training,src:bf16::blocked:acdb::f0,"
+               "attr-post-ops:eltwise_relu,alg:convolution_direct,mb64_ic32oc32_ih75oh75kh3sh1ph1,2.0",
+        "onednn_verbose,v1,info,prim_template:operation,engine,primitive,implementation,prop_kind,"
+        "memory_descriptors,attributes,auxiliary,problem_desc,exec_time",  # the header: not a primitive
+    ])
+    found = count_primitives(log)
+    assert found["reorders"] == {"weight-shaped": 2, "other": 1}, found
+    assert found["primitives"] == {"convolution forward_training": 1, "reorder": 3}, found
+    ms = found["milliseconds"]
+    assert ms["reorder weight-shaped"] == pytest.approx(0.75) and ms["reorder other"] == pytest.approx(1.0)
+    assert ms["reorder"] == pytest.approx(1.75) and ms["convolution forward_training"] == pytest.approx(2.0)

@@ -83,6 +83,23 @@ def test_two_selections_sharing_pairs_share_cached_rows(pairs, tiny, tmp_path):
     assert sum(sizes2) == 4
 
 
+def test_a_warm_started_attack_begins_at_its_start_queries_and_is_its_own_entry(pairs, tiny, tmp_path):
+    runner, cal = setup(pairs, tiny, tmp_path)
+    sel = runner.select((1,), 8)
+    first = runner.attack_queries(pgd(tiny), cal, sel, tiny)
+    zero = make_attack("pgd", tiny, eps=8, steps=0, seed=5)  # no steps: the delivered queries ARE the start
+    sizes = counting(zero)
+    cold = runner.attack_queries(zero, cal, sel, tiny)
+    warm = runner.attack_queries(zero, cal, sel, tiny, start=first)
+    assert sum(sizes) == 16  # the warm-started attack was computed, not read from the cold one's entry
+    np.testing.assert_array_equal(warm.delta, first.delta)
+    assert not np.array_equal(cold.delta, first.delta) and warm.key != cold.key
+    again = runner.attack_queries(zero, cal, sel, tiny, start=first)  # cached under the start's key
+    assert sum(sizes) == 16 and again.key == warm.key
+    with pytest.raises(ValueError, match="cover 4 pairs"):
+        runner.attack_queries(zero, cal, sel, tiny, start=runner.attack_queries(pgd(tiny), cal, runner.select((1,), 4), tiny))
+
+
 def test_a_damaged_row_chunk_warns_and_is_recomputed_not_trusted(pairs, tiny, tmp_path):
     runner, cal = setup(pairs, tiny, tmp_path)
     sel = runner.select((1,), 8)

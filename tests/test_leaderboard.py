@@ -92,11 +92,24 @@ def test_the_checks_flag_masked_gradients(board):
     masked = next(e for e in report["entries"] if e["defense"]["name"] == "example-masked-rounding")
     rows = masked["attacks"]
     square = next(r for r in rows if r.startswith("square"))
-    bpda = [r for r in rows if r.startswith("bpda-eot")]
+    bpda = [r for r in rows if r.startswith("bpda-eot") and "start" not in rows[r]]  # from their own starts
     assert rows[square]["accuracy"] < min(rows[r]["accuracy"] for r in bpda) - 0.002, rows
     assert any("GRADIENT MASKING" in f for f in masked["flags"]), masked["flags"]
     # the worst case counts every attack, so masking does not buy accuracy
     assert masked["worst_case"]["accuracy"] <= rows[square]["accuracy"]
+
+
+def test_the_warm_started_bpda_row_begins_at_the_strongest_transfer_queries(board):
+    _, report, _ = board
+    for e in report["entries"]:
+        rows = e["attacks"]
+        warm = [r for r in rows if r.startswith("bpda-eot from ")]
+        assert len(warm) == 1, list(rows)
+        origin = rows[warm[0]]["start"]
+        transfers = {r: rows[r]["accuracy"] for r in rows if rows[r]["kind"] == "transfer"}
+        assert rows[origin]["kind"] == "transfer" and transfers[origin] == min(transfers.values())
+        assert rows[warm[0]]["kind"] == "white-box" and warm[0] in e["worst_case"]["over"]
+        assert e["protocol"]["warm_start"] is True
 
 
 def test_the_counter_attack_entry_fits_its_gate_and_meets_the_gate_aware_attacker(board):

@@ -185,7 +185,12 @@ def _zero_nans(g: torch.Tensor) -> torch.Tensor:
 class Attack:
     """Base class. Subclasses set ``name`` and implement :meth:`perturb`.
 
-    Call: ``x_adv = attack(queries, target=None, is_same=None, thresholds=None, sample_seeds=None)``
+    Call: ``x_adv = attack(queries, target=None, is_same=None, thresholds=None, sample_seeds=None, start=None)``
+
+    ``start``: the first iterate, e.g. another attack's queries (a warm start: an adaptive attack begun
+    where a transfer attack ended). Projected onto the eps-box of ``queries``; used by the first
+    restart only (later restarts draw their random starts as usual). Attacks whose search does not
+    begin at an iterate (Square) refuse it.
 
     Shape:
         - queries: (N, 3, H, W) float in [0, 1]; on the uint8 grid when rounding.
@@ -204,6 +209,8 @@ class Attack:
     needs_thresholds = False  # the attack (as configured) uses the objective's margin / success test
     last_stats: dict | None = None  # set by every call: {"image_steps", "image_steps_full"}
     last_iterates: dict[int, torch.Tensor] | None = None  # set by every call: step count -> image
+    accepts_start = True  # the first iterate can be given (``start=``, see :meth:`_start`)
+    _given_start: torch.Tensor | None = None
 
     def __init__(self, model: nn.Module, eps: float | None, objective: Objective | str | dict | None = None,
                  seed: int | None = 0, round_output: bool = True, precision: str = "fp32"):
@@ -223,8 +230,10 @@ class Attack:
     # ---------------------------------------------------------------- public
 
     def __call__(self, queries: torch.Tensor, target: torch.Tensor | None = None, is_same: torch.Tensor | None = None,
-                 thresholds: torch.Tensor | None = None, sample_seeds: Sequence[int] | None = None) -> torch.Tensor:
+                 thresholds: torch.Tensor | None = None, sample_seeds: Sequence[int] | None = None,
+                 start: torch.Tensor | None = None) -> torch.Tensor:
         x0, is_same, thresholds = self._check_inputs(queries, is_same, thresholds)
+        self._given_start = self._check_start(start, x0)
         noise = SeededNoise(x0.shape[0], x0.device, self.seed, sample_seeds)
         self._row_seeds = noise.row_seeds() if self._seeded_model() else None
         self._draw = 0
@@ -234,7 +243,7 @@ class Attack:
             # Attacks need input gradients even when the caller runs under torch.no_grad().
             with torch.enable_grad():
                 result = self.perturb(x0, target, is_same, thresholds, noise)
-        self._row_seeds = None
+        self._row_seeds = self._given_start = None
         iterates = {**self._recorded, self._final_steps(): result}
         self._recorded = {}
         iterates = {k: self._deliver(v.detach(), x0) for k, v in sorted(iterates.items())}
@@ -407,9 +416,26 @@ class Attack:
                              f"with the {self.objective.name} objective")
         return x0, is_same, thresholds
 
+    def _check_start(self, start, x0: torch.Tensor) -> torch.Tensor | None:
+        if start is None:
+            return None
+        if not self.accepts_start:
+            raise ValueError(f"{self.name} does not take a start (start=): its search does not begin at an iterate")
+        if not isinstance(start, torch.Tensor) or tuple(start.shape) != tuple(x0.shape):
+            raise ValueError(f"start must be a tensor shaped like the queries {tuple(x0.shape)}, "
+                             f"got {tuple(getattr(start, 'shape', ()))}")
+        start = start.detach().to(device=x0.device, dtype=torch.float32)
+        if not torch.isfinite(start).all() or start.min() < 0 or start.max() > 1:
+            raise ValueError("start must be finite and in [0, 1]")
+        return start
+
     def _start(self, x0, lo, hi, noise):
-        """The first iterate: x0, or with ``self.random_start`` a uniform draw in the eps-box
-        (clamped to the image box), from the attack's seeded noise."""
+        """The first iterate: the given ``start`` (first restart only) projected onto the eps-box;
+        else x0, or with ``self.random_start`` a uniform draw in the eps-box (clamped to the image
+        box), from the attack's seeded noise."""
+        given, self._given_start = self._given_start, None
+        if given is not None:
+            return torch.minimum(torch.maximum(given, lo), hi).contiguous()
         if not getattr(self, "random_start", False):
             return x0.clone()
         uniform = noise.rand(x0.shape[1:]).mul_(2.0).sub_(1.0)  # U[-1, 1)

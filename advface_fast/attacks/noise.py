@@ -35,6 +35,7 @@ class Noise(Attack):
     """
 
     name = "noise"
+    accepts_start = False  # a draw around the clean image, not a search
 
     def __init__(self, model, eps: float = 4, objective=None, seed: int | None = 0, round_output: bool = True,
                  precision: str = "fp32"):

@@ -120,6 +120,7 @@ class Square(Attack):
     """
 
     name = "square"
+    accepts_start = False  # its own stripe initialisation
     needs_thresholds = True
     chunk = 256  # iterations whose random draws are made at once (fixed: part of the draw layout)
 

@@ -22,26 +22,39 @@ KINDS = ("convolution", "deconvolution", "reorder", "matmul", "inner_product", "
 
 
 def weight_shaped(dims: str) -> bool:
-    """A 4-d tensor whose trailing two dims are a small square kernel (1x1 .. 7x7): a conv weight."""
+    """A 4-d tensor whose trailing two dims are a small square kernel (1x1 .. 7x7), or its grouped 5-d
+    form (groups x out/groups x in/groups x k x k, e.g. a depthwise convolution's): a conv weight."""
     parts = dims.split("x")
+    if len(parts) == 5:  # grouped: fold the groups into the output channels
+        parts = [str(int(parts[0]) * int(parts[1])), *parts[2:]]
     return len(parts) == 4 and parts[2] == parts[3] and int(parts[2]) <= 7 and int(parts[0]) >= 8
 
 
 def count_primitives(log: str) -> dict:
     """Executed primitives in a oneDNN verbose log: {"primitives": {kind + propagation: n},
-    "reorders": {"weight-shaped" | "other": n}}."""
-    counts, reorders = Counter(), Counter()
+    "reorders": {"weight-shaped" | "other": n}, "milliseconds": the same keys (primitives and
+    "reorder weight-shaped" / "reorder other"): oneDNN's own execution times summed}."""
+    counts, reorders, ms = Counter(), Counter(), Counter()
     for line in log.splitlines():
         if not line.startswith("onednn_verbose") or ",exec," not in line:
             continue
         fields = line.split(",")
         kind = next((f for f in fields if f in KINDS), "other")
         prop = next((f for f in fields if f.startswith(("forward", "backward"))), "")
-        counts[f"{kind} {prop}".strip()] += 1
+        key = f"{kind} {prop}".strip()
+        counts[key] += 1
+        try:
+            took = float(fields[-1])  # the exec time, in ms, is the line's last field
+        except ValueError:
+            took = 0.0
+        ms[key] += took
         if kind == "reorder":
-            dims = re.findall(r"\b\d+(?:x\d+){3}\b", line)
-            reorders["weight-shaped" if dims and weight_shaped(dims[-1]) else "other"] += 1
-    return {"primitives": dict(sorted(counts.items())), "reorders": dict(sorted(reorders.items()))}
+            dims = re.findall(r"\b\d+(?:x\d+){3,4}\b", line)
+            which = "weight-shaped" if dims and weight_shaped(dims[-1]) else "other"
+            reorders[which] += 1
+            ms[f"reorder {which}"] += took
+    return {"primitives": dict(sorted(counts.items())), "reorders": dict(sorted(reorders.items())),
+            "milliseconds": {k: round(v, 3) for k, v in sorted(ms.items())}}
 
 
 def onednn_log(fn: Callable[[], object]) -> str:

@@ -169,6 +169,7 @@ def cmd_leaderboard(args) -> int:
                             max_pairs=args.pairs, eps=args.eps, adaptive_steps=args.adaptive_steps, eot=args.eot,
                             square_queries=args.square_queries, costly_square_queries=args.costly_square_queries,
                             square_pairs=args.square_pairs, calibration_pairs=args.calibration_pairs, seed=args.seed,
+                            warm_start=not args.no_warm_start,
                             precision=args.precision, batch_size=args.batch_size, steps_cap=args.steps_cap,
                             on_bad=args.on_bad, no_face=args.no_face,
                             pairs_file=None if args.pairs_file is None else str(args.pairs_file),
@@ -217,6 +218,8 @@ def _add_leaderboard_parser(sub) -> None:
     p.add_argument("--eps", type=float, default=4.0, help="the attacker's L-inf budget, 0-255 levels (default: %(default)s)")
     p.add_argument("--adaptive-steps", type=int, default=20, metavar="K", help="BPDA + EOT PGD steps (default: %(default)s)")
     p.add_argument("--eot", type=int, default=4, metavar="S", help="EOT draws for randomised defenses (default: %(default)s)")
+    p.add_argument("--no-warm-start", action="store_true",
+                   help="skip the BPDA + EOT row begun at the strongest transfer attack's queries (protocol: on)")
     p.add_argument("--square-queries", type=int, default=5000, metavar="N",
                    help="Square's budget for defenses costing about one forward pass (default: %(default)s)")
     p.add_argument("--costly-square-queries", type=int, default=1000, metavar="N",

@@ -103,12 +103,13 @@ def query_attack(ctx: Context, name: str, eps: float, **extra):
 
 
 def attacked_queries(ctx: Context, attack, target: Calibration | None = None, sel: Selection | None = None,
-                     extra_key: dict | None = None):
+                     extra_key: dict | None = None, start=None):
     """Queries attacked against ``target`` (default: the undefended model), from the runner's store:
-    computed once per config and pair (``runner.work`` counts the attack work actually done)."""
+    computed once per config and pair (``runner.work`` counts the attack work actually done).
+    ``start``: queries of the same selection the attack begins from (a warm start)."""
     key = {"fast_model": arithmetic_key(ctx.attacked_net) or True} if ctx.cfg.fast_model and target is None else {}
     return ctx.runner.attack_queries(attack, target or ctx.plain, sel or ctx.sel, ctx.net,
-                                     extra_key={**key, **(extra_key or {})} or None)
+                                     extra_key={**key, **(extra_key or {})} or None, start=start)
 
 
 def defended_store(ctx: Context, name: str, eps: float, steps) -> DefendedStore:

@@ -37,7 +37,7 @@ def protocol_record(config: dict) -> dict:
             "eot": config["eot"], "copy_steps": config["copy_steps"], "kappa": config["kappa"],
             "square_queries": config["square_queries"], "costly_square_queries": config["costly_square_queries"],
             "square_pairs": config["square_pairs"], "calibration_pairs": config["calibration_pairs"],
-            "steps_cap": config["steps_cap"], "seed": config["seed"]}
+            "steps_cap": config["steps_cap"], "seed": config["seed"], "warm_start": config.get("warm_start", False)}
 
 
 def _merge_key(e: dict, what: str):

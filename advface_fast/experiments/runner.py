@@ -224,9 +224,13 @@ class Runner:
     # -- 3. query conditions ----------------------------------------------------------------------
 
     def attack_queries(self, attack, target: Calibration, sel: Selection, decision_model: torch.nn.Module,
-                       extra_key: dict | None = None, decision_name: str | None = None) -> AttackedQueries:
+                       extra_key: dict | None = None, decision_name: str | None = None,
+                       start: AttackedQueries | None = None) -> AttackedQueries:
         """Attack the query of every selected pair against ``target``'s thresholds and clean
         gallery embeddings (cached per pair id; only missing pairs are computed).
+
+        ``start``: queries of the same selection (e.g. a transfer attack's) that the attack begins
+        from (a warm start, ``Attack(start=)``); their store key enters this attack's key.
 
         ``attack`` perturbs through its own model (e.g. a fast copy); the delivered uint8-grid
         queries are embedded by ``decision_model`` in fp32. ``decision_name``: the decision model's
@@ -237,6 +241,10 @@ class Runner:
                       data=self.pairs.dataset.fingerprint, align=self.align_key, metric=self.metric, seed=self.seed,
                       thresholds={str(k): round(float(v), 12) for k, v in target.thresholds.items()},
                       attack=attack.config(), **(extra_key or {}))
+        if start is not None:
+            if len(start.delta) != len(sel):
+                raise ValueError(f"start queries cover {len(start.delta)} pairs, the selection {len(sel)}")
+            config["start"] = start.key
         entry = self.store.entry(config)
         done = set(entry.read().ids)
         todo = [i for i, pid in enumerate(sel.pair_ids) if pid not in done]
@@ -246,14 +254,16 @@ class Runner:
         thr_sim = target.similarity_thresholds(sel.folds)
         bar = tqdm(total=len(todo), desc=_describe(attack), unit="pair", leave=False,
                    disable=not self.progress or not todo)
-        for start in range(0, len(todo), self.batch_size):
-            batch = np.array(todo[start : start + self.batch_size])
+        for at in range(0, len(todo), self.batch_size):
+            batch = np.array(todo[at : at + self.batch_size])
             t0 = time.perf_counter()
             clean = chips[sel.query_rows[batch]]
             queries = chips_to_tensor(clean, device)
+            first = None if start is None else chips_to_tensor(
+                (clean.astype(np.int16) + start.delta[batch]).astype(np.uint8), device)
             x_adv = attack(queries, gallery[batch], torch.from_numpy(sel.same[batch]),
                            torch.from_numpy(thr_sim[batch]).float(),
-                           sample_seeds=[derive_seed(self.seed, sel.pair_ids[i]) for i in batch])
+                           sample_seeds=[derive_seed(self.seed, sel.pair_ids[i]) for i in batch], start=first)
             with torch.no_grad():  # decisions in fp32 on the delivered (uint8-grid) images
                 emb = decision_model(x_adv).float()
                 sim = self.objective.similarity(emb, gallery[batch].to(device))
