@@ -12,8 +12,9 @@ An entry is (model, defense with its parameters). Its protocol, fixed before any
    forward pass, its surrogate (identity by default) in the backward pass, the average over
    ``eot`` fresh draws of a randomised defense. Also at half the steps, and for a randomised
    defense with one draw: the checks compare them. With ``warm_start``, once more begun at the
-   queries of the strongest transfer attack (instead of a random start). Then the defense's own adaptive attacks
-   (``Defense.adaptive_models``, e.g. the counter-attack's gate-aware attacker), PGD with ``kappa``.
+   queries of the strongest transfer attack (instead of a random start). Then the defense's own
+   adaptive attacks (``Defense.adaptive_models``, e.g. the counter-attack's gate-aware attacker),
+   PGD with ``kappa``.
 5. **Square** (score-based black box, L-inf on the uint8 grid) on the defended similarity margin,
    dodging and impersonation, the defense's randomness redrawn at every query; ``square_queries``
    for defenses costing about one forward pass, ``costly_square_queries`` for costlier ones.
@@ -21,9 +22,10 @@ An entry is (model, defense with its parameters). Its protocol, fixed before any
 Robust accuracy is the per-pair worst case over every attack (2-5), dodging (matched pairs) and
 impersonation (mismatched) shown apart. Checks, stored and printed with the entry: the black-box
 attack must not beat the best white-box attack begun from its own start (not the warm-started row,
-which inherits transfer's successes) by more than 0.2 points (else: **gradient masking**); more steps or EOT samples never help the defender; an adaptive attack weaker than
-transfer is flagged. An entry whose worst case beats the undefended model's is to be investigated
-with stronger attacks before it is reported — and then reported as measured.
+which inherits transfer's successes) by more than 0.2 points (else: **gradient masking**); more
+steps or EOT samples never help the defender; an adaptive attack weaker than transfer is flagged.
+An entry whose worst case beats the undefended model's is to be investigated with stronger attacks
+before it is reported — and then reported as measured.
 """
 
 from __future__ import annotations
