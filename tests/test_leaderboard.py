@@ -157,6 +157,10 @@ def test_entries_merge_and_refuse_mismatches(board, tmp_path, capsys):
     quick["config"]["steps_cap"] = 1
     with pytest.raises(ValueError, match="differ in protocol.*steps_cap"):
         merge_entries([entries[0], quick])
+    cold = copy.deepcopy(entries[1])  # an entry of a run without the warm-started row (or of before it existed)
+    cold["config"].pop("warm_start")
+    with pytest.raises(ValueError, match="differ in protocol.*warm_start"):
+        merge_entries([entries[0], cold])
     # A costly defense gets the costly Square budget: same protocol (the test board has one).
     costly = [e for e in entries if e["cost"]["attack_budget"]["square_queries"] != entries[0]["cost"]["attack_budget"]["square_queries"]]
     assert costly and len(merge_entries([entries[0], *costly])) == 2
