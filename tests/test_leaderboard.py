@@ -211,3 +211,8 @@ def test_defend_points_another_family_to_the_leaderboard(lfw_ci, tmp_path, capsy
     assert len(err) == 1 and "advface leaderboard --defense jpeg:quality=75" in err[0]
     assert main(["defend", "--lfw", str(lfw_ci), "--defense", "nope", "--out", str(tmp_path)]) == 2
     assert "available: pgd, cw, fgsm" in capsys.readouterr().err
+
+
+def test_fast_model_reaches_the_defense_context():
+    assert LeaderboardConfig().defend_config("dlib-resnet").fast_model is False  # committed entries: plain model
+    assert LeaderboardConfig(fast_model=True).defend_config("dlib-resnet").fast_model is True

@@ -169,7 +169,7 @@ def cmd_leaderboard(args) -> int:
                             max_pairs=args.pairs, eps=args.eps, adaptive_steps=args.adaptive_steps, eot=args.eot,
                             square_queries=args.square_queries, costly_square_queries=args.costly_square_queries,
                             square_pairs=args.square_pairs, calibration_pairs=args.calibration_pairs, seed=args.seed,
-                            warm_start=not args.no_warm_start,
+                            warm_start=not args.no_warm_start, fast_model=args.fast_model,
                             precision=args.precision, batch_size=args.batch_size, steps_cap=args.steps_cap,
                             on_bad=args.on_bad, no_face=args.no_face,
                             pairs_file=None if args.pairs_file is None else str(args.pairs_file),
@@ -218,6 +218,10 @@ def _add_leaderboard_parser(sub) -> None:
     p.add_argument("--eps", type=float, default=4.0, help="the attacker's L-inf budget, 0-255 levels (default: %(default)s)")
     p.add_argument("--adaptive-steps", type=int, default=20, metavar="K", help="BPDA + EOT PGD steps (default: %(default)s)")
     p.add_argument("--eot", type=int, default=4, metavar="S", help="EOT draws for randomised defenses (default: %(default)s)")
+    p.add_argument("--fast-model", action="store_true",
+                   help="attack the undefended model (transfer queries, high confidence) and run Square's queries "
+                        "through the model's fast copy (Table 1's queries are then those of 'advface attack "
+                        "--fast-model'); default: the plain model")
     p.add_argument("--no-warm-start", action="store_true",
                    help="skip the BPDA + EOT row begun at the strongest transfer attack's queries (protocol: on)")
     p.add_argument("--square-queries", type=int, default=5000, metavar="N",

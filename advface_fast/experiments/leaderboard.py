@@ -122,6 +122,7 @@ class LeaderboardConfig:
     calibration_pairs: int | None = None
     seed: int = 0
     precision: str = "auto"
+    fast_model: bool = False  # the undefended model's attacks and Square's queries through its fast copy
     batch_size: int = DEFAULT_ATTACK_BATCH
     defense_batch_size: int = 32
     metric: str = "cosine"
@@ -138,7 +139,7 @@ class LeaderboardConfig:
                             attack_steps=self.attack_steps, folds=self.folds, max_pairs=self.max_pairs,
                             metric=self.metric, seed=self.seed, batch_size=self.batch_size,
                             defense_batch_size=self.defense_batch_size, precision=self.precision,
-                            calibration_pairs=self.calibration_pairs, steps_cap=self.steps_cap,
+                            fast_model=self.fast_model, calibration_pairs=self.calibration_pairs, steps_cap=self.steps_cap,
                             on_bad=self.on_bad, no_face=self.no_face, pairs_file=self.pairs_file)
 
 
@@ -236,9 +237,9 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
         budget = max(1, min(budget, 10 * cfg.steps_cap))
     sq_sel, sq_pos = subset(sel, cfg.square_pairs)  # the first N/2 matched and N/2 mismatched pairs
     # The deployed pipeline, not the attacker's proxy: the full defense (no reduced copy), the model in fp32, and
-    # for a defense that averages draws (gaussian-smoothing) as many draws per query (scores averaged). In fp32 the
-    # model's fast copy (with --fast-model, the default) is the plain model's function up to summation order, and
-    # Square's forward-only queries run faster through it; its final queries are judged like every row's.
+    # for a defense that averages draws (gaussian-smoothing) as many draws per query (scores averaged). With
+    # fast_model (off by default) the model's fp32 fast copy, the plain model's function up to summation order,
+    # through which Square's forward-only queries run faster; its final queries are judged like every row's.
     embedder_sq = None if ctx.attacked_net is net else ctx.attacked_net
     deployed = DefendedModel(defense, samples=int(getattr(defense, "samples", 1)), embedder=embedder_sq)
     square = make_attack("square", deployed, metric=cfg.metric, eps=eps, n_queries=budget, seed=seed, precision="fp32")
