@@ -13,7 +13,6 @@ minor page faults and kernel (system) CPU time from ``getrusage`` around the tim
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import resource
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, load_average, write_json  # noqa: E402
+from common import load_average, run_record, write_json  # noqa: E402
 
 
 SETTINGS = ("default", "threshold", "heap")  # default: ADVFACE_KEEP_FREED_MEMORY=0
@@ -91,8 +90,7 @@ def main(argv=None) -> dict | None:
                    for s, rs in by_setting.items()} for m, by_setting in runs.items()}
     result = {"what": "minor page faults and kernel time per PGD step under glibc's default and each "
                       "keep_freed_memory() setting",
-              "command": command_line(argv),
-              "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              **run_record(argv),
               "threads": args.threads, "batch": args.batch, "steps": args.steps, "runs": args.runs,
               "statistic": "median over processes", "load_average_before": load_before,
               "load_average_after": load_average(), "median": summary, "runs_detail": runs}

@@ -83,6 +83,15 @@ def command_line(argv=None, lfw=None) -> str:
     return text if not lfw else text.replace(shlex.quote(str(lfw)), "<LFW>")
 
 
+def run_record(argv=None, lfw=None) -> dict:
+    """What a result file records first: the command that made it (:func:`command_line`) and when,
+    in UTC to the second."""
+    import datetime
+
+    return {"command": command_line(argv, lfw),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def load_average() -> list[float] | None:
     """The 1/5/15-minute load average (recorded with a measurement: was the machine shared?)."""
     try:

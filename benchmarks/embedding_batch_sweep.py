@@ -13,7 +13,6 @@ little left to gain without lower precision.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, default_lfw, load_average, write_json  # noqa: E402
+from common import default_lfw, load_average, run_record, write_json  # noqa: E402
 
 from advface_fast.bench import gemm_variants, time_side_by_side  # noqa: E402
 from advface_fast.engine import OrtEngine, TorchEngine, chips_to_tensor  # noqa: E402
@@ -87,8 +86,7 @@ def main(argv=None) -> dict:
     best = {name: max(rate[name, b] for b in batches) for name in engines}
     result = {
         "what": "embedding images/s of real LFW chips by engine and batch size, with the GEMM rates of the same run",
-        "command": command_line(argv, args.lfw),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_record(argv, args.lfw),
         "threads": args.threads, "images": len(chips), "rounds": args.rounds, "torch": torch.__version__,
         "device": device_features("cpu"), "load_average_before": load_before, "load_average_after": load_average(),
         "forward_gflop_per_image": gflop, "gemm_gflops": gemm_rate, "rows": table,

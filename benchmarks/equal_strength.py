@@ -24,7 +24,6 @@ any weaker attack still looks equal.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import time
 import warnings
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, load_average, write_json  # noqa: E402
+from common import load_average, run_record, write_json  # noqa: E402
 
 from advface_fast.allocator import keep_freed_memory
 from advface_fast.attacks import DEFAULT_ATTACK_BATCH, VerificationObjective, make_attack
@@ -137,8 +136,7 @@ def main(argv=None) -> dict:
 
     report = {
         "what": "bf16 vs fp32 attack gradients, judged in fp32 with a fixed clean threshold",
-        "command": command_line(argv, args.lfw),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_record(argv, args.lfw),
         "dataset_fingerprint": pairs.dataset.fingerprint,
         "fold": args.fold,
         "n_pairs": int(len(sel)),

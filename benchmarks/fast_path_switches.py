@@ -36,7 +36,6 @@ step time over all rounds. The machine's load average before and after is record
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import time
@@ -46,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, load_average, write_json  # noqa: E402
+from common import load_average, run_record, write_json  # noqa: E402
 
 from advface_fast.allocator import keep_freed_memory
 from advface_fast.attacks import PGD
@@ -142,8 +141,7 @@ def main(argv=None) -> dict:
         rows.append(row)
     result = {
         "what": "attack image-steps/s (forward + input gradient, Attack._ascent_gradient), dlib-resnet 150x150",
-        "command": command_line(argv),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_record(argv),
         "threads": args.threads,
         "rounds": args.rounds,
         "timed_steps_per_round": args.steps,

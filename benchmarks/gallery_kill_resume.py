@@ -15,7 +15,6 @@ journal files left.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import random
@@ -29,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-from common import command_line, load_average, write_json  # noqa: E402
+from common import load_average, run_record, write_json  # noqa: E402
 from test_gallery import (  # noqa: E402
     content,
     job_args,
@@ -101,8 +100,7 @@ def main(argv=None) -> dict:
             shards_equal &= m1 == m2 and t1.keys() == t2.keys() and all(t1[n].tobytes() == t2[n].tobytes() for n in t1)
         result = {
             "what": "kill -9 at random moments, resume, compare with an uninterrupted run",
-            "command": command_line(argv),
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            **run_record(argv),
             "load_average": load_average(), "images": len(b), "planted_bad_or_grayscale": n_bad,
             "shards": len(list((tmp / "ref" / "shards").iterdir())),
             "uninterrupted_seconds": round(t_ref, 2), "job_work_seconds": round(work, 2),

@@ -18,7 +18,6 @@ after: on a shared machine every rate is lower than on a quiet one.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, default_lfw, load_average, write_json  # noqa: E402
+from common import default_lfw, load_average, run_record, write_json  # noqa: E402
 
 from advface_fast.environment import environment  # noqa: E402
 from advface_fast.jobs import GalleryConfig, GalleryJob, run_local  # noqa: E402
@@ -124,8 +123,7 @@ def main(argv=None) -> dict:
     set_threads(args.threads)
     refs = list_images(args.lfw)
     result = {"what": "gallery job throughput vs the attack engine's own rate; model-busy fraction",
-              "command": command_line(argv, args.lfw),
-              "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              **run_record(argv, args.lfw),
               "lfw_images": len(refs), "threads": args.threads, "precision": args.precision, "decode_threads": args.decode_threads,
               "load_average_before": load_average(), "environment": environment(), "runs": []}
     if args.work is not None:

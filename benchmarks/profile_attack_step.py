@@ -25,7 +25,6 @@ changing the arithmetic. Compare it with 4x torchattacks' fp32 PGD (the performa
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, load_average, write_json  # noqa: E402
+from common import load_average, run_record, write_json  # noqa: E402
 
 from advface_fast.allocator import keep_freed_memory
 from advface_fast.attacks import PGD
@@ -169,8 +168,7 @@ def main(argv=None) -> dict:
     ceiling = gemm["bf16"] * 1e9 / (flops / args.batch)  # image-steps/s with every FLOP at the bf16 GEMM rate
     result = {
         "what": "one attack step (forward + input gradient) of dlib-resnet, profiled with torch.profiler",
-        "command": command_line(argv),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_record(argv),
         "threads": args.threads, "batch": args.batch, "profiled_steps": args.steps, "torch": torch.__version__,
         "device": device_features("cpu"),
         "load_average_before": load_before, "load_average_after": load_average(),

@@ -15,7 +15,6 @@ tools is applied.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, load_average, write_json  # noqa: E402
+from common import load_average, run_record, write_json  # noqa: E402
 
 from advface_fast.allocator import keep_freed_memory
 from advface_fast.attacks import make_attack
@@ -75,8 +74,7 @@ def main(argv=None) -> dict:
     allocator = keep_freed_memory()
     torch.set_num_threads(args.threads)
     out = {"what": "Square queries per second through the undefended pipeline, plain fp32 model vs fp32 fast copy",
-           "command": command_line(argv),
-           "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           **run_record(argv),
            "threads": args.threads, "pairs": args.pairs, "queries": args.queries, "rounds": args.rounds, **allocator,
            "statistic": "median over interleaved rounds", "load_average_before": load_average(), "models": {}}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:

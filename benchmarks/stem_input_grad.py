@@ -18,7 +18,6 @@ dlib-resnet's stem is a 7x7 / 2 convolution from 3 to 32 channels on 150 x 150 c
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, load_average, write_json  # noqa: E402
+from common import load_average, run_record, write_json  # noqa: E402
 
 from advface_fast.allocator import keep_freed_memory
 from advface_fast.models.frozen_conv import FrozenConv2d, polyphase_input_grad, polyphase_weight
@@ -127,8 +126,7 @@ def main(argv=None) -> dict:
     stem_rows = stem_table(args.batch, args.rounds, [int(c) for c in args.chunks.split(",")])
     result = {
         "what": "dlib-resnet stem (7x7/2 conv 3->32, 3x3/2 max-pool): input gradient forms and chunking",
-        "command": command_line(argv),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_record(argv),
         "threads": args.threads, "batch": args.batch, "rounds": args.rounds, "statistic": "median over rounds",
         "load_average_before": load_before, "load_average_after": load_average(),
         "torch": torch.__version__, "device": device_features("cpu"), "allocator": allocator,

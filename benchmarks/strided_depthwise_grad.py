@@ -14,7 +14,6 @@ its largest value. The allocator setting of the command-line tools is applied.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, load_average, write_json  # noqa: E402
+from common import load_average, run_record, write_json  # noqa: E402
 from stem_input_grad import timed_rounds  # noqa: E402
 
 from advface_fast.allocator import keep_freed_memory
@@ -71,8 +70,7 @@ def main(argv=None) -> dict:
     allocator = keep_freed_memory()
     torch.set_num_threads(args.threads)
     out = {"what": "stride-2 depthwise 3x3 input gradient: oneDNN backward-data vs the dilated forward convolution",
-           "command": command_line(argv),
-           "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           **run_record(argv),
            "threads": args.threads, "batch": args.batch, "rounds": args.rounds, **allocator,
            "statistic": "median over interleaved rounds", "load_average_before": load_average(),
            "rows": [row for c, h in LAYERS for row in layer_rows(c, h, args.batch, args.rounds)]}

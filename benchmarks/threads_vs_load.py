@@ -13,7 +13,6 @@ load average before and after, and the thread count the default rule picks at th
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command_line, load_average, write_json  # noqa: E402
+from common import load_average, run_record, write_json  # noqa: E402
 
 from advface_fast.attacks import PGD
 from advface_fast.models import create_model
@@ -64,8 +63,7 @@ def main(argv=None) -> dict:
              "image_steps_per_s": round(args.batch / statistics.median(v), 1)} for n, v in times.items()]
     best = min(rows, key=lambda r: r["median_step_s"])
     result = {"what": "attack step time vs torch threads under the machine's current load",
-              "command": command_line(argv),
-              "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              **run_record(argv),
               "precision": precision, "batch": args.batch, "load_average_before": load_before,
               "load_average_after": load_average(), "default_rule_picked": picked, "default_rule_why": why,
               "fastest_threads": best["threads"],

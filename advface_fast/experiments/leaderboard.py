@@ -203,34 +203,35 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     # 4. BPDA + EOT through the defense (for `none` this is the white-box attack itself).
     samples = cfg.eot if defense.randomized else 1
     copy = cfg.copy_steps if defense.iterative else None
-    bpda = {}
-    for steps, s_ in {(cfg.adaptive_steps, samples), (max(cfg.adaptive_steps // 2, 1), samples),
-                      (cfg.adaptive_steps, 1)}:
+    full = _cap(cfg.adaptive_steps, cfg)
+    bpda, full_attack = {}, None
+    for steps, s_ in {(full, samples), (_cap(max(cfg.adaptive_steps // 2, 1), cfg), samples), (full, 1)}:
         attack = adaptive_attack("pgd", defense, eps=eps, samples=s_, copy_steps=copy, seed=seed,
-                                 precision=cfg.precision, embedder=embedder, steps=_cap(steps, cfg))
-        row = f"bpda-eot (steps={_cap(steps, cfg)}, eot={s_})"
-        bpda[row] = (_cap(steps, cfg), s_)
+                                 precision=cfg.precision, embedder=embedder, steps=steps)
+        row = f"bpda-eot (steps={steps}, eot={s_})"
+        bpda[row] = (steps, s_)
         add(row, "white-box", attacked_queries(ctx, attack, target=cal, extra_key={"adaptive": "bpda-eot"}),
-            attack_steps=_cap(steps, cfg), eot_samples=s_)
-    # 4a. Warm start: BPDA + EOT begun where the strongest transfer attack (the lowest defended accuracy; ties
-    # in --attacks order) ended, so the adaptive attacker keeps what transfer already achieved and refines it
-    # through the defense (a cold-start BPDA can be weaker than transfer, e.g. through an attack-as-defense D).
+            attack_steps=steps, eot_samples=s_)
+        if (steps, s_) == (full, samples):
+            full_attack = attack
+    # 4a. Warm start: the full BPDA + EOT attack begun where the strongest transfer attack (the lowest defended
+    # accuracy; ties in --attacks order) ended, so the adaptive attacker keeps what transfer already achieved and
+    # refines it through the defense (a cold-start BPDA can be weaker than transfer, e.g. through an
+    # attack-as-defense D).
     if cfg.warm_start and transfer:
         origin = min(transfer, key=lambda r: rows[r]["accuracy"])
-        attack = adaptive_attack("pgd", defense, eps=eps, samples=samples, copy_steps=copy, seed=seed,
-                                 precision=cfg.precision, embedder=embedder, steps=_cap(cfg.adaptive_steps, cfg))
-        add(f"bpda-eot from {origin} (steps={_cap(cfg.adaptive_steps, cfg)}, eot={samples})", "white-box",
-            attacked_queries(ctx, attack, target=cal, extra_key={"adaptive": "bpda-eot"}, start=transfer[origin]),
-            attack_steps=_cap(cfg.adaptive_steps, cfg), eot_samples=samples, start=origin)
+        add(f"bpda-eot from {origin} (steps={full}, eot={samples})", "white-box",
+            attacked_queries(ctx, full_attack, target=cal, extra_key={"adaptive": "bpda-eot"}, start=transfer[origin]),
+            attack_steps=full, eot_samples=samples, start=origin)
     # 4b. The defense's own adaptive attacks (e.g. the counter-attack's gate-aware attacker): PGD at the full steps
     # with the high-confidence margin kappa, so that once a pair is kappa past its threshold the step follows the
     # defense's own term (the gate) instead of pushing the similarity further.
     for label, model in defense.adaptive_models(samples=samples, embedder=embedder).items():
         attack = make_attack("pgd", model, metric=cfg.metric, eps=eps, seed=seed, precision=cfg.precision,
-                             steps=_cap(cfg.adaptive_steps, cfg), kappa=cfg.kappa)
-        add(f"{label} (steps={_cap(cfg.adaptive_steps, cfg)}, eot={samples})", "white-box",
+                             steps=full, kappa=cfg.kappa)
+        add(f"{label} (steps={full}, eot={samples})", "white-box",
             attacked_queries(ctx, attack, target=cal, extra_key={"adaptive": label}),
-            attack_steps=_cap(cfg.adaptive_steps, cfg), eot_samples=samples)
+            attack_steps=full, eot_samples=samples)
     # 5. Square on the defended margin, fresh draws of the defense at every query.
     budget = cfg.square_queries if defense.cost_per_image() <= 2 else cfg.costly_square_queries
     if cfg.steps_cap is not None:  # quick runs

@@ -153,9 +153,11 @@ class AttackedQueries:
     key: str = ""
     stats: dict = field(default_factory=dict)
 
-    def images(self, clean: np.ndarray) -> np.ndarray:
-        """The attacked uint8 chips, given the clean query chips of the selection."""
-        return (clean.astype(np.int16) + self.delta).astype(np.uint8)  # delta: int8 or int16
+    def images(self, clean: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """The attacked uint8 chips, given the clean query chips of the selection (or of its
+        positions ``rows``)."""
+        delta = self.delta if rows is None else self.delta[rows]
+        return (clean.astype(np.int16) + delta).astype(np.uint8)  # delta: int8 or int16
 
 
 class Runner:
@@ -259,8 +261,7 @@ class Runner:
             t0 = time.perf_counter()
             clean = chips[sel.query_rows[batch]]
             queries = chips_to_tensor(clean, device)
-            first = None if start is None else chips_to_tensor(
-                (clean.astype(np.int16) + start.delta[batch]).astype(np.uint8), device)
+            first = None if start is None else chips_to_tensor(start.images(clean, batch), device)
             x_adv = attack(queries, gallery[batch], torch.from_numpy(sel.same[batch]),
                            torch.from_numpy(thr_sim[batch]).float(),
                            sample_seeds=[derive_seed(self.seed, sel.pair_ids[i]) for i in batch], start=first)
