@@ -232,6 +232,42 @@ def test_restarts_keep_the_most_adversarial_per_pair(tiny):
     assert (three > one).any()
 
 
+class _Phase(nn.Module):
+    """An embedding that turns with the image's mean: sign steps of a whole image overshoot and oscillate."""
+
+    def forward(self, x):
+        phase = 600.0 * x.mean((1, 2, 3))
+        return torch.stack([torch.cos(phase), torch.sin(phase), torch.ones_like(phase)], 1)
+
+
+@pytest.mark.parametrize("which", ["tiny", "phase"])
+def test_best_iterate_delivers_each_pairs_highest_loss_iterate(tiny, which):
+    # The k-step run with the same seed delivers exactly the k-th iterate, so the best-iterate run must
+    # deliver, per pair, the highest-loss one of iterates 0..T (the start included), warm-started or not.
+    model = tiny if which == "tiny" else _Phase()
+    queries, gallery, is_same = pairs_for(model, n=8)
+    obj = VerificationObjective()
+    far = round_to_uint8_grid((queries + 4 / 255 * torch.sign(torch.randn(queries.shape,
+                                                                 generator=torch.Generator().manual_seed(5)))).clamp(0, 1),
+                              queries, None)
+
+    def loss(x):
+        return obj.ascent_loss(similarities(model, x, gallery), is_same)
+
+    for start in (None, far):
+        run = dict(eps=4, alpha=1, seed=2, round_output=False)
+        per_step = torch.stack([loss(PGD(model, steps=k, **run)(queries, gallery, is_same, start=start))
+                                for k in range(6)])
+        best = loss(PGD(model, steps=5, best_iterate=True, **run)(queries, gallery, is_same, start=start))
+        assert torch.allclose(best, per_step.max(0).values, atol=1e-5)
+        assert (best >= per_step[-1] - 1e-6).all()
+        if which == "phase":  # the last iterate is not the best for some pair: best_iterate changes the result
+            assert (per_step.max(0).values > per_step[-1] + 1e-3).any()
+    assert PGD(model, best_iterate=True).config()["best_iterate"] is True and "best_iterate" not in PGD(model).config()
+    with pytest.raises(ValueError, match="best_iterate"):
+        PGD(model, best_iterate=True, early_stop=True)
+
+
 def test_cw_freezes_pairs_whose_margin_is_already_met(tiny):
     queries, gallery, is_same = pairs_for(tiny, n=4)
     sim = similarities(tiny, queries, gallery)

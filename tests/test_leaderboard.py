@@ -112,6 +112,23 @@ def test_the_warm_started_bpda_row_begins_at_the_strongest_transfer_queries(boar
         assert e["protocol"]["warm_start"] is True
 
 
+def test_best_iterate_rows_keep_what_their_start_achieved(board):
+    # The protocol's BPDA + EOT rows deliver, per pair, the best of their iterates by the attacker's loss,
+    # the start included: against the deterministic undefended model the warm row, begun at the transfer
+    # queries, never ends weaker than its origin (a last-iterate warm row may).
+    cfg, report, _ = board
+    assert cfg.best_iterate is True and cfg.copy_steps is None
+    none = next(e for e in report["entries"] if e["defense"]["name"] == "none")
+    rows = none["attacks"]
+    warm = next(r for r in rows if r.startswith("bpda-eot from "))
+    assert rows[warm]["accuracy"] <= rows[rows[warm]["start"]]["accuracy"]
+    assert none["protocol"]["best_iterate"] is True
+    last = copy.deepcopy(report["entries"][1])  # an entry of a last-iterate run (or of before the option)
+    last["config"].pop("best_iterate")
+    with pytest.raises(ValueError, match="differ in protocol.*best_iterate"):
+        merge_entries([report["entries"][0], last])
+
+
 def test_the_counter_attack_entry_fits_its_gate_and_meets_the_gate_aware_attacker(board):
     _, report, _ = board
     ttc = next(e for e in report["entries"] if e["defense"]["name"] == "counter-attack")
@@ -173,6 +190,7 @@ def test_entries_merge_and_refuse_mismatches(board, tmp_path, capsys):
         e = next(e for e in entries if e["defense"]["spec"] == r["defense"])
         low = min(v["accuracy"] for k, v in e["attacks"].items() if k != "clean")
         assert r["strongest_attacks"] == [k for k, v in e["attacks"].items() if k != "clean" and v["accuracy"] == low]
+        assert e["worst_case"]["strongest"] == r["strongest_attacks"]  # the entry names what the table names
     assert (tmp_path / "merged" / "leaderboard.png").stat().st_size > 1000
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -213,6 +231,10 @@ def test_defend_points_another_family_to_the_leaderboard(lfw_ci, tmp_path, capsy
     assert "available: pgd, cw, fgsm" in capsys.readouterr().err
 
 
-def test_fast_model_reaches_the_defense_context():
+def test_fast_model_reaches_the_defense_context(lfw_ci, tmp_path):
     assert LeaderboardConfig().defend_config("dlib-resnet").fast_model is False  # committed entries: plain model
     assert LeaderboardConfig(fast_model=True).defend_config("dlib-resnet").fast_model is True
+    # a model without a fast copy: one clear error before any work, not a crash midway
+    cfg = LeaderboardConfig(models=(TINY,), defenses=("none",), max_pairs=4, fast_model=True)
+    with pytest.raises(ValueError, match="no fast copy"):
+        run_leaderboard(lfw_ci, cfg, tmp_path, workers=1, progress=False)

@@ -50,6 +50,15 @@ class PGD(Attack):
     pair, its best restart at that count (one extra forward pass per restart and count). Not
     with early stop.
 
+    Best iterate (``best_iterate=True``, opt-in). Sign-PGD does not ascend monotonically: against
+    a randomised defense (EOT) the last iterate can be worse than an earlier one, and a warm start
+    can be walked away from. With ``best_iterate`` each pair delivers the iterate with the highest
+    loss the attack itself scored (the loss at x_t comes with the gradient taken there; the final
+    iterate of each restart costs one extra forward pass), over all steps and restarts, the start
+    included, as APGD keeps its best point (Croce & Hein, 2020). Against a randomised defense
+    that loss is the attacker's own EOT estimate, not the defender's draw. Not with early stop or
+    ``record_steps`` (the extra scoring passes would shift the draws of later steps).
+
     High confidence (``kappa``). By default PGD ascends the unbounded ``ascent_loss``: it pushes
     every pair as far past its threshold as the budget and steps allow. With ``kappa`` set it
     ascends ``-margin_loss(s, ..., kappa)`` instead (the C&W margin): a pair stops being pushed
@@ -76,6 +85,7 @@ class PGD(Attack):
         kappa (float | None): stop pushing a pair this far past its threshold (see above);
             None = unbounded ascent. (Default: None)
         record_steps (tuple[int]): step counts whose iterates to keep (see above). (Default: ())
+        best_iterate (bool): deliver each pair's highest-loss iterate, not the last (see above). (Default: False)
         precision (str): "fp32", "bf16" or "auto", the model's precision for gradients. (Default: "fp32")
 
     Shape:
@@ -100,7 +110,7 @@ class PGD(Attack):
     def __init__(self, model, eps: float = 4, alpha: float | None = None, steps: int = 40, restarts: int = 1,
                  random_start: bool = True, objective=None, seed: int | None = 0, round_output: bool = True,
                  early_stop: bool = False, early_stop_margin: float = 0.05, precision: str = "fp32",
-                 kappa: float | None = None, record_steps=()):
+                 kappa: float | None = None, record_steps=(), best_iterate: bool = False):
         super().__init__(model, eps, objective, seed, round_output, precision)
         if steps < 0 or restarts < 1:
             raise ValueError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
@@ -117,6 +127,9 @@ class PGD(Attack):
         self.restarts = int(restarts)
         self.random_start = bool(random_start)
         self.record_steps = check_record_steps(record_steps, self.steps)
+        self.best_iterate = bool(best_iterate)
+        if self.best_iterate and (self.early_stop or self.record_steps):
+            raise ValueError("best_iterate cannot be combined with early_stop or record_steps")
         if self.record_steps and self.early_stop:
             raise ValueError("record_steps cannot be combined with early_stop (early-stopped iterates "
                              "are not the iterates of a fixed step count)")
@@ -129,6 +142,8 @@ class PGD(Attack):
             config.update(early_stop=True, early_stop_margin=self.early_stop_margin)
         if self.kappa is not None:
             config["kappa"] = self.kappa
+        if self.best_iterate:
+            config["best_iterate"] = True
         return config
 
     def _threshold_user(self) -> str:
@@ -143,6 +158,8 @@ class PGD(Attack):
     def perturb(self, x0, target, is_same, thresholds, noise):
         if self.early_stop:
             return self._perturb_early_stop(x0, target, is_same, thresholds, noise)
+        if self.best_iterate:
+            return self._perturb_best_iterate(x0, target, is_same, thresholds, noise)
         full_cost = x0.shape[0] * self.steps * self.restarts
         self.last_stats = {"image_steps": full_cost, "image_steps_full": full_cost}
         lo, hi = self._eps_box(x0)
@@ -173,6 +190,30 @@ class PGD(Attack):
                     observe(step, x)
         self._recorded = {k: v[0] for k, v in best.items() if k != self.steps}
         return best[self.steps][0]
+
+    def _perturb_best_iterate(self, x0, target, is_same, thresholds, noise):
+        """PGD whose result is, per pair, the highest-loss iterate it scored (see "Best iterate")."""
+        n = x0.shape[0]
+        lo, hi = self._eps_box(x0)
+        alpha = self.alpha / 255.0
+        loss_fn = self._loss_fn(is_same, thresholds)
+        best_x, best_loss = x0.clone(), torch.full((n,), float("-inf"), device=x0.device)
+
+        def keep(x, loss):
+            nonlocal best_x, best_loss
+            better = loss > best_loss
+            best_x = torch.where(better.view(-1, 1, 1, 1), x, best_x)
+            best_loss = torch.where(better, loss, best_loss)
+
+        for _ in range(self.restarts):
+            x = self._start(x0, lo, hi, noise)
+            for _step in range(self.steps):
+                grad, sim = self.loss_and_grad(x, target, loss_fn)
+                keep(x, loss_fn(sim).detach())  # the loss at x, before x moves (in place) below
+                pgd_step(x, grad, lo, hi, alpha, overwrite_grad=True)
+            keep(x, loss_fn(self.score(x, target)))
+        self.last_stats = {"image_steps": n * self.steps * self.restarts, "image_steps_full": n * self.steps * self.restarts}
+        return best_x
 
     def _perturb_early_stop(self, x0, gallery, is_same, thresholds, noise):
         """PGD that drops pairs from the batch once they are past their threshold by the margin."""

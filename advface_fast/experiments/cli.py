@@ -170,6 +170,7 @@ def cmd_leaderboard(args) -> int:
                             square_queries=args.square_queries, costly_square_queries=args.costly_square_queries,
                             square_pairs=args.square_pairs, calibration_pairs=args.calibration_pairs, seed=args.seed,
                             warm_start=not args.no_warm_start, fast_model=args.fast_model,
+                            best_iterate=not args.no_best_iterate, copy_steps=args.copy_steps,
                             precision=args.precision, batch_size=args.batch_size, steps_cap=args.steps_cap,
                             on_bad=args.on_bad, no_face=args.no_face,
                             pairs_file=None if args.pairs_file is None else str(args.pairs_file),
@@ -224,6 +225,12 @@ def _add_leaderboard_parser(sub) -> None:
                         "--fast-model'); default: the plain model")
     p.add_argument("--no-warm-start", action="store_true",
                    help="skip the BPDA + EOT row begun at the strongest transfer attack's queries (protocol: on)")
+    p.add_argument("--copy-steps", type=int, metavar="K",
+                   help="steps of an iterative defense's copy in the BPDA + EOT attacker (attack-as-defense's D; "
+                        "default: the defense's own; a reduced copy was much weaker on sface)")
+    p.add_argument("--no-best-iterate", action="store_true",
+                   help="BPDA + EOT rows deliver their last iterate instead of each pair's highest-loss one "
+                        "(protocol: best iterate)")
     p.add_argument("--square-queries", type=int, default=5000, metavar="N",
                    help="Square's budget for defenses costing about one forward pass (default: %(default)s)")
     p.add_argument("--costly-square-queries", type=int, default=1000, metavar="N",

@@ -79,11 +79,14 @@ def cap(steps: int, cfg: DefendConfig) -> int:
 
 def make_context(lfw, cfg: DefendConfig, *, cache_dir=None, defended_dir=None, workers=None, progress=True,
                  pairs=None, net=None) -> Context:
+    make_fast = get_model_spec(cfg.model).make_fast
+    if cfg.fast_model and make_fast is None:  # before any work
+        raise ValueError(f"model '{cfg.model}' has no fast copy: run without --fast-model")
     if pairs is None:
         pairs = prepare_pairs(lfw, cfg.model, policy=InputPolicy(cfg.on_bad, cfg.no_face), pairs_file=cfg.pairs_file,
                               workers=workers, progress=progress)
     net = net if net is not None else create_model(cfg.model, **({"weights": cfg.weights} if cfg.weights else {}))
-    attacked_net = get_model_spec(cfg.model).make_fast(net) if cfg.fast_model else net
+    attacked_net = make_fast(net) if cfg.fast_model else net
     runner = Runner(pairs, metric=cfg.metric, seed=cfg.seed, model=cfg.model, cache_dir=cache_dir,
                     batch_size=cfg.batch_size, progress=progress)
     plain = runner.calibrate(ModelVerifier(net, cfg.model, batch_size=64, progress=progress and "clean embeddings"))

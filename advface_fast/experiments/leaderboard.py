@@ -12,7 +12,10 @@ An entry is (model, defense with its parameters). Its protocol, fixed before any
    forward pass, its surrogate (identity by default) in the backward pass, the average over
    ``eot`` fresh draws of a randomised defense. Also at half the steps, and for a randomised
    defense with one draw: the checks compare them. With ``warm_start``, once more begun at the
-   queries of the strongest transfer attack (instead of a random start). Then the defense's own
+   queries of the strongest transfer attack (instead of a random start). These rows deliver each pair's
+   highest-loss iterate, the start included, by the attacker's own EOT estimate (``best_iterate``),
+   and an iterative defense runs in the attacker at its own step count (``copy_steps=None``): a
+   reduced copy was much weaker (docs/leaderboard.md). Then the defense's own
    adaptive attacks (``Defense.adaptive_models``, e.g. the counter-attack's gate-aware attacker),
    PGD with ``kappa``.
 5. **Square** (score-based black box, L-inf on the uint8 grid) on the defended similarity margin,
@@ -47,7 +50,7 @@ from .defended import DefendedStore
 from .defense_context import (Context, DefendConfig, attacked_queries, auc_or_none, calibrate_defense, correct,
                               fit_defense, make_context, query_attack, summarise)
 from .adaptive import subset
-from .leaderboard_render import protocol_record, write_leaderboard
+from .leaderboard_render import protocol_record, strongest, write_leaderboard
 from .runner import Selection
 
 SCHEME = "leaderboard-entry-v1"
@@ -113,8 +116,9 @@ class LeaderboardConfig:
     attack_steps: int | None = None  # PGD / C&W steps of the transfer attacks (None: Table 1's 40)
     adaptive_steps: int = 20  # BPDA + EOT PGD steps (a half-steps row runs too)
     eot: int = 4  # EOT draws for a randomised defense (deterministic ones: 1)
-    copy_steps: int | None = 5  # an iterative defense's copy in the attacker (attack-as-defense's K)
+    copy_steps: int | None = None  # an iterative defense's copy in the attacker (attack-as-defense's K; None: its own)
     warm_start: bool = True  # also BPDA + EOT begun at the strongest transfer attack's queries
+    best_iterate: bool = True  # BPDA + EOT rows deliver each pair's highest-loss iterate (PGD(best_iterate=))
     kappa: float = 0.1  # high confidence: past the undefended threshold, cosine units
     square_queries: int = 5000
     costly_square_queries: int = 1000  # for defenses costing more than 2 forward passes per image
@@ -205,10 +209,12 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     copy = cfg.copy_steps if defense.iterative else None
     full = _cap(cfg.adaptive_steps, cfg)
     bpda, full_attack = {}, None
+    best = "" if cfg.best_iterate else ", last iterate"
     for steps, s_ in {(full, samples), (_cap(max(cfg.adaptive_steps // 2, 1), cfg), samples), (full, 1)}:
         attack = adaptive_attack("pgd", defense, eps=eps, samples=s_, copy_steps=copy, seed=seed,
-                                 precision=cfg.precision, embedder=embedder, steps=steps)
-        row = f"bpda-eot (steps={steps}, eot={s_})"
+                                 precision=cfg.precision, embedder=embedder, steps=steps,
+                                 **({"best_iterate": True} if cfg.best_iterate else {}))
+        row = f"bpda-eot (steps={steps}, eot={s_}{best})"
         bpda[row] = (steps, s_)
         add(row, "white-box", attacked_queries(ctx, attack, target=cal, extra_key={"adaptive": "bpda-eot"}),
             attack_steps=steps, eot_samples=s_)
@@ -220,7 +226,7 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     # attack-as-defense D).
     if cfg.warm_start and transfer:
         origin = min(transfer, key=lambda r: rows[r]["accuracy"])
-        add(f"bpda-eot from {origin} (steps={full}, eot={samples})", "white-box",
+        add(f"bpda-eot from {origin} (steps={full}, eot={samples}{best})", "white-box",
             attacked_queries(ctx, full_attack, target=cal, extra_key={"adaptive": "bpda-eot"}, start=transfer[origin]),
             attack_steps=full, eot_samples=samples, start=origin)
     # 4b. The defense's own adaptive attacks (e.g. the counter-attack's gate-aware attacker): PGD at the full steps
@@ -267,7 +273,7 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
         "static": {r: rows[r]["accuracy"] for r in rows if rows[r]["kind"] == "transfer"},
         "attacks": rows,
         "worst_case": {**summarise(worst, sel), "over": attacks,
-                       "strongest": min(attacks, key=lambda r: _acc(ok, r, sq_pos)),
+                       "strongest": strongest({"attacks": rows}),  # as the table names them
                        "square_subset": {**summarise(worst_sq, sq_sel)} if len(sq_pos) < len(sel) else None},
         "checks": checks, "flags": [c["message"] for c in checks if not c["ok"]],
         "protocol": protocol_record(asdict(cfg)),
