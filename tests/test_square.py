@@ -143,6 +143,10 @@ def test_deterministic_by_seed_and_independent_of_batching(tiny):
     b = Square(tiny, seed=3, **kwargs)(queries, gallery, is_same, thresholds)
     c = Square(tiny, seed=4, **kwargs)(queries, gallery, is_same, thresholds)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # A progress bar shows queries and pairs left; it changes nothing, nor the config (cache keys).
+    shown = Square(tiny, seed=3, progress="square test", **kwargs)
+    assert torch.equal(shown(queries, gallery, is_same, thresholds), a)
+    assert shown.config() == Square(tiny, seed=3, **kwargs).config()
     # Per-sample seeds: a pair's result (and its query count) does not depend on its batch mates or order.
     seeds = [101, 202, 303, 404, 505, 606]
     attack = Square(tiny, seed=0, **kwargs)

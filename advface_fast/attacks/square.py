@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 from advface_fast.attacks.active_set import select_rows
 from advface_fast.attacks.base import Attack, SeededNoise
@@ -106,6 +107,8 @@ class Square(Attack):
         seed (int | None): seed of the random search (unless sample_seeds). (Default: 0)
         round_output (bool): deliver (and query) the uint8-grid image. (Default: True)
         precision (str): "fp32", "bf16" or "auto", the model's precision for scores. (Default: "fp32")
+        progress (bool | str): a progress bar over the search's iterations (queries/s, ETA, pairs still
+            attacked); a string names it. Not part of the config. (Default: False)
 
     Shape:
         - queries: (N, 3, H, W) in [0, 1], on the uint8 grid when rounding.
@@ -125,8 +128,10 @@ class Square(Attack):
     chunk = 256  # iterations whose random draws are made at once (fixed: part of the draw layout)
 
     def __init__(self, model, eps: float = 4, n_queries: int = 5000, p_init: float = 0.1, objective=None,
-                 seed: int | None = 0, round_output: bool = True, precision: str = "fp32"):
+                 seed: int | None = 0, round_output: bool = True, precision: str = "fp32",
+                 progress: bool | str = False):
         super().__init__(model, eps, objective, seed, round_output, precision)
+        self.progress = progress
         if int(n_queries) != n_queries or n_queries < 1:
             raise ValueError(f"n_queries must be an integer >= 1, got {n_queries}")
         if not 0 < p_init <= 1:
@@ -203,9 +208,14 @@ class Square(Attack):
         rows = all_rows[~done]  # full-batch positions of the pairs still attacked
         sign_a, base_a, tgt_a, same_a, thr_a, loss_a = select_rows(rows, sign, base, target, is_same, thresholds, loss)
         ran = 0  # iterations (queries after the first) made
-        for it in range(self.n_queries - 1 if step > 0 else 0):
+        iterations = self.n_queries - 1 if step > 0 else 0
+        bar = tqdm(total=iterations, unit="query", leave=False, disable=not self.progress or not iterations,
+                   desc=self.progress if isinstance(self.progress, str) else "square")
+        bar.set_postfix(pairs=f"{rows.numel()}/{n}")
+        for it in range(iterations):
             if rows.numel() == 0:
                 break
+            bar.update(1)
             j = it % self.chunk
             if j == 0:  # the next chunk's draws, for every pair of the call: (N, chunk, 3) uniforms
                 u = search.rand((self.chunk, 3)).to(dev)
@@ -246,6 +256,8 @@ class Square(Attack):
                 rows = rows.index_select(0, keep)
                 sign_a, base_a, tgt_a, same_a, thr_a, loss_a = select_rows(keep, sign_a, base_a, tgt_a, same_a,
                                                                            thr_a, loss_a)
+                bar.set_postfix(pairs=f"{rows.numel()}/{n}", refresh=False)
+        bar.close()
         if rows.numel():
             sign.index_copy_(0, rows, sign_a)
             queries.index_fill_(0, rows, 1 + ran)

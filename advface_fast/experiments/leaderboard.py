@@ -249,7 +249,8 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     # through which Square's forward-only queries run faster; its final queries are judged like every row's.
     embedder_sq = None if ctx.attacked_net is net else ctx.attacked_net
     deployed = DefendedModel(defense, samples=int(getattr(defense, "samples", 1)), embedder=embedder_sq)
-    square = make_attack("square", deployed, metric=cfg.metric, eps=eps, n_queries=budget, seed=seed, precision="fp32")
+    square = make_attack("square", deployed, metric=cfg.metric, eps=eps, n_queries=budget, seed=seed, precision="fp32",
+                         progress=ctx.progress and f"square queries ({name})")
     add(f"square (queries={budget})", "black-box",
         attacked_queries(ctx, square, target=cal, sel=sq_sel, extra_key={"adaptive": "square"}), sq_sel, sq_pos,
         queries=budget)
