@@ -62,6 +62,10 @@ def test_defense_specs_parse():
         parse_defense("jpeg:quality=75,=3")
 
 
+def none_precision(report) -> str:
+    return next(e for e in report["entries"] if e["defense"]["name"] == "none")["protocol"]["transfer_precision"]
+
+
 @pytest.fixture(scope="module")
 def board(lfw_ci, tmp_path_factory):
     out = tmp_path_factory.mktemp("leaderboard")
@@ -75,6 +79,9 @@ def board(lfw_ci, tmp_path_factory):
 
 def test_the_none_entry_is_table_1(lfw_ci, board):
     cfg, report, _ = board
+    # by default the transfer rows are crafted at Table 1's default precision, so they read its queries
+    assert LeaderboardConfig().transfer_precision == Table1Config().precision == "fp32"
+    assert none_precision(report) == cfg.transfer_precision
     none = next(e for e in report["entries"] if e["defense"]["name"] == "none")
     t1 = run_table1(lfw_ci, Table1Config(model=TINY, attacks=("fgsm", "pgd", "cw"), eps=(8.0,), steps=(5,),
                                          folds=None, max_pairs=20, precision="fp32", noise_baseline=False),

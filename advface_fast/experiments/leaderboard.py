@@ -125,7 +125,8 @@ class LeaderboardConfig:
     square_pairs: int | None = None  # Square on the first N pairs of the selection (None: all)
     calibration_pairs: int | None = None
     seed: int = 0
-    precision: str = "auto"
+    precision: str = "auto"  # gradients of the adaptive attacks and of an attack-as-defense D
+    transfer_precision: str = "fp32"  # the transfer queries': Table 1's ('advface attack') default, so they ARE its queries
     fast_model: bool = False  # the undefended model's attacks and Square's queries through its fast copy
     batch_size: int = DEFAULT_ATTACK_BATCH
     defense_batch_size: int = 32
@@ -199,7 +200,8 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     eps = float(cfg.eps)
     transfer = {}
     for attack in cfg.attacks:  # 2. transfer: Table 1's queries
-        transfer[f"transfer-{attack}"] = attacked_queries(ctx, query_attack(ctx, attack, eps))
+        transfer[f"transfer-{attack}"] = attacked_queries(ctx, query_attack(ctx, attack, eps,
+                                                                         precision=cfg.transfer_precision))
         add(f"transfer-{attack}", "transfer", transfer[f"transfer-{attack}"])
     hc = make_attack("pgd", ctx.attacked_net, metric=cfg.metric, eps=eps, seed=seed, precision=cfg.precision,
                      steps=_cap(cfg.attack_steps or 40, cfg), kappa=cfg.kappa)

@@ -38,7 +38,8 @@ def protocol_record(config: dict) -> dict:
             "square_queries": config["square_queries"], "costly_square_queries": config["costly_square_queries"],
             "square_pairs": config["square_pairs"], "calibration_pairs": config["calibration_pairs"],
             "steps_cap": config["steps_cap"], "seed": config["seed"], "warm_start": config.get("warm_start", False),
-            "best_iterate": config.get("best_iterate", False)}
+            "best_iterate": config.get("best_iterate", False),
+            "transfer_precision": config.get("transfer_precision", config.get("precision"))}
 
 
 def _merge_key(e: dict, what: str):
