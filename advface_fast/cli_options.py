@@ -147,6 +147,11 @@ def pair_count(text: str) -> int:
     return n
 
 
+def pair_count_or_all(text: str) -> int | None:
+    """A number of pairs, or "all" (None)."""
+    return None if text.strip().lower() == "all" else pair_count(text)
+
+
 def print_input_and_outputs(report: dict, out, results_file: str, others: str) -> int:
     """What the input rules did (one summary) and which files were written; the command's exit status."""
     from .pair_chips import format_input_summary

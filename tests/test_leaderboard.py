@@ -5,6 +5,7 @@ another threat model; `advface leaderboard --merge` writes the table."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -14,7 +15,9 @@ import pytest
 import torch
 
 from advface_fast.cli import main
-from advface_fast.experiments.leaderboard import LeaderboardConfig, defense_slug, parse_defense, run_leaderboard
+from advface_fast.cli_options import pair_count_or_all
+from advface_fast.experiments.leaderboard import (LeaderboardConfig, defense_slug, parse_defense, run_leaderboard,
+                                               square_pair_count)
 from advface_fast.experiments.leaderboard_render import merge_entries
 from advface_fast.experiments.table1 import Table1Config, run_table1
 
@@ -72,7 +75,7 @@ def board(lfw_ci, tmp_path_factory):
     cfg = LeaderboardConfig(models=(TINY,), defenses=("none", "example_defense:masked:levels=64",
                                                                "counter-attack:steps=1"), folds=None,
                             max_pairs=20, eps=8, attack_steps=5, adaptive_steps=4, eot=1, square_queries=200,
-                            precision="fp32")
+                            costly_square_pairs=10, precision="fp32")
     report = run_leaderboard(lfw_ci, cfg, out, workers=1, progress=False)
     return cfg, report, out
 
@@ -92,6 +95,27 @@ def test_the_none_entry_is_table_1(lfw_ci, board):
         assert none["static"][f"transfer-{attack}"] == pytest.approx(rows[attack]["accuracy_mean"], abs=1e-12), attack
     assert none["worst_case"]["accuracy"] <= min(none["static"].values())
     assert none["checks"] and all("masking" not in f.lower() for f in none["flags"])
+
+
+def test_a_costly_defense_meets_square_on_its_stated_pair_subset(board):
+    cfg, report, _ = board
+    by_name = {e["defense"]["name"]: e for e in report["entries"]}
+    for name, e in by_name.items():
+        costly = e["cost"]["defense_passes_per_query"] > 2
+        square = next(v for k, v in e["attacks"].items() if k.startswith("square"))
+        n = cfg.costly_square_pairs if costly else e["pairs"]["n"]
+        assert square["n_pairs"] == e["cost"]["attack_budget"]["square_pairs"] == n, name
+        assert square["n_matched"] == n // 2, name  # the first half matched, half mismatched
+        assert (e["worst_case"]["square_subset"] is not None) == costly, name
+    assert by_name["counter-attack"]["cost"]["defense_passes_per_query"] > 2  # the board has a costly entry
+    # the two limits combine: the smaller wins; None is every pair
+    assert square_pair_count(LeaderboardConfig(square_pairs=6, costly_square_pairs=10), True) == 6
+    assert square_pair_count(LeaderboardConfig(square_pairs=6, costly_square_pairs=10), False) == 6
+    assert square_pair_count(LeaderboardConfig(square_pairs=None, costly_square_pairs=None), True) is None
+    assert square_pair_count(LeaderboardConfig(), False) is None and square_pair_count(LeaderboardConfig(), True) == 100
+    assert pair_count_or_all("all") is None and pair_count_or_all("12") == 12  # --costly-square-pairs
+    with pytest.raises(argparse.ArgumentTypeError):
+        pair_count_or_all("0")
 
 
 def test_the_checks_flag_masked_gradients(board):
@@ -181,6 +205,10 @@ def test_entries_merge_and_refuse_mismatches(board, tmp_path, capsys):
     quick["config"]["steps_cap"] = 1
     with pytest.raises(ValueError, match="differ in protocol.*steps_cap"):
         merge_entries([entries[0], quick])
+    older = copy.deepcopy(entries[1])  # made before the costly pair subset existed: Square on every pair
+    older["config"].pop("costly_square_pairs")
+    with pytest.raises(ValueError, match="differ in protocol.*costly_square_pairs"):
+        merge_entries([entries[0], older])
     cold = copy.deepcopy(entries[1])  # an entry of a run without the warm-started row (or of before it existed)
     cold["config"].pop("warm_start")
     with pytest.raises(ValueError, match="differ in protocol.*warm_start"):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..attacks import DEFAULT_ATTACK_BATCH
 from ..cli_options import (EPILOG_PATHS, add_input_options, add_threads_option, check_pairs_file, add_common_options,
-                           float_list, int_list, parse_folds, pair_count,
-                   print_input_and_outputs, apply_runtime, lfw_path)
+                           float_list, int_list, parse_folds, pair_count, pair_count_or_all,
+                           print_input_and_outputs, apply_runtime, lfw_path)
 
 
 def _names(text: str, allowed, what: str) -> tuple:
@@ -168,7 +168,8 @@ def cmd_leaderboard(args) -> int:
     cfg = LeaderboardConfig(models=models, defenses=defenses, folds=tuple(args.folds) if args.folds else (1,),
                             max_pairs=args.pairs, eps=args.eps, adaptive_steps=args.adaptive_steps, eot=args.eot,
                             square_queries=args.square_queries, costly_square_queries=args.costly_square_queries,
-                            square_pairs=args.square_pairs, calibration_pairs=args.calibration_pairs, seed=args.seed,
+                            square_pairs=args.square_pairs, costly_square_pairs=args.costly_square_pairs,
+                            calibration_pairs=args.calibration_pairs, seed=args.seed,
                             warm_start=not args.no_warm_start, fast_model=args.fast_model,
                             best_iterate=not args.no_best_iterate, copy_steps=args.copy_steps,
                             precision=args.precision, batch_size=args.batch_size, steps_cap=args.steps_cap,
@@ -236,6 +237,9 @@ def _add_leaderboard_parser(sub) -> None:
     p.add_argument("--costly-square-queries", type=int, default=1000, metavar="N",
                    help="Square's budget for defenses costing more than two passes per image (default: %(default)s)")
     p.add_argument("--square-pairs", type=pair_count, metavar="N", help="Square on the first N pairs only (default: all)")
+    p.add_argument("--costly-square-pairs", type=pair_count_or_all, default=100, metavar="N",
+                   help="Square on the first N pairs (half matched) for defenses costing more than two passes per "
+                        "image; 'all' for every pair (default: %(default)s)")
     p.add_argument("--calibration-pairs", type=pair_count, metavar="N",
                    help="fit the defended thresholds on a balanced subset of N pairs over every fold (default: all)")
     p.add_argument("--steps-cap", type=int, metavar="K", help="cap every iteration count at K (quick runs, recorded)")

@@ -20,7 +20,8 @@ An entry is (model, defense with its parameters). Its protocol, fixed before any
    PGD with ``kappa``.
 5. **Square** (score-based black box, L-inf on the uint8 grid) on the defended similarity margin,
    dodging and impersonation, the defense's randomness redrawn at every query; ``square_queries``
-   for defenses costing about one forward pass, ``costly_square_queries`` for costlier ones.
+   for defenses costing about one forward pass on every pair (or the first ``square_pairs``),
+   ``costly_square_queries`` on the first ``costly_square_pairs`` for costlier ones.
 
 Robust accuracy is the per-pair worst case over every attack (2-5), dodging (matched pairs) and
 impersonation (mismatched) shown apart. Checks, stored and printed with the entry: the black-box
@@ -123,6 +124,7 @@ class LeaderboardConfig:
     square_queries: int = 5000
     costly_square_queries: int = 1000  # for defenses costing more than 2 forward passes per image
     square_pairs: int | None = None  # Square on the first N pairs of the selection (None: all)
+    costly_square_pairs: int | None = 100  # and for the costlier defenses on the first N of those (None: all)
     calibration_pairs: int | None = None
     seed: int = 0
     precision: str = "auto"  # gradients of the adaptive attacks and of an attack-as-defense D
@@ -146,6 +148,13 @@ class LeaderboardConfig:
                             defense_batch_size=self.defense_batch_size, precision=self.precision,
                             fast_model=self.fast_model, calibration_pairs=self.calibration_pairs, steps_cap=self.steps_cap,
                             on_bad=self.on_bad, no_face=self.no_face, pairs_file=self.pairs_file)
+
+
+def square_pair_count(cfg: LeaderboardConfig, costly: bool) -> int | None:
+    """How many pairs (the first, half matched) Square attacks in an entry: ``square_pairs``, and for a
+    defense costing more than two passes per image at most ``costly_square_pairs`` (None: all)."""
+    counts = [n for n in (cfg.square_pairs, cfg.costly_square_pairs if costly else None) if n is not None]
+    return min(counts) if counts else None
 
 
 def _cap(n: int, cfg: LeaderboardConfig) -> int:
@@ -241,10 +250,11 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
             attacked_queries(ctx, attack, target=cal, extra_key={"adaptive": label}),
             attack_steps=full, eot_samples=samples)
     # 5. Square on the defended margin, fresh draws of the defense at every query.
-    budget = cfg.square_queries if defense.cost_per_image() <= 2 else cfg.costly_square_queries
+    costly = defense.cost_per_image() > 2
+    budget = cfg.costly_square_queries if costly else cfg.square_queries
     if cfg.steps_cap is not None:  # quick runs
         budget = max(1, min(budget, 10 * cfg.steps_cap))
-    sq_sel, sq_pos = subset(sel, cfg.square_pairs)  # the first N/2 matched and N/2 mismatched pairs
+    sq_sel, sq_pos = subset(sel, square_pair_count(cfg, costly))  # the first N/2 matched and N/2 mismatched pairs
     # The deployed pipeline, not the attacker's proxy: the full defense (no reduced copy), the model in fp32, and
     # for a defense that averages draws (gaussian-smoothing) as many draws per query (scores averaged). With
     # fast_model (off by default) the model's fp32 fast copy, the plain model's function up to summation order,
@@ -281,7 +291,8 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
         "checks": checks, "flags": [c["message"] for c in checks if not c["ok"]],
         "protocol": protocol_record(asdict(cfg)),
         "cost": {"defense_passes_per_query": cost, "attack_budget": {"bpda_steps": _cap(cfg.adaptive_steps, cfg),
-                                                                     "eot": samples, "square_queries": budget}},
+                                                                     "eot": samples, "square_queries": budget,
+                                                                     "square_pairs": len(sq_sel)}},
         "config": asdict(cfg), "environment": environment(), "wall_seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -398,4 +409,4 @@ def run_leaderboard(lfw, cfg: LeaderboardConfig, out_dir, *, cache_dir=None, def
 
 
 __all__ = ["DEFAULT_DEFENSES", "LeaderboardConfig", "defense_slug", "model_stage", "parse_defense", "parse_model",
-           "run_entry", "run_leaderboard"]
+           "run_entry", "run_leaderboard", "square_pair_count"]

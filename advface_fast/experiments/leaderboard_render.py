@@ -36,7 +36,9 @@ def protocol_record(config: dict) -> dict:
     return {"attack_steps": config.get("attack_steps") or 40, "adaptive_steps": config["adaptive_steps"],
             "eot": config["eot"], "copy_steps": config["copy_steps"], "kappa": config["kappa"],
             "square_queries": config["square_queries"], "costly_square_queries": config["costly_square_queries"],
-            "square_pairs": config["square_pairs"], "calibration_pairs": config["calibration_pairs"],
+            "square_pairs": config["square_pairs"],
+            "costly_square_pairs": config.get("costly_square_pairs"),  # before it existed: every pair
+            "calibration_pairs": config["calibration_pairs"],
             "steps_cap": config["steps_cap"], "seed": config["seed"], "warm_start": config.get("warm_start", False),
             "best_iterate": config.get("best_iterate", False),
             "transfer_precision": config.get("transfer_precision", config.get("precision"))}
