@@ -97,6 +97,20 @@ def test_the_none_entry_is_table_1(lfw_ci, board):
     assert none["checks"] and all("masking" not in f.lower() for f in none["flags"])
 
 
+def test_defense_families_from_the_command_line(tmp_path, capsys):
+    from advface_fast.experiments.leaderboard import DEFAULT_DEFENSES, defense_families
+
+    assert defense_families("all") == DEFAULT_DEFENSES  # the issue's `--defenses all`
+    assert defense_families("none, jpeg,median") == ("none", "jpeg:quality=75", "median:size=3")  # protocol params
+    for bad in ("jpeg:quality=50", "all,none", "no-such-defense", " , "):
+        with pytest.raises(ValueError):
+            defense_families(bad)
+    argv = ["leaderboard", "--defenses", "jpeg:quality=50", "--out", str(tmp_path / "x"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--defense NAME:param" in err[0], err
+
+
 def test_a_costly_defense_meets_square_on_its_stated_pair_subset(board):
     cfg, report, _ = board
     by_name = {e["defense"]["name"]: e for e in report["entries"]}

@@ -148,7 +148,7 @@ def cmd_cost(args) -> int:
 def cmd_leaderboard(args) -> int:
     from ..environment import command_line
     from ..models import list_models
-    from .leaderboard import DEFAULT_DEFENSES, LeaderboardConfig, parse_model, run_leaderboard
+    from .leaderboard import DEFAULT_DEFENSES, LeaderboardConfig, defense_families, parse_model, run_leaderboard
     from .leaderboard_render import leaderboard_markdown, load_entries, write_leaderboard
 
     if args.out is None:
@@ -164,7 +164,8 @@ def cmd_leaderboard(args) -> int:
     unknown = [m for m in models if parse_model(m)[0] not in list_models() and not m.startswith("onnx:")]
     if unknown or not models:
         raise ValueError(f"unknown model(s) {unknown or args.models!r}; available: {', '.join(list_models())}")
-    defenses = tuple(args.defense) if args.defense else DEFAULT_DEFENSES
+    defenses = (defense_families(args.defenses) if args.defenses else ()) + tuple(args.defense or ())
+    defenses = tuple(dict.fromkeys(defenses)) or DEFAULT_DEFENSES  # each spec once, in the order given
     cfg = LeaderboardConfig(models=models, defenses=defenses, folds=tuple(args.folds) if args.folds else (1,),
                             max_pairs=args.pairs, eps=args.eps, adaptive_steps=args.adaptive_steps, eot=args.eot,
                             square_queries=args.square_queries, costly_square_queries=args.costly_square_queries,
@@ -201,7 +202,9 @@ def _add_leaderboard_parser(sub) -> None:
                     "defend. Registered defenses: " + ", ".join(list_defenses()) + "; your own: "
                     "--defense package.module:factory[:name=value,...].",
         epilog="examples:\n"
-               "  advface leaderboard --lfw data/lfw --models dlib-resnet,sface --folds 1 --eps 4 --out runs/leaderboard\n"
+               "  advface leaderboard --lfw data/lfw --models dlib-resnet,sface --defenses all --folds 1 --eps 4 "
+               "--out runs/leaderboard\n"
+               "  advface leaderboard --lfw data/lfw --defenses none,jpeg,median --pairs 100 --out runs/lb-transforms\n"
                "  advface leaderboard --lfw data/lfw --defense none --defense jpeg:quality=50 --pairs 100 --out runs/lb\n"
                "  advface leaderboard --lfw data/lfw --models dlib-resnet,dlib-resnet@runs/pgd/weights.safetensors \\\n"
                "      --defense none --folds 9 --out runs/lb-at   (an advtrain model on its held-out fold)\n"
@@ -213,6 +216,9 @@ def _add_leaderboard_parser(sub) -> None:
                         "same protocol; for it the white-box attack is the adaptive one)")
     p.add_argument("--defense", action="append", metavar="SPEC",
                    help="a defense NAME[:param=value,...] (repeat for several; default: every family, see below)")
+    p.add_argument("--defenses", metavar="all|NAMES",
+                   help="'all' (every family at the protocol's parameters, the default) or a comma list of family "
+                        "names at those parameters, e.g. none,jpeg,median; with --defense: both")
     p.add_argument("--lfw", metavar="PATH", help="LFW folder or .bin file (see 'paths' below)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading LFW")
     p.add_argument("--folds", type=parse_folds, metavar="LIST", help="folds to attack (default: 1)")

@@ -60,6 +60,25 @@ DEFAULT_DEFENSES = ("none", "attack-as-defense:attack=pgd,eps=4,steps=10", "jpeg
 MASKING_POINTS = 0.2  # the black-box attack may beat the best white-box one by at most this (accuracy points)
 
 
+def defense_families(text: str) -> tuple[str, ...]:
+    """``--defenses``: "all" (every family at its protocol parameters, DEFAULT_DEFENSES) or a comma list of
+    family names, each at those parameters (a registered family not among them: its own defaults).
+    Parameters go through ``--defense NAME:param=value,...``, whose commas this list cannot hold."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if names == ["all"]:
+        return DEFAULT_DEFENSES
+    defaults = {parse_defense(spec)[0]: spec for spec in DEFAULT_DEFENSES}
+    specs = []
+    for name in names:
+        if name == "all" or any(c in name for c in ":="):
+            raise ValueError(f"--defenses takes 'all' or family names ({', '.join(defaults)}), got {name!r}; "
+                             "give parameters with --defense NAME:param=value,...")
+        specs.append(defaults.get(name) or check_defense(name))
+    if not specs:
+        raise ValueError("--defenses: no family named")
+    return tuple(specs)
+
+
 def parse_model(spec: str) -> tuple[str, str | None]:
     """``"dlib-resnet"`` -> ("dlib-resnet", None); ``"dlib-resnet@runs/pgd/weights.safetensors"`` -> the
     registry model with those weights (a model-stage entry: an ``advface advtrain`` checkpoint)."""
@@ -408,5 +427,5 @@ def run_leaderboard(lfw, cfg: LeaderboardConfig, out_dir, *, cache_dir=None, def
     return write_leaderboard(entries, out)
 
 
-__all__ = ["DEFAULT_DEFENSES", "LeaderboardConfig", "defense_slug", "model_stage", "parse_defense", "parse_model",
+__all__ = ["DEFAULT_DEFENSES", "LeaderboardConfig", "defense_families", "defense_slug", "model_stage", "parse_defense", "parse_model",
            "run_entry", "run_leaderboard", "square_pair_count"]
