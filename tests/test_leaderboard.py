@@ -223,6 +223,10 @@ def test_entries_merge_and_refuse_mismatches(board, tmp_path, capsys):
     older["config"].pop("costly_square_pairs")
     with pytest.raises(ValueError, match="differ in protocol.*costly_square_pairs"):
         merge_entries([entries[0], older])
+    plain_sq = copy.deepcopy(entries[1])  # Square on the plain model's scores (or made before the option existed)
+    plain_sq["config"].pop("square_fast_copy")
+    with pytest.raises(ValueError, match="differ in protocol.*square_fast_copy"):
+        merge_entries([entries[0], plain_sq])
     cold = copy.deepcopy(entries[1])  # an entry of a run without the warm-started row (or of before it existed)
     cold["config"].pop("warm_start")
     with pytest.raises(ValueError, match="differ in protocol.*warm_start"):
@@ -278,6 +282,35 @@ def test_defend_points_another_family_to_the_leaderboard(lfw_ci, tmp_path, capsy
     assert len(err) == 1 and "advface leaderboard --defense jpeg:quality=75" in err[0]
     assert main(["defend", "--lfw", str(lfw_ci), "--defense", "nope", "--out", str(tmp_path)]) == 2
     assert "available: pgd, cw, fgsm" in capsys.readouterr().err
+
+
+def test_square_reads_the_fp32_fast_copy_where_the_model_has_one(board):
+    from types import SimpleNamespace
+
+    from advface_fast.attacks import make_attack
+    from advface_fast.defenses import DefendedModel, create_defense
+    from advface_fast.experiments.leaderboard import square_oracle
+    from advface_fast.models import arithmetic_key, create_model
+
+    _, report, _ = board  # the tiny test model has no fast copy: its Square reads the plain model
+    for e in report["entries"]:
+        square = next(v for k, v in e["attacks"].items() if k.startswith("square"))
+        assert square["scores_from"] == "plain model" and e["protocol"]["square_fast_copy"] is True
+    net = create_model("dlib-resnet")
+    ctx = SimpleNamespace(cfg=SimpleNamespace(model="dlib-resnet"), net=net, attacked_net=net, square_copy=None)
+    copy_, label = square_oracle(ctx, LeaderboardConfig())
+    assert label == "fast copy (fp32)" and copy_ is not net and arithmetic_key(copy_)
+    assert square_oracle(ctx, LeaderboardConfig())[0] is copy_  # built once per context
+    assert square_oracle(ctx, LeaderboardConfig(square_fast_copy=False)) == (None, "plain model")
+    x = torch.rand(4, 3, 150, 150, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the plain model's function up to summation order
+        a, b = net(x), copy_(x)
+    assert torch.allclose(a, b, rtol=0, atol=1e-4 * a.abs().max().item())
+    # Square's cache keys tell the two oracles apart, so neither reads the other's queries
+    defense = create_defense("jpeg", net)
+    keys = [make_attack("square", DefendedModel(defense, embedder=m), eps=4, n_queries=10).config()
+            for m in (None, copy_)]
+    assert keys[0] != keys[1]
 
 
 def test_fast_model_reaches_the_defense_context(lfw_ci, tmp_path):

@@ -172,6 +172,7 @@ def cmd_leaderboard(args) -> int:
                             square_pairs=args.square_pairs, costly_square_pairs=args.costly_square_pairs,
                             calibration_pairs=args.calibration_pairs, seed=args.seed,
                             warm_start=not args.no_warm_start, fast_model=args.fast_model,
+                            square_fast_copy=not args.square_plain_model,
                             best_iterate=not args.no_best_iterate, copy_steps=args.copy_steps,
                             precision=args.precision, batch_size=args.batch_size, steps_cap=args.steps_cap,
                             on_bad=args.on_bad, no_face=args.no_face,
@@ -230,6 +231,10 @@ def _add_leaderboard_parser(sub) -> None:
                    help="attack the undefended model (transfer queries, high confidence) and run Square's queries "
                         "through the model's fast copy (Table 1's queries are then those of 'advface attack "
                         "--fast-model'); default: the plain model")
+    p.add_argument("--square-plain-model", action="store_true",
+                   help="Square's queries read the plain model's scores instead of its fp32 fast copy's (protocol: "
+                        "the fast copy, the same function up to summation order at 1.4x the query rate; the final "
+                        "queries are judged by the plain model either way)")
     p.add_argument("--no-warm-start", action="store_true",
                    help="skip the BPDA + EOT row begun at the strongest transfer attack's queries (protocol: on)")
     p.add_argument("--copy-steps", type=int, metavar="K",

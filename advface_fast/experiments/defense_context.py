@@ -71,6 +71,7 @@ class Context:
     defended_root: Path | None
     progress: bool
     stores: list = field(default_factory=list)  # every DefendedStore used (work counters)
+    square_copy: object = None  # the leaderboard's fp32 fast copy for Square's queries, built when first needed
 
 
 def cap(steps: int, cfg: DefendConfig) -> int:

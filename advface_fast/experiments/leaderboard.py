@@ -21,7 +21,8 @@ An entry is (model, defense with its parameters). Its protocol, fixed before any
 5. **Square** (score-based black box, L-inf on the uint8 grid) on the defended similarity margin,
    dodging and impersonation, the defense's randomness redrawn at every query; ``square_queries``
    for defenses costing about one forward pass on every pair (or the first ``square_pairs``),
-   ``costly_square_queries`` on the first ``costly_square_pairs`` for costlier ones.
+   ``costly_square_queries`` on the first ``costly_square_pairs`` for costlier ones; the model's scores
+   from its fp32 fast copy (``square_fast_copy``), the final queries judged by the plain model.
 
 Robust accuracy is the per-pair worst case over every attack (2-5), dodging (matched pairs) and
 impersonation (mismatched) shown apart. Checks, stored and printed with the entry: the black-box
@@ -47,6 +48,7 @@ from ..defenses import DefendedModel, adaptive_attack, check_defense, create_def
 from ..environment import environment
 from ..fileio import write_json_atomic
 from ..models.identity import weights_id
+from ..models import get_model_spec
 from .defended import DefendedStore
 from .defense_context import (Context, DefendConfig, attacked_queries, auc_or_none, calibrate_defense, correct,
                               fit_defense, make_context, query_attack, summarise)
@@ -149,6 +151,7 @@ class LeaderboardConfig:
     precision: str = "auto"  # gradients of the adaptive attacks and of an attack-as-defense D
     transfer_precision: str = "fp32"  # the transfer queries': Table 1's ('advface attack') default, so they ARE its queries
     fast_model: bool = False  # the undefended model's attacks and Square's queries through its fast copy
+    square_fast_copy: bool = True  # Square's queries through the model's fp32 fast copy, where it has one
     batch_size: int = DEFAULT_ATTACK_BATCH
     defense_batch_size: int = 32
     metric: str = "cosine"
@@ -167,6 +170,20 @@ class LeaderboardConfig:
                             defense_batch_size=self.defense_batch_size, precision=self.precision,
                             fast_model=self.fast_model, calibration_pairs=self.calibration_pairs, steps_cap=self.steps_cap,
                             on_bad=self.on_bad, no_face=self.no_face, pairs_file=self.pairs_file)
+
+
+def square_oracle(ctx: Context, cfg: LeaderboardConfig):
+    """The model whose scores Square's queries read, and its name for the entry: the fast copy the undefended
+    model is attacked through (``fast_model``), else with ``square_fast_copy`` the model's fp32 fast copy where
+    its family has one (built once per context), else the plain model (None)."""
+    if ctx.attacked_net is not ctx.net:
+        return ctx.attacked_net, "fast copy (fp32)"
+    make_fast = get_model_spec(ctx.cfg.model).make_fast
+    if not cfg.square_fast_copy or make_fast is None:
+        return None, "plain model"
+    if ctx.square_copy is None:
+        ctx.square_copy = make_fast(ctx.net)
+    return ctx.square_copy, "fast copy (fp32)"
 
 
 def square_pair_count(cfg: LeaderboardConfig, costly: bool) -> int | None:
@@ -275,16 +292,17 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
         budget = max(1, min(budget, 10 * cfg.steps_cap))
     sq_sel, sq_pos = subset(sel, square_pair_count(cfg, costly))  # the first N/2 matched and N/2 mismatched pairs
     # The deployed pipeline, not the attacker's proxy: the full defense (no reduced copy), the model in fp32, and
-    # for a defense that averages draws (gaussian-smoothing) as many draws per query (scores averaged). With
-    # fast_model (off by default) the model's fp32 fast copy, the plain model's function up to summation order,
-    # through which Square's forward-only queries run faster; its final queries are judged like every row's.
-    embedder_sq = None if ctx.attacked_net is net else ctx.attacked_net
+    # for a defense that averages draws (gaussian-smoothing) as many draws per query (scores averaged). The
+    # model's scores come from its fp32 fast copy (square_fast_copy, the protocol; or with fast_model), the plain
+    # model's function up to summation order, through which Square's forward-only queries run 1.4x faster;
+    # its final queries are judged by the plain model like every row's.
+    embedder_sq, oracle = square_oracle(ctx, cfg)
     deployed = DefendedModel(defense, samples=int(getattr(defense, "samples", 1)), embedder=embedder_sq)
     square = make_attack("square", deployed, metric=cfg.metric, eps=eps, n_queries=budget, seed=seed, precision="fp32",
                          progress=ctx.progress and f"square queries ({name})")
     add(f"square (queries={budget})", "black-box",
         attacked_queries(ctx, square, target=cal, sel=sq_sel, extra_key={"adaptive": "square"}), sq_sel, sq_pos,
-        queries=budget)
+        queries=budget, scores_from=oracle)
     attacks = [r for r in rows if r != "clean"]
     worst, worst_sq = _worst(ok, attacks, all_pos), _worst(ok, attacks, sq_pos)
     checks = _checks(rows, ok, bpda, sq_pos, reference=name == "none")
@@ -428,4 +446,4 @@ def run_leaderboard(lfw, cfg: LeaderboardConfig, out_dir, *, cache_dir=None, def
 
 
 __all__ = ["DEFAULT_DEFENSES", "LeaderboardConfig", "defense_families", "defense_slug", "model_stage", "parse_defense", "parse_model",
-           "run_entry", "run_leaderboard", "square_pair_count"]
+           "run_entry", "run_leaderboard", "square_oracle", "square_pair_count"]

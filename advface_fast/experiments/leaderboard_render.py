@@ -41,7 +41,10 @@ def protocol_record(config: dict) -> dict:
             "calibration_pairs": config["calibration_pairs"],
             "steps_cap": config["steps_cap"], "seed": config["seed"], "warm_start": config.get("warm_start", False),
             "best_iterate": config.get("best_iterate", False),
-            "transfer_precision": config.get("transfer_precision", config.get("precision"))}
+            "transfer_precision": config.get("transfer_precision", config.get("precision")),
+            "fast_model": config.get("fast_model", False),
+            # Square's scores from the fp32 fast copy (before the option existed: only with fast_model)
+            "square_fast_copy": config.get("square_fast_copy", config.get("fast_model", False))}
 
 
 def _merge_key(e: dict, what: str):
