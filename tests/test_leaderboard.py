@@ -18,7 +18,7 @@ from advface_fast.cli import main
 from advface_fast.cli_options import pair_count_or_all
 from advface_fast.experiments.leaderboard import (LeaderboardConfig, defense_slug, parse_defense, run_leaderboard,
                                                square_pair_count)
-from advface_fast.experiments.leaderboard_render import merge_entries
+from advface_fast.experiments.leaderboard_render import leaderboard_markdown, merge_entries
 from advface_fast.experiments.table1 import Table1Config, run_table1
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # example_defense.py
@@ -122,6 +122,11 @@ def test_a_costly_defense_meets_square_on_its_stated_pair_subset(board):
         assert square["n_matched"] == n // 2, name  # the first half matched, half mismatched
         assert (e["worst_case"]["square_subset"] is not None) == costly, name
     assert by_name["counter-attack"]["cost"]["defense_passes_per_query"] > 2  # the board has a costly entry
+    table = leaderboard_markdown(report["entries"])  # the table says which cells are on the subset
+    rows = {line.split("|")[2].strip(): line for line in table.splitlines() if line.startswith(f"| {TINY} |")}
+    costly_row = next(line for spec, line in rows.items() if spec.startswith("counter-attack"))
+    assert costly_row.count(f"(on {cfg.costly_square_pairs} pairs)") == 1 and "Square ran on the first N" in table
+    assert all("(on " not in line for spec, line in rows.items() if not spec.startswith("counter-attack"))
     # the two limits combine: the smaller wins; None is every pair
     assert square_pair_count(LeaderboardConfig(square_pairs=6, costly_square_pairs=10), True) == 6
     assert square_pair_count(LeaderboardConfig(square_pairs=6, costly_square_pairs=10), False) == 6

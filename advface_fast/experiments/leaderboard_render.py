@@ -84,9 +84,15 @@ def strongest(e: dict) -> list[str]:
     return [r for r, a in rows.items() if a <= low + 1e-12]
 
 
+def _subset_note(e: dict, row: str) -> str:
+    """" (on N pairs)" for a row computed on fewer pairs than the entry's (Square on a subset), else ""."""
+    n = e["attacks"][row].get("n_pairs")
+    return f" (on {n} pairs)" if n is not None and n < e["pairs"]["n"] else ""
+
+
 def _strongest_cell(e: dict) -> str:
     tied = strongest(e)
-    return tied[0] + (f" (+{len(tied) - 1} tied)" if len(tied) > 1 else "")
+    return tied[0] + _subset_note(e, tied[0]) + (f" (+{len(tied) - 1} tied)" if len(tied) > 1 else "")
 
 
 def _pct(x) -> str:
@@ -97,9 +103,9 @@ def leaderboard_markdown(entries: list[dict]) -> str:
     rows = ranked(entries)
     tm = rows[0]["threat_model"]
     pairs = rows[0]["pairs"]
-    square_n = rows[0]["protocol"].get("square_pairs")
-    subset_note = (f" Square ran on the first {square_n} pairs only: the other pairs' worst case is over the "
-                   "white-box and transfer attacks." if square_n is not None and square_n < pairs["n"] else "")
+    subset = any(_subset_note(e, r) for e in rows for r in e["attacks"])
+    subset_note = (" Where a cell says 'on N pairs', Square ran on the first N pairs (half matched) only: the "
+                   "other pairs' worst case is over the white-box and transfer attacks." if subset else "")
     lines = [f"# Leaderboard: L-inf eps = {tm['eps']:g} (0-255), {pairs['n']} pairs of fold(s) "
              f"{','.join(map(str, pairs['folds']))}", "",
              f"Ranked by worst-case robust accuracy: per pair, right under every attack (transfer, high confidence, "
@@ -126,7 +132,7 @@ def leaderboard_markdown(entries: list[dict]) -> str:
     lines.append("| model | defense | " + " | ".join(names) + " |")
     lines.append("|---|---|" + "---|" * len(names))
     for e in rows:
-        cells = [_pct(e["attacks"][n]["accuracy"]) if n in e["attacks"] else "" for n in names]
+        cells = [_pct(e["attacks"][n]["accuracy"]) + _subset_note(e, n) if n in e["attacks"] else "" for n in names]
         lines.append(f"| {e['model']} | {e['defense']['spec']} | " + " | ".join(cells) + " |")
     checks = [(e, c) for e in rows for c in e["checks"]]
     lines += ["", "Checks:", ""] + [f"- {_label(e)}: {c['check']}: {c['message']}" for e, c in checks]
