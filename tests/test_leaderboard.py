@@ -249,6 +249,10 @@ def test_entries_merge_and_refuse_mismatches(board, tmp_path, capsys):
         low = min(v["accuracy"] for k, v in e["attacks"].items() if k != "clean")
         assert r["strongest_attacks"] == [k for k, v in e["attacks"].items() if k != "clean" and v["accuracy"] == low]
         assert e["worst_case"]["strongest"] == r["strongest_attacks"]  # the entry names what the table names
+        # the attacks' compute: every timed row's seconds per pair x its pairs (Square's on its own pairs)
+        timed = [v for v in e["attacks"].values() if v["attack_seconds_per_pair"] is not None]
+        assert len(timed) == len(e["attacks"]) - 1 and r["attack_seconds"] > 0
+        assert r["attack_seconds"] == pytest.approx(sum(v["attack_seconds_per_pair"] * v["n_pairs"] for v in timed), abs=0.1)
     assert (tmp_path / "merged" / "leaderboard.png").stat().st_size > 1000
     bad = tmp_path / "bad"
     bad.mkdir()

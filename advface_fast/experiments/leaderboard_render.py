@@ -95,6 +95,17 @@ def _strongest_cell(e: dict) -> str:
     return tied[0] + _subset_note(e, tied[0]) + (f" (+{len(tied) - 1} tied)" if len(tied) > 1 else "")
 
 
+def attack_seconds(e: dict) -> float:
+    """What the entry's attacks cost when they were computed: the sum over its rows of seconds per pair x
+    pairs. Unlike the run's wall time it does not depend on what a cache already held (transfer and
+    high-confidence queries are shared by a model's entries and counted in each)."""
+    return sum((v.get("attack_seconds_per_pair") or 0.0) * v["n_pairs"] for v in e["attacks"].values())
+
+
+def _duration(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
+
+
 def _pct(x) -> str:
     return "—" if x is None else f"{100 * x:.1f}"
 
@@ -111,11 +122,13 @@ def leaderboard_markdown(entries: list[dict]) -> str:
              f"Ranked by worst-case robust accuracy: per pair, right under every attack (transfer, high confidence, "
              f"BPDA + EOT, Square). Accuracy in %; {CHANCE} Dodging = matched pairs, impersonation = mismatched. "
              "'clean, calibration pairs': the defended clean accuracy, 10-fold, over every pair its thresholds were "
-             "fitted on (the price, on more pairs)."
+             "fitted on (the price, on more pairs). 'attack time': the attacks' compute for the entry as measured "
+             "when each row was made (the sum of seconds per pair x pairs; rows shared by a model's entries count "
+             "in each)."
              + subset_note, "",
              "| # | model | defense | clean | clean, calibration pairs | worst case | dodging | impersonation "
-             "| strongest attack | passes / query | flags |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| strongest attack | passes / query | attack time | flags |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, e in enumerate(rows, 1):
         w = e["worst_case"]
         flags = "; ".join(f"**{f}**" if "MASKING" in f or "WEAKER" in f else f for f in e["flags"]) or "—"
@@ -124,7 +137,7 @@ def leaderboard_markdown(entries: list[dict]) -> str:
                      f"**{_pct(w['accuracy'])}**" + (f" ± {_pct(w['accuracy_std'])}" if w.get("n_folds", 1) > 1 else "")
                      + f" | {_pct(w['matched_accuracy'])} | "
                      f"{_pct(w['mismatched_accuracy'])} | {_strongest_cell(e)} | {e['cost']['defense_passes_per_query']:g} | "
-                     f"{flags} |")
+                     f"{_duration(attack_seconds(e))} | {flags} |")
     lines += ["", "Per attack (accuracy %, all pairs unless noted):", ""]
     names = []
     for e in rows:
@@ -179,7 +192,8 @@ def write_leaderboard(entries: list[dict], out_dir) -> dict:
     summary = [{"rank": i, "model": e["model"], "weights": e["weights"], "defense": e["defense"]["spec"],
                 "clean_accuracy": e["clean"]["accuracy"], "worst_case_accuracy": e["worst_case"]["accuracy"],
                 "dodging": e["worst_case"]["matched_accuracy"], "impersonation": e["worst_case"]["mismatched_accuracy"],
-                "strongest_attacks": strongest(e), "flags": e["flags"]}
+                "strongest_attacks": strongest(e), "attack_seconds": round(attack_seconds(e), 1),
+                "wall_seconds": e.get("wall_seconds"), "flags": e["flags"]}
                for i, e in enumerate(ranked(entries), 1)]
     report = {"threat_model": entries[0]["threat_model"], "pairs": entries[0]["pairs"], "ranking": summary}
     write_json_atomic(out / "leaderboard.json", report)
@@ -188,5 +202,5 @@ def write_leaderboard(entries: list[dict], out_dir) -> dict:
     return {**report, "entries": entries}
 
 
-__all__ = ["leaderboard_markdown", "load_entries", "merge_entries", "plot_leaderboard", "protocol_record", "ranked",
+__all__ = ["attack_seconds", "leaderboard_markdown", "load_entries", "merge_entries", "plot_leaderboard", "protocol_record", "ranked",
            "strongest", "write_leaderboard"]
