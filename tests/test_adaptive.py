@@ -114,6 +114,49 @@ def test_bpda_gradient_is_the_models_gradient_at_d_of_x(setup):
     assert torch.equal(grad, want) and torch.equal(sim, want_sim.detach())
 
 
+def test_differentiating_through_ds_pgd_steps_gives_bpdas_gradient(tiny):
+    """Why the protocol attacks PGD-D with BPDA through the identity and not through D's unrolled steps
+    (second order): D(x) = clamp(x_k + alpha sign(g_k), max(x - eps, 0), min(x + eps, 1)) repeated, and sign has
+    a zero derivative, so the exact Jacobian of D is diagonal with entries 0 or 1 (0 only where a pixel's path
+    met the [0, 1] box): the exact gradient of the defended loss is BPDA's, masked. And after D's uint8
+    rounding it is zero everywhere, the masking BPDA exists for."""
+    from kernels.pgd_step import pgd_step_reference
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16)
+    x[:, :, :2] = 0.995  # some pixels near the box edge, where the path can stick
+    gallery = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    eps, alpha = 4 / 255, 1 / 255
+    start = (torch.rand_like(x) * 2 - 1) * eps
+
+    def d(x0, rounded=False):  # PGD-D (away from self) through the library's reference step, differentiable
+        anchor = tiny(x0).detach()
+        lo, hi = (x0 - eps).clamp(min=0), (x0 + eps).clamp(max=1)
+        z = torch.min(torch.max(x0 + start, lo), hi)
+        for _ in range(10):
+            loss = -torch.nn.functional.cosine_similarity(tiny(z), anchor).sum()
+            (g,) = torch.autograd.grad(loss, z, create_graph=True)
+            z = pgd_step_reference(z.clone(), g, lo, hi, alpha)
+        return torch.round(z * 255) / 255 if rounded else z
+
+    def defended_loss(z):
+        return torch.nn.functional.cosine_similarity(tiny(z), gallery).sum()
+
+    x0 = x.clone().requires_grad_(True)
+    z = d(x0)
+    (exact,) = torch.autograd.grad(defended_loss(z), x0)
+    zd = z.detach().requires_grad_(True)
+    (bpda,) = torch.autograd.grad(defended_loss(zd), zd)
+    x1 = x.clone().requires_grad_(True)
+    (diag,) = torch.autograd.grad(d(x1).sum(), x1)  # the Jacobian's diagonal; diagonal, as the next lines check
+    assert set(diag.unique().tolist()) <= {0.0, 1.0} and 0 < int((diag == 0).sum()) < diag.numel() // 10
+    torch.testing.assert_close(exact, bpda * diag, rtol=1e-5, atol=1e-7)
+    assert float(exact.abs().max()) > 0.1 * float(bpda.abs().max())
+    x2 = x.clone().requires_grad_(True)
+    (through_rounding,) = torch.autograd.grad(defended_loss(d(x2, rounded=True)), x2)
+    assert not through_rounding.any()
+
+
 def test_eot_samples_differ_and_never_reuse_the_defenders_draws(setup):
     defended = DefendedModel(setup.defense, samples=3)
     x = setup.q[:4]
