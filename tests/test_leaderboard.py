@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -193,11 +194,26 @@ def test_the_counter_attack_entry_fits_its_gate_and_meets_the_gate_aware_attacke
     assert "defense_diagnostics" not in next(e for e in report["entries"] if e["defense"]["name"] == "none")["attacks"]["clean"]
 
 
-def test_a_rerun_resumes_and_a_bad_spec_is_one_line(lfw_ci, board, capsys):
+def test_a_rerun_resumes_and_a_bad_spec_is_one_line(lfw_ci, board, capsys, tmp_path):
     cfg, report, out = board
     before = {p.name: p.stat().st_mtime_ns for p in (out / "entries").glob("*.json")}
-    again = run_leaderboard(lfw_ci, cfg, out, workers=1, progress=False)  # every entry read back, none recomputed
+    again = run_leaderboard(lfw_ci, cfg, out, workers=1, progress=True)  # every entry read back, none recomputed
     assert {p.name: p.stat().st_mtime_ns for p in (out / "entries").glob("*.json")} == before
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[leaderboard] ")]
+    n = len(report["entries"])
+    assert len(said) == n and all(f"/{n} " in line and ": read back from " in line for line in said), said
+    redo = tmp_path / "redo"  # one entry missing: computed again (its rows from the cache), said so, the same
+    shutil.copytree(out, redo)
+    gone = sorted((redo / "entries").glob("*.json"))[0]
+    gone.unlink()
+    again = run_leaderboard(lfw_ci, cfg, redo, workers=1, progress=True)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[leaderboard] ")]
+    assert sum(": read back from " in line for line in said) == n - 1
+    assert sum(line.endswith(": computing") for line in said) == 1
+    done = [line for line in said if ": worst case " in line]
+    assert len(done) == 1 and gone.is_file() and f"/{n} " in done[0]
+    assert sorted(e["worst_case"]["accuracy"] for e in again["entries"]) == \
+        sorted(e["worst_case"]["accuracy"] for e in report["entries"])
     assert [e["worst_case"] for e in again["entries"]] == [e["worst_case"] for e in report["entries"]]
     for spec, words in (("jpeg:qualty=75", "unexpected keyword"), ("jpeg:seed=3", "come from the run"),
                         ("no-such-defense", "unknown defense")):

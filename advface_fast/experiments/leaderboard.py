@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -426,23 +427,39 @@ def run_leaderboard(lfw, cfg: LeaderboardConfig, out_dir, *, cache_dir=None, def
     out = Path(out_dir)
     entries = []
     stages = {model: model_stage(model, cfg.folds) for model in cfg.models}  # a bad weights spec fails now
+    total = len(cfg.models) * len(cfg.defenses)
     for model in cfg.models:
         ctx = None
         for spec in cfg.defenses:
-            path = entry_path(out, model_label(model, stages[model]), spec)
+            label = model_label(model, stages[model])
+            path = entry_path(out, label, spec)
             if path.is_file():
                 old = json.loads(path.read_text())
                 if old.get("scheme") == SCHEME and old["defense"]["spec"] == spec and \
                         _comparable(old.get("config", {})) == _comparable(asdict(cfg)):
                     entries.append(old)  # done with this very protocol: resumed, not recomputed
+                    _say(progress, f"entry {len(entries)}/{total} {label} + {spec}: read back from {path.name}")
                     continue
+            _say(progress, f"entry {len(entries) + 1}/{total} {label} + {spec}: computing")
             if ctx is None:
                 ctx = make_context(lfw, cfg.defend_config(model), cache_dir=cache_dir, defended_dir=defended_dir,
                                    workers=workers, progress=progress)
             entry = run_entry(ctx, spec, cfg, defended_dir=defended_dir, stage=stages[model])
             write_json_atomic(path, entry)
             entries.append(entry)
+            w = entry["worst_case"]
+            _say(progress, f"entry {len(entries)}/{total} {label} + {spec}: worst case {100 * w['accuracy']:.1f}% "
+                           f"(clean {100 * entry['clean']['accuracy']:.1f}%), {entry['wall_seconds']:,.0f} s"
+                           + (f"; flags: {'; '.join(entry['flags'])}" if entry["flags"] else ""))
     return write_leaderboard(entries, out)
+
+
+def _say(progress: bool, line: str) -> None:
+    """One line per entry on stderr (between progress bars), when progress is shown."""
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"[leaderboard] {line}", file=sys.stderr)
 
 
 __all__ = ["DEFAULT_DEFENSES", "LeaderboardConfig", "defense_families", "defense_slug", "model_stage", "parse_defense", "parse_model",
