@@ -258,6 +258,10 @@ def test_entries_merge_and_refuse_mismatches(board, tmp_path, capsys):
     assert main(["leaderboard", "--merge", str(out), "--out", str(tmp_path / "merged")]) == 0
     text = (tmp_path / "merged" / "LEADERBOARD.md").read_text()
     assert "GRADIENT MASKING" in text and "| 1 |" in text
+    other_run = copy.deepcopy(entries[1])  # made by another command: both commands are named, each once
+    other_run["config"]["command"] = "advface leaderboard --another-run"
+    text = leaderboard_markdown(merge_entries([*entries, other_run]))
+    assert "2 commands: " in text and text.count("`advface leaderboard --another-run`") == 1
     ranking = json.loads((tmp_path / "merged" / "leaderboard.json").read_text())["ranking"]
     assert [r["worst_case_accuracy"] for r in ranking] == sorted((r["worst_case_accuracy"] for r in ranking), reverse=True)
     for r in ranking:  # every row at the lowest single-attack accuracy is named, ties included

@@ -149,7 +149,9 @@ def leaderboard_markdown(entries: list[dict]) -> str:
         lines.append(f"| {e['model']} | {e['defense']['spec']} | " + " | ".join(cells) + " |")
     checks = [(e, c) for e in rows for c in e["checks"]]
     lines += ["", "Checks:", ""] + [f"- {_label(e)}: {c['check']}: {c['message']}" for e, c in checks]
-    lines += ["", f"Entries: {len(rows)}; command: `{rows[0]['config'].get('command') or '(library call)'}`", ""]
+    commands = list(dict.fromkeys(e["config"].get("command") or "(library call)" for e in rows))
+    lines += ["", f"Entries: {len(rows)}; " + ("command" if len(commands) == 1 else f"{len(commands)} commands")
+              + ": " + "; ".join(f"`{c}`" for c in commands), ""]
     return "\n".join(lines)
 
 
