@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from advface_fast.fileio import write_text_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(<!-- table: (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
@@ -52,7 +54,7 @@ def sync(page: Path, write: bool) -> list[str]:
 
     new = BLOCK.sub(fresh, text)
     if write and new != text:
-        page.write_text(new)
+        write_text_atomic(page, new)
     return stale
 
 

@@ -206,13 +206,13 @@ def test_a_rerun_resumes_and_a_bad_spec_is_one_line(lfw_ci, board, capsys, tmp_p
     shutil.copytree(out, redo)
     gone = sorted((redo / "entries").glob("*.json"))[0]
     gone.unlink()
-    again = run_leaderboard(lfw_ci, cfg, redo, workers=1, progress=True)
+    redone = run_leaderboard(lfw_ci, cfg, redo, workers=1, progress=True)
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[leaderboard] ")]
     assert sum(": read back from " in line for line in said) == n - 1
     assert sum(line.endswith(": computing") for line in said) == 1
     done = [line for line in said if ": worst case " in line]
     assert len(done) == 1 and gone.is_file() and f"/{n} " in done[0]
-    assert sorted(e["worst_case"]["accuracy"] for e in again["entries"]) == \
+    assert sorted(e["worst_case"]["accuracy"] for e in redone["entries"]) == \
         sorted(e["worst_case"]["accuracy"] for e in report["entries"])
     assert [e["worst_case"] for e in again["entries"]] == [e["worst_case"] for e in report["entries"]]
     for spec, words in (("jpeg:qualty=75", "unexpected keyword"), ("jpeg:seed=3", "come from the run"),

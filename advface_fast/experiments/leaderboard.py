@@ -429,9 +429,8 @@ def run_leaderboard(lfw, cfg: LeaderboardConfig, out_dir, *, cache_dir=None, def
     stages = {model: model_stage(model, cfg.folds) for model in cfg.models}  # a bad weights spec fails now
     total = len(cfg.models) * len(cfg.defenses)
     for model in cfg.models:
-        ctx = None
+        ctx, label = None, model_label(model, stages[model])
         for spec in cfg.defenses:
-            label = model_label(model, stages[model])
             path = entry_path(out, label, spec)
             if path.is_file():
                 old = json.loads(path.read_text())
