@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import shutil
 import sys
@@ -349,3 +350,21 @@ def test_fast_model_reaches_the_defense_context(lfw_ci, tmp_path):
     cfg = LeaderboardConfig(models=(TINY,), defenses=("none",), max_pairs=4, fast_model=True)
     with pytest.raises(ValueError, match="no fast copy"):
         run_leaderboard(lfw_ci, cfg, tmp_path, workers=1, progress=False)
+
+
+def test_rows_come_back_from_the_ledger_without_the_image_cache(lfw_ci, board, tmp_path):
+    """Only the row ledger travels (no entries, no attacked images): every row is read back, none attacked,
+    and the entries are the same."""
+    cfg, report, out = board
+    moved = tmp_path / "moved"
+    shutil.copytree(out / "rows", moved / "rows")
+    cold = tmp_path / "cold-attack-cache"
+    again = run_leaderboard(lfw_ci, cfg, moved, cache_dir=cold, workers=1, progress=False)
+    assert not list(cold.rglob("chunk-*.npz"))  # no attack ran
+    for old, new in zip(report["entries"], again["entries"]):
+        assert new["attacks"] == old["attacks"] and new["worst_case"] == old["worst_case"]
+        assert old["rows_read_back"] == [] and new["rows_read_back"] == [r for r in old["attacks"] if r != "clean"]
+    shutil.copytree(out / "rows", tmp_path / "other" / "rows")  # another protocol finds nothing to read back
+    other = run_leaderboard(lfw_ci, dataclasses.replace(cfg, kappa=0.2, defenses=("none",)), tmp_path / "other",
+                            cache_dir=cold, workers=1, progress=False)
+    assert other["entries"][0]["rows_read_back"] == []

@@ -119,10 +119,19 @@ class Defense:
         """Fit the defense's own parameters on CLEAN images (default: nothing to fit)."""
         return None
 
-    def diagnostics(self, images, ids: Sequence[str]) -> dict | None:
-        """What the defense did to these images, for the record (e.g. the counter-attack's gate: the
-        fraction it counter-attacked); None: nothing to report (the default)."""
+    def diagnostic_values(self, images, ids: Sequence[str]) -> dict | None:
+        """What the defense did to each of these images, for the record: {name: one value per image}
+        (e.g. the counter-attack's drift tau); None: nothing to report (the default)."""
         return None
+
+    def summarise_diagnostics(self, values: dict) -> dict:
+        """The record of :meth:`diagnostic_values` over a set of images (default: each one's mean)."""
+        return {k: float(np.mean(v)) for k, v in values.items()}
+
+    def diagnostics(self, images, ids: Sequence[str]) -> dict | None:
+        """:meth:`summarise_diagnostics` of these images' :meth:`diagnostic_values` (None: nothing to report)."""
+        values = self.diagnostic_values(images, ids)
+        return None if values is None else self.summarise_diagnostics(values)
 
     def adaptive_models(self, samples: int = 1, embedder: nn.Module | None = None) -> dict:
         """The defense-specific adaptive attacks beyond BPDA + EOT: {row name: model} (default: none)."""

@@ -153,10 +153,13 @@ class CounterAttack(Defense):
                                                        for q in (0.05, 0.1, 0.2, 0.5, 0.8, 0.95)}}}
         return self.tau
 
-    def diagnostics(self, images, ids: Sequence[str]) -> dict:
-        """The gate on these images (their own draws): the fraction below the threshold (counter-attacked)
-        and tau's quartiles."""
-        taus = self._taus(*self._inputs(images, ids))
+    def diagnostic_values(self, images, ids: Sequence[str]) -> dict:
+        """The gate on these images: each one's tau (its own draw)."""
+        return {"tau": self._taus(*self._inputs(images, ids))}
+
+    def summarise_diagnostics(self, values: dict) -> dict:
+        """The fraction below the threshold (counter-attacked) and tau's quartiles."""
+        taus = np.asarray(values["tau"])
         return {"counterattacked": float((taus < self.tau).mean()),
                 "tau_quartiles": [float(q) for q in np.quantile(taus, (0.25, 0.5, 0.75))]}
 

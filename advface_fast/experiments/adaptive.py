@@ -55,9 +55,7 @@ def subset(sel: Selection, n: int | None) -> tuple[Selection, np.ndarray]:
     pos = np.arange(len(sel))
     if n is not None and n < len(sel):
         pos = np.sort(np.concatenate([pos[sel.same][: (n + 1) // 2], pos[~sel.same][: n // 2]]))
-    return Selection(index=sel.index[pos], same=sel.same[pos], folds=sel.folds[pos],
-                     pair_ids=[sel.pair_ids[i] for i in pos], query_rows=sel.query_rows[pos],
-                     gallery_rows=sel.gallery_rows[pos]), pos
+    return sel.take(pos), pos
 
 
 def run_adaptive(ctx: Context, acfg: AdaptiveConfig, store, cals: dict, queries: dict, per_pair: dict) -> dict:

@@ -35,10 +35,12 @@ before it is reported — and then reported as measured.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +56,7 @@ from .defended import DefendedStore
 from .defense_context import (Context, DefendConfig, attacked_queries, auc_or_none, calibrate_defense, correct,
                               fit_defense, make_context, query_attack, summarise)
 from .adaptive import subset
+from .leaderboard_rows import RowLedger, diagnostic_fields, diagnostic_values
 from .leaderboard_render import protocol_record, strongest, write_leaderboard
 from .runner import Selection
 
@@ -198,9 +201,11 @@ def _cap(n: int, cfg: LeaderboardConfig) -> int:
     return n if cfg.steps_cap is None else max(1, min(n, cfg.steps_cap))
 
 
-def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=None, stage: dict | None = None) -> dict:
+def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=None, stage: dict | None = None,
+              rows_dir=None) -> dict:
     """One leaderboard entry: the protocol of the module docstring for ``spec`` on ``ctx``'s pairs
-    (``stage``: the model-stage record of a model with its own weights, :func:`model_stage`)."""
+    (``stage``: the model-stage record of a model with its own weights, :func:`model_stage`;
+    ``rows_dir``: the row ledger, :mod:`.leaderboard_rows`, None: none)."""
     t0 = time.perf_counter()
     name, params = parse_defense(spec)
     reserved = sorted(set(params) & {"seed", "batch_size", "precision"})
@@ -222,36 +227,53 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     embedder = None if defense.attack_model is defense.model else defense.attack_model
     rows, ok = {}, {}  # row name -> summary; row name -> (positions in sel, per-pair correct)
     all_pos = np.arange(len(sel))
-
+    ledger = RowLedger(rows_dir, {
+        "model": ctx.cfg.model if stage is None else f"{ctx.cfg.model} [{stage['stage']}]", "weights": weights_id(net),
+        "data": runner.pairs.dataset.fingerprint, "align": runner.align_key, "defense": spec,
+        "defense_config": defense.variant_config(defense.variants[-1]) if name != "none" else defense.config(),
+        "thresholds": {str(k): round(float(v), 6) for k, v in cal.thresholds.items()},
+        "protocol": _comparable(asdict(cfg))})
     chips = ctx.pairs.chips
 
-    def diagnose(q, s: Selection) -> dict:
-        """The defense's own record of what it did to these queries (ids as the defended store names them)."""
-        clean = chips.chips[s.query_rows]
-        images = clean if q is None else q.images(clean)
-        ids = [chips.ids[r] for r in s.query_rows] if q is None else [f"{pid}@{q.key}" for pid in s.pair_ids]
-        found = defense.diagnostics(images, ids)
-        return {"defense_diagnostics": found} if found is not None else {}
+    def outcome(queries, s: Selection) -> dict:
+        """One piece of a row: the defended verifier's decisions on ``queries`` (None: clean) of ``s``."""
+        sim = runner.similarity(cal, s, runner.query_embeddings(cal, s, queries))
+        found = {"similarity": sim, "correct": correct(ctx, cal, sim, s)}
+        if queries is not None:
+            n = max(len(s), 1)
+            found.update(seconds=np.full(len(s), queries.seconds / n), image_steps=np.full(len(s), queries.image_steps / n))
+        clean = chips.chips[s.query_rows]  # the defense's own record of what it did to these queries
+        ids = [chips.ids[r] for r in s.query_rows] if queries is None else [f"{pid}@{queries.key}" for pid in s.pair_ids]
+        return {**found, **diagnostic_fields(defense.diagnostic_values(
+            clean if queries is None else queries.images(clean), ids))}
 
-    def add(row: str, kind: str, q, s: Selection = sel, pos: np.ndarray = all_pos, **extra):
-        sim = runner.similarity(cal, s, runner.query_embeddings(cal, s, q))
-        c = correct(ctx, cal, sim, s)
+    def add(row: str, kind: str, attacked, s: Selection = sel, pos: np.ndarray = all_pos, chunk: int | None = None,
+            **extra):
+        """A row: ``attacked(sub_selection)`` -> its attacked queries (None: the clean row), per pair
+        from the ledger where it has them; ``chunk``: computed and recorded that many pairs at a time."""
+        got = outcome(None, s) if attacked is None else ledger.outcome(row, s, lambda p: outcome(attacked(p), p), chunk)
+        c, diag = got["correct"].astype(bool), diagnostic_values(got)
         ok[row] = (pos, c)
-        rows[row] = {"kind": kind, **summarise(c, s), "auc": auc_or_none(sim, s.same), **extra,
-                     "attack_image_steps_per_pair": None if q is None else round(q.image_steps / max(len(s), 1), 1),
-                     "attack_seconds_per_pair": None if q is None else round(q.seconds / max(len(s), 1), 4),
-                     **diagnose(q, s)}
+        rows[row] = {"kind": kind, **summarise(c, s), "auc": auc_or_none(got["similarity"], s.same), **extra,
+                     "attack_image_steps_per_pair": None if attacked is None else round(float(got["image_steps"].mean()), 1),
+                     "attack_seconds_per_pair": None if attacked is None else round(float(got["seconds"].mean()), 4),
+                     **({"defense_diagnostics": defense.summarise_diagnostics(diag)} if diag else {})}
+
+    def whole(make):
+        """A row's queries computed on the whole selection, once (a part of it comes from the same run)."""
+        return lambda p, _q=functools.cache(make): _restrict(_q(), sel, p)
 
     add("clean", "clean", None)
     eps = float(cfg.eps)
     transfer = {}
     for attack in cfg.attacks:  # 2. transfer: Table 1's queries
-        transfer[f"transfer-{attack}"] = attacked_queries(ctx, query_attack(ctx, attack, eps,
-                                                                         precision=cfg.transfer_precision))
-        add(f"transfer-{attack}", "transfer", transfer[f"transfer-{attack}"])
+        made = functools.cache(lambda a=attack: attacked_queries(ctx, query_attack(ctx, a, eps,
+                                                                              precision=cfg.transfer_precision)))
+        transfer[f"transfer-{attack}"] = made
+        add(f"transfer-{attack}", "transfer", whole(made))
     hc = make_attack("pgd", ctx.attacked_net, metric=cfg.metric, eps=eps, seed=seed, precision=cfg.precision,
                      steps=_cap(cfg.attack_steps or 40, cfg), kappa=cfg.kappa)
-    add(f"high-confidence (kappa={cfg.kappa:g})", "high-confidence", attacked_queries(ctx, hc))
+    add(f"high-confidence (kappa={cfg.kappa:g})", "high-confidence", whole(lambda: attacked_queries(ctx, hc)))
     # 4. BPDA + EOT through the defense (for `none` this is the white-box attack itself).
     samples = cfg.eot if defense.randomized else 1
     copy = cfg.copy_steps if defense.iterative else None
@@ -264,7 +286,7 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
                                  **({"best_iterate": True} if cfg.best_iterate else {}))
         row = f"bpda-eot (steps={steps}, eot={s_}{best})"
         bpda[row] = (steps, s_)
-        add(row, "white-box", attacked_queries(ctx, attack, target=cal, extra_key={"adaptive": "bpda-eot"}),
+        add(row, "white-box", whole(lambda a=attack: attacked_queries(ctx, a, target=cal, extra_key={"adaptive": "bpda-eot"})),
             attack_steps=steps, eot_samples=s_)
         if (steps, s_) == (full, samples):
             full_attack = attack
@@ -275,7 +297,8 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     if cfg.warm_start and transfer:
         origin = min(transfer, key=lambda r: rows[r]["accuracy"])
         add(f"bpda-eot from {origin} (steps={full}, eot={samples}{best})", "white-box",
-            attacked_queries(ctx, full_attack, target=cal, extra_key={"adaptive": "bpda-eot"}, start=transfer[origin]),
+            whole(lambda: attacked_queries(ctx, full_attack, target=cal, extra_key={"adaptive": "bpda-eot"},
+                                           start=transfer[origin]())),
             attack_steps=full, eot_samples=samples, start=origin)
     # 4b. The defense's own adaptive attacks (e.g. the counter-attack's gate-aware attacker): PGD at the full steps
     # with the high-confidence margin kappa, so that once a pair is kappa past its threshold the step follows the
@@ -284,7 +307,7 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
         attack = make_attack("pgd", model, metric=cfg.metric, eps=eps, seed=seed, precision=cfg.precision,
                              steps=full, kappa=cfg.kappa)
         add(f"{label} (steps={full}, eot={samples})", "white-box",
-            attacked_queries(ctx, attack, target=cal, extra_key={"adaptive": label}),
+            whole(lambda a=attack, lb=label: attacked_queries(ctx, a, target=cal, extra_key={"adaptive": lb})),
             attack_steps=full, eot_samples=samples)
     # 5. Square on the defended margin, fresh draws of the defense at every query.
     costly = defense.cost_per_image() > 2
@@ -296,14 +319,15 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     # for a defense that averages draws (gaussian-smoothing) as many draws per query (scores averaged). The
     # model's scores come from its fp32 fast copy (square_fast_copy, the protocol; or with fast_model), the plain
     # model's function up to summation order, through which Square's forward-only queries run 1.4x faster;
-    # its final queries are judged by the plain model like every row's.
+    # its final queries are judged by the plain model like every row's. Recorded one attack batch at a time:
+    # its longest row, resumable pair batch by pair batch from the ledger.
     embedder_sq, oracle = square_oracle(ctx, cfg)
     deployed = DefendedModel(defense, samples=int(getattr(defense, "samples", 1)), embedder=embedder_sq)
     square = make_attack("square", deployed, metric=cfg.metric, eps=eps, n_queries=budget, seed=seed, precision="fp32",
                          progress=ctx.progress and f"square queries ({name})")
     add(f"square (queries={budget})", "black-box",
-        attacked_queries(ctx, square, target=cal, sel=sq_sel, extra_key={"adaptive": "square"}), sq_sel, sq_pos,
-        queries=budget, scores_from=oracle)
+        lambda p: attacked_queries(ctx, square, target=cal, sel=p, extra_key={"adaptive": "square"}), sq_sel, sq_pos,
+        chunk=runner.batch_size, queries=budget, scores_from=oracle)
     attacks = [r for r in rows if r != "clean"]
     worst, worst_sq = _worst(ok, attacks, all_pos), _worst(ok, attacks, sq_pos)
     checks = _checks(rows, ok, bpda, sq_pos, reference=name == "none")
@@ -327,12 +351,24 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
                        "strongest": strongest({"attacks": rows}),  # as the table names them
                        "square_subset": {**summarise(worst_sq, sq_sel)} if len(sq_pos) < len(sel) else None},
         "checks": checks, "flags": [c["message"] for c in checks if not c["ok"]],
+        "rows_read_back": ledger.read_back,  # from the row ledger: made by an earlier run (their seconds as measured then)
         "protocol": protocol_record(asdict(cfg)),
         "cost": {"defense_passes_per_query": cost, "attack_budget": {"bpda_steps": _cap(cfg.adaptive_steps, cfg),
                                                                      "eot": samples, "square_queries": budget,
                                                                      "square_pairs": len(sq_sel)}},
         "config": asdict(cfg), "environment": environment(), "wall_seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _restrict(q, sel: Selection, part: Selection):
+    """Queries of ``sel`` cut down to the pairs of ``part`` (a part of ``sel``)."""
+    if part.pair_ids == sel.pair_ids:
+        return q
+    at = {pid: i for i, pid in enumerate(sel.pair_ids)}
+    pos = np.array([at[pid] for pid in part.pair_ids], dtype=np.int64)
+    return dataclasses.replace(q, delta=q.delta[pos], embeddings=q.embeddings[pos],
+                               seconds=q.seconds * len(pos) / max(len(sel), 1),
+                               image_steps=int(round(q.image_steps * len(pos) / max(len(sel), 1))))
 
 
 def threat_model(cfg: LeaderboardConfig) -> dict:
@@ -443,7 +479,7 @@ def run_leaderboard(lfw, cfg: LeaderboardConfig, out_dir, *, cache_dir=None, def
             if ctx is None:
                 ctx = make_context(lfw, cfg.defend_config(model), cache_dir=cache_dir, defended_dir=defended_dir,
                                    workers=workers, progress=progress)
-            entry = run_entry(ctx, spec, cfg, defended_dir=defended_dir, stage=stages[model])
+            entry = run_entry(ctx, spec, cfg, defended_dir=defended_dir, stage=stages[model], rows_dir=out / "rows")
             write_json_atomic(path, entry)
             entries.append(entry)
             w = entry["worst_case"]

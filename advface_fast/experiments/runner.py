@@ -118,6 +118,13 @@ class Selection:
     def __len__(self) -> int:
         return len(self.index)
 
+    def take(self, positions) -> "Selection":
+        """The pairs at ``positions`` (in that order)."""
+        pos = np.asarray(positions, dtype=np.int64)
+        return Selection(index=self.index[pos], same=self.same[pos], folds=self.folds[pos],
+                         pair_ids=[self.pair_ids[i] for i in pos], query_rows=self.query_rows[pos],
+                         gallery_rows=self.gallery_rows[pos])
+
 
 @dataclass
 class Calibration:

@@ -1,0 +1,91 @@
+"""The leaderboard's row ledger: what each finished row of an entry decided, pair by pair.
+
+An entry of the full protocol takes hours (Square alone: 5,000 queries on 600 pairs). The runner's
+store caches the attacked images (megabytes per row, kept in the cache, not meant to travel);
+the ledger keeps only each row's per-pair outcome — similarity under the defended verifier,
+right or wrong under its fixed thresholds, the attack's seconds and image-steps per pair, and
+per-image diagnostics where the defense gives them —, a few kilobytes per row. It lives beside
+the entries (``<out>/rows``, one :class:`~advface_fast.store.Entry` per row, keyed by everything
+the row depends on), so an entry can be computed in pieces, on several machines or after the
+image cache is gone: copy the ledger, rerun the command, and only the rows (or, for Square, the
+pair batches) it lacks are computed. A row is read back only under the very config that made
+it: model weights, defense config, the run's protocol, the data and the defended thresholds
+(rounded to 1e-6, so the last bit of an fp32 sum on another CPU does not invalidate a row).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..store import Entry, Items
+from .runner import Selection
+
+SCHEME = "leaderboard-rows-v1"
+FIELDS = ("similarity", "correct", "seconds", "image_steps")
+DIAG = "diag:"  # prefix of per-image diagnostic fields
+
+
+class MemoryEntry:
+    """An :class:`~advface_fast.store.Entry` that keeps its items in memory (a run without a ledger)."""
+
+    def __init__(self):
+        self.parts: list[tuple[list[str], dict]] = []
+
+    def append(self, ids, arrays, stats=None) -> None:
+        self.parts.append((list(ids), dict(arrays)))
+
+    def read(self) -> Items:
+        if not self.parts:
+            return Items()
+        ids = [i for part, _ in self.parts for i in part]
+        return Items(ids, {k: np.concatenate([a[k] for _, a in self.parts]) for k in self.parts[0][1]})
+
+    def compact(self) -> None:
+        pass
+
+
+class RowLedger:
+    """Per-pair outcomes of an entry's rows; ``root=None``: in memory only (nothing survives the run)."""
+
+    def __init__(self, root: str | Path | None, identity: dict):
+        self.root, self.identity = (Path(root) if root is not None else None), identity
+        self.read_back: list[str] = []  # rows (or parts of rows) found in the ledger
+
+    def entry(self, row: str):
+        if self.root is None:
+            return MemoryEntry()
+        return Entry(self.root, {"scheme": SCHEME, **self.identity, "row": row}, kind=SCHEME)
+
+    def outcome(self, row: str, sel: Selection, compute: Callable[[Selection], dict], chunk: int | None = None) -> dict:
+        """The row's per-pair arrays over ``sel`` (FIELDS + ``diag:*``), in ``sel``'s order: read from
+        the ledger where present; the missing pairs computed by ``compute(sub_selection)`` (one call, or
+        one per ``chunk`` of missing pairs, each appended as soon as it is done) -> {field: array}."""
+        entry = self.entry(row)
+        done = set(entry.read().ids)
+        todo = [i for i, pid in enumerate(sel.pair_ids) if pid not in done]
+        if len(todo) < len(sel):
+            self.read_back.append(row if not todo else f"{row} ({len(sel) - len(todo)} of {len(sel)} pairs)")
+        step = chunk or len(todo) or 1
+        for at in range(0, len(todo), step):
+            piece = sel.take(todo[at: at + step])
+            found = compute(piece)
+            entry.append(piece.pair_ids, {k: np.asarray(v) for k, v in found.items()})
+        if todo:
+            entry.compact()  # one compressed file per finished row
+        items = entry.read()
+        return {name: items.take(sel.pair_ids, name) for name in items.arrays}
+
+
+def diagnostic_fields(values: dict | None) -> dict:
+    return {f"{DIAG}{k}": np.asarray(v) for k, v in (values or {}).items()}
+
+
+def diagnostic_values(arrays: dict) -> dict | None:
+    found = {k[len(DIAG):]: v for k, v in arrays.items() if k.startswith(DIAG)}
+    return found or None
+
+
+__all__ = ["FIELDS", "MemoryEntry", "RowLedger", "diagnostic_fields", "diagnostic_values"]
