@@ -4,16 +4,13 @@ defense's forward through it, and the Triton kernel under TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from advface_fast.defenses.median import MedianFilter, median_filter
 from advface_fast.kernels.median3x3 import median3x3, median3x3_fused, median3x3_reference, resolve_impl
+
+from _interpreter import run_interpreted
 
 SHAPES = [(2, 3, 5, 7), (1, 1, 2, 2), (3, 2, 2, 9), (2, 3, 17, 13), (4, 3, 150, 150)]
 
@@ -60,11 +57,7 @@ def test_impl_choice_and_errors():
 def test_triton_kernel_in_the_interpreter():
     """The Triton kernel, run by Triton's CPU interpreter in a fresh process (TRITON_INTERPRET=1
     must be set before triton is imported)."""
-    pytest.importorskip("triton")
-    import advface_fast.kernels as kernels
-
     code = (
-        "import sys, torch; import advface_fast.kernels as k; k.__path__[:0] = sys.argv[1:2]\n"
         "from advface_fast.kernels.median3x3 import median3x3_triton, median3x3_reference\n"
         "g = torch.Generator().manual_seed(0)\n"
         "for shape in ((2, 3, 5, 7), (1, 1, 2, 2), (3, 2, 2, 9), (2, 3, 17, 13)):\n"
@@ -72,9 +65,4 @@ def test_triton_kernel_in_the_interpreter():
         "        x = torch.randint(0, levels, shape, generator=g).float() / (levels - 1)\n"
         "        assert torch.equal(median3x3_triton(x), median3x3_reference(x)), (shape, levels)\n"
         "print('ok')\n")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    here = str(Path(kernels.__file__).parent)
-    mine = str(Path(__file__).resolve().parents[1] / "kernels")
-    result = subprocess.run([sys.executable, "-c", code, mine if Path(mine, "median3x3.py").exists() else here],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+    run_interpreted(code, "median3x3.py")
