@@ -232,7 +232,7 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
         "data": runner.pairs.dataset.fingerprint, "align": runner.align_key, "defense": spec,
         "defense_config": defense.variant_config(defense.variants[-1]) if name != "none" else defense.config(),
         "thresholds": {str(k): round(float(v), 6) for k, v in cal.thresholds.items()},
-        "protocol": _comparable(asdict(cfg))})
+        "protocol": _comparable(asdict(cfg))}, progress=bool(ctx.progress))
     chips = ctx.pairs.chips
 
     def outcome(queries, s: Selection) -> dict:

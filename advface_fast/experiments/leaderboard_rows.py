@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from ..store import Entry, Items
 from .runner import Selection
@@ -50,8 +51,8 @@ class MemoryEntry:
 class RowLedger:
     """Per-pair outcomes of an entry's rows; ``root=None``: in memory only (nothing survives the run)."""
 
-    def __init__(self, root: str | Path | None, identity: dict):
-        self.root, self.identity = (Path(root) if root is not None else None), identity
+    def __init__(self, root: str | Path | None, identity: dict, progress: bool = False):
+        self.root, self.identity, self.progress = (Path(root) if root is not None else None), identity, progress
         self.read_back: list[str] = []  # rows (or parts of rows) found in the ledger
 
     def entry(self, row: str):
@@ -69,10 +70,13 @@ class RowLedger:
         if len(todo) < len(sel):
             self.read_back.append(row if not todo else f"{row} ({len(sel) - len(todo)} of {len(sel)} pairs)")
         step = chunk or len(todo) or 1
+        bar = tqdm(total=len(todo), desc=f"{row}: pairs", unit="pair", disable=not self.progress or len(todo) <= step)
         for at in range(0, len(todo), step):
             piece = sel.take(todo[at: at + step])
             found = compute(piece)
             entry.append(piece.pair_ids, {k: np.asarray(v) for k, v in found.items()})
+            bar.update(len(piece))
+        bar.close()
         if todo:
             entry.compact()  # one compressed file per finished row
         items = entry.read()
