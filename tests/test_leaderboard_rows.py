@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from advface_fast.experiments.leaderboard_rows import RowLedger, diagnostic_fields, diagnostic_values
+from advface_fast.experiments.leaderboard_rows import RowLedger, diagnostic_fields, diagnostics_in
 from advface_fast.experiments.runner import Selection
 
 
@@ -46,7 +46,7 @@ def test_a_row_in_pieces_equals_the_row_at_once(tmp_path):
     assert [pid for c in calls for pid in c] == sel.pair_ids[10:]  # the two finished pieces are not redone
     assert ledger.read_back == ["square (10 of 23 pairs)"]
     assert set(resumed) == set(whole) and all(np.array_equal(resumed[k], whole[k]) for k in whole)
-    assert diagnostic_values(resumed) == {"tau": pytest.approx(whole["diag:tau"])}
+    assert diagnostics_in(resumed) == {"tau": pytest.approx(whole["diag:tau"])}
     assert len(list(tmp_path.rglob("chunk-*.npz"))) == 1  # compacted once the row is whole
     again = RowLedger(tmp_path, identity)  # a finished row: nothing computed, in the selection's order
     part = sel.take([7, 2, 19])
@@ -54,4 +54,7 @@ def test_a_row_in_pieces_equals_the_row_at_once(tmp_path):
     assert again.read_back == ["square"] and np.array_equal(got["similarity"], whole["similarity"][[7, 2, 19]])
     other = RowLedger(tmp_path, {**identity, "protocol": {"eps": 8.0}})  # another config: its own rows
     other.outcome("square", part, outcome_of)
+    other.outcome("square", part, outcome_of, key={"attack": {"precision": "bf16"}})  # another attack: its own
     assert other.read_back == []
+    other.outcome("square", part, outcome_of, key={"attack": {"precision": "bf16"}})
+    assert other.read_back == ["square"]

@@ -126,3 +126,39 @@ def test_triton_kernel_in_the_interpreter():
         "        assert torch.equal(out, prelu_backward_reference(grad, x, a)), (cl, shape)\n"
         "print('ok')\n")
     run_interpreted(code, "prelu.py")
+
+
+@pytest.mark.parametrize("name", ["sface", "cosface-sphere20"])
+def test_model_input_gradients_equal_atens(name, monkeypatch):
+    """A whole attack gradient through the model: the fused PReLU backward changes nothing."""
+    import importlib
+
+    # The module, not the function: kernels/__init__ re-exports `prelu`, which shadows the submodule.
+    kp = importlib.import_module("advface_fast.kernels.prelu")
+    from advface_fast.models import get_model_spec
+
+    if name == "sface":
+        from advface_fast.models import create_model
+
+        try:
+            net = create_model("sface")
+        except (ModuleNotFoundError, FileNotFoundError) as err:
+            from conftest import missing
+
+            missing(str(err))
+    else:
+        from advface_fast.models.sphereface import SphereFace20
+
+        torch.manual_seed(0)
+        net = SphereFace20().eval().requires_grad_(False)
+    x = torch.rand(2, 3, *get_model_spec(name).input_size, generator=torch.Generator().manual_seed(3))
+
+    def input_grad():
+        xr = x.clone().requires_grad_(True)
+        net(xr).square().sum().backward()
+        return xr.grad
+
+    fused = input_grad()
+    monkeypatch.setattr(kp, "prelu", lambda x, a, impl="auto": F.prelu(x, a))
+    aten = input_grad()
+    assert torch.equal(fused, aten)

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 
 from advface_fast.defenses.base import Defense
-from advface_fast.kernels.median3x3 import median3x3, median_filter_reference
 from advface_fast.defenses.registry import register_defense
+from advface_fast.kernels.median3x3 import median3x3, median_filter_reference
 
 
 def median_filter(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -53,7 +53,7 @@ class MedianFilter(Defense):
         return {"size": self.size}
 
     def transform(self, x: torch.Tensor, seeds: Sequence[int] = ()) -> torch.Tensor:
-        with torch.no_grad():  # 3 x 3: the sorting-network kernel, the same values 20x faster
+        with torch.no_grad():  # 3 x 3: the sorting-network kernel, the same values 16x faster
             return median3x3(x) if self.size == 3 else median_filter(x, self.size)
 
     def surrogate(self, x: torch.Tensor) -> torch.Tensor:

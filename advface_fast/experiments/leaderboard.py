@@ -56,7 +56,7 @@ from .defended import DefendedStore
 from .defense_context import (Context, DefendConfig, attacked_queries, auc_or_none, calibrate_defense, correct,
                               fit_defense, make_context, query_attack, summarise)
 from .adaptive import subset
-from .leaderboard_rows import RowLedger, diagnostic_fields, diagnostic_values
+from .leaderboard_rows import RowLedger, diagnostic_fields, diagnostics_in
 from .leaderboard_render import protocol_record, strongest, write_leaderboard
 from .runner import Selection
 
@@ -248,11 +248,14 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
             clean if queries is None else queries.images(clean), ids))}
 
     def add(row: str, kind: str, attacked, s: Selection = sel, pos: np.ndarray = all_pos, chunk: int | None = None,
-            **extra):
+            key: dict | None = None, **extra):
         """A row: ``attacked(sub_selection)`` -> its attacked queries (None: the clean row), per pair
-        from the ledger where it has them; ``chunk``: computed and recorded that many pairs at a time."""
-        got = outcome(None, s) if attacked is None else ledger.outcome(row, s, lambda p: outcome(attacked(p), p), chunk)
-        c, diag = got["correct"].astype(bool), diagnostic_values(got)
+        from the ledger where it has them (``key``: the attack's config, part of the row's ledger key);
+        ``chunk``: computed and recorded that many pairs at a time. Decisions are taken again from the
+        similarities under this run's thresholds, so a row read back is judged as a fresh one."""
+        got = outcome(None, s) if attacked is None else \
+            ledger.outcome(row, s, lambda p: outcome(attacked(p), p), chunk, key=key)
+        c, diag = correct(ctx, cal, got["similarity"], s), diagnostics_in(got)
         ok[row] = (pos, c)
         rows[row] = {"kind": kind, **summarise(c, s), "auc": auc_or_none(got["similarity"], s.same), **extra,
                      "attack_image_steps_per_pair": None if attacked is None else round(float(got["image_steps"].mean()), 1),
@@ -265,15 +268,16 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
 
     add("clean", "clean", None)
     eps = float(cfg.eps)
-    transfer = {}
-    for attack in cfg.attacks:  # 2. transfer: Table 1's queries
-        made = functools.cache(lambda a=attack: attacked_queries(ctx, query_attack(ctx, a, eps,
-                                                                              precision=cfg.transfer_precision)))
-        transfer[f"transfer-{attack}"] = made
-        add(f"transfer-{attack}", "transfer", whole(made))
+    transfer, transfer_key = {}, {}
+    for name_ in cfg.attacks:  # 2. transfer: Table 1's queries
+        attack = query_attack(ctx, name_, eps, precision=cfg.transfer_precision)
+        made = functools.cache(lambda a=attack: attacked_queries(ctx, a))
+        transfer[f"transfer-{name_}"], transfer_key[f"transfer-{name_}"] = made, {"attack": attack.config()}
+        add(f"transfer-{name_}", "transfer", whole(made), key=transfer_key[f"transfer-{name_}"])
     hc = make_attack("pgd", ctx.attacked_net, metric=cfg.metric, eps=eps, seed=seed, precision=cfg.precision,
                      steps=_cap(cfg.attack_steps or 40, cfg), kappa=cfg.kappa)
-    add(f"high-confidence (kappa={cfg.kappa:g})", "high-confidence", whole(lambda: attacked_queries(ctx, hc)))
+    add(f"high-confidence (kappa={cfg.kappa:g})", "high-confidence", whole(lambda: attacked_queries(ctx, hc)),
+        key={"attack": hc.config()})
     # 4. BPDA + EOT through the defense (for `none` this is the white-box attack itself).
     samples = cfg.eot if defense.randomized else 1
     copy = cfg.copy_steps if defense.iterative else None
@@ -287,7 +291,7 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
         row = f"bpda-eot (steps={steps}, eot={s_}{best})"
         bpda[row] = (steps, s_)
         add(row, "white-box", whole(lambda a=attack: attacked_queries(ctx, a, target=cal, extra_key={"adaptive": "bpda-eot"})),
-            attack_steps=steps, eot_samples=s_)
+            key={"attack": attack.config()}, attack_steps=steps, eot_samples=s_)
         if (steps, s_) == (full, samples):
             full_attack = attack
     # 4a. Warm start: the full BPDA + EOT attack begun where the strongest transfer attack (the lowest defended
@@ -299,6 +303,7 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
         add(f"bpda-eot from {origin} (steps={full}, eot={samples}{best})", "white-box",
             whole(lambda: attacked_queries(ctx, full_attack, target=cal, extra_key={"adaptive": "bpda-eot"},
                                            start=transfer[origin]())),
+            key={"attack": full_attack.config(), "start": transfer_key[origin]},
             attack_steps=full, eot_samples=samples, start=origin)
     # 4b. The defense's own adaptive attacks (e.g. the counter-attack's gate-aware attacker): PGD at the full steps
     # with the high-confidence margin kappa, so that once a pair is kappa past its threshold the step follows the
@@ -308,7 +313,7 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
                              steps=full, kappa=cfg.kappa)
         add(f"{label} (steps={full}, eot={samples})", "white-box",
             whole(lambda a=attack, lb=label: attacked_queries(ctx, a, target=cal, extra_key={"adaptive": lb})),
-            attack_steps=full, eot_samples=samples)
+            key={"attack": attack.config()}, attack_steps=full, eot_samples=samples)
     # 5. Square on the defended margin, fresh draws of the defense at every query.
     costly = defense.cost_per_image() > 2
     budget = cfg.costly_square_queries if costly else cfg.square_queries
@@ -327,7 +332,7 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
                          progress=ctx.progress and f"square queries ({name})")
     add(f"square (queries={budget})", "black-box",
         lambda p: attacked_queries(ctx, square, target=cal, sel=p, extra_key={"adaptive": "square"}), sq_sel, sq_pos,
-        chunk=runner.batch_size, queries=budget, scores_from=oracle)
+        chunk=runner.batch_size, key={"attack": square.config()}, queries=budget, scores_from=oracle)
     attacks = [r for r in rows if r != "clean"]
     worst, worst_sq = _worst(ok, attacks, all_pos), _worst(ok, attacks, sq_pos)
     checks = _checks(rows, ok, bpda, sq_pos, reference=name == "none")
@@ -366,9 +371,9 @@ def _restrict(q, sel: Selection, part: Selection):
         return q
     at = {pid: i for i, pid in enumerate(sel.pair_ids)}
     pos = np.array([at[pid] for pid in part.pair_ids], dtype=np.int64)
-    return dataclasses.replace(q, delta=q.delta[pos], embeddings=q.embeddings[pos],
-                               seconds=q.seconds * len(pos) / max(len(sel), 1),
-                               image_steps=int(round(q.image_steps * len(pos) / max(len(sel), 1))))
+    share = len(pos) / max(len(sel), 1)  # each pair's share of the attack's cost, as the runner counts it
+    return dataclasses.replace(q, delta=q.delta[pos], embeddings=q.embeddings[pos], seconds=q.seconds * share,
+                               image_steps=q.image_steps * share, image_steps_full=q.image_steps_full * share)
 
 
 def threat_model(cfg: LeaderboardConfig) -> dict:

@@ -25,7 +25,6 @@ from ..store import Entry, Items
 from .runner import Selection
 
 SCHEME = "leaderboard-rows-v1"
-FIELDS = ("similarity", "correct", "seconds", "image_steps")
 DIAG = "diag:"  # prefix of per-image diagnostic fields
 
 
@@ -55,28 +54,30 @@ class RowLedger:
         self.root, self.identity, self.progress = (Path(root) if root is not None else None), identity, progress
         self.read_back: list[str] = []  # rows (or parts of rows) found in the ledger
 
-    def entry(self, row: str):
+    def entry(self, row: str, key: dict | None = None):
         if self.root is None:
             return MemoryEntry()
-        return Entry(self.root, {"scheme": SCHEME, **self.identity, "row": row}, kind=SCHEME)
+        return Entry(self.root, {"scheme": SCHEME, **self.identity, "row": row, **(key or {})}, kind=SCHEME)
 
-    def outcome(self, row: str, sel: Selection, compute: Callable[[Selection], dict], chunk: int | None = None) -> dict:
+    def outcome(self, row: str, sel: Selection, compute: Callable[[Selection], dict], chunk: int | None = None,
+                key: dict | None = None) -> dict:
         """The row's per-pair arrays over ``sel`` (FIELDS + ``diag:*``), in ``sel``'s order: read from
         the ledger where present; the missing pairs computed by ``compute(sub_selection)`` (one call, or
-        one per ``chunk`` of missing pairs, each appended as soon as it is done) -> {field: array}."""
-        entry = self.entry(row)
+        one per ``chunk`` of missing pairs, each appended as soon as it is done) -> {field: array}.
+        ``key``: what else the row depends on (its attack's config: resolved precision, steps, start, ...)."""
+        entry = self.entry(row, key)
         done = set(entry.read().ids)
         todo = [i for i, pid in enumerate(sel.pair_ids) if pid not in done]
         if len(todo) < len(sel):
             self.read_back.append(row if not todo else f"{row} ({len(sel) - len(todo)} of {len(sel)} pairs)")
         step = chunk or len(todo) or 1
-        bar = tqdm(total=len(todo), desc=f"{row}: pairs", unit="pair", disable=not self.progress or len(todo) <= step)
-        for at in range(0, len(todo), step):
-            piece = sel.take(todo[at: at + step])
-            found = compute(piece)
-            entry.append(piece.pair_ids, {k: np.asarray(v) for k, v in found.items()})
-            bar.update(len(piece))
-        bar.close()
+        with tqdm(total=len(todo), desc=f"{row}: pairs", unit="pair",
+                  disable=not self.progress or len(todo) <= step) as bar:
+            for at in range(0, len(todo), step):
+                piece = sel.take(todo[at: at + step])
+                found = compute(piece)
+                entry.append(piece.pair_ids, {k: np.asarray(v) for k, v in found.items()})
+                bar.update(len(piece))
         if todo:
             entry.compact()  # one compressed file per finished row
         items = entry.read()
@@ -84,12 +85,14 @@ class RowLedger:
 
 
 def diagnostic_fields(values: dict | None) -> dict:
+    """A defense's per-image diagnostics as ledger fields."""
     return {f"{DIAG}{k}": np.asarray(v) for k, v in (values or {}).items()}
 
 
-def diagnostic_values(arrays: dict) -> dict | None:
+def diagnostics_in(arrays: dict) -> dict | None:
+    """The per-image diagnostics among a row's fields (None: none)."""
     found = {k[len(DIAG):]: v for k, v in arrays.items() if k.startswith(DIAG)}
     return found or None
 
 
-__all__ = ["FIELDS", "MemoryEntry", "RowLedger", "diagnostic_fields", "diagnostic_values"]
+__all__ = ["MemoryEntry", "RowLedger", "diagnostic_fields", "diagnostics_in"]
