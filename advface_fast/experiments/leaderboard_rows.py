@@ -9,8 +9,11 @@ the entries (``<out>/rows``, one :class:`~advface_fast.store.Entry` per row, key
 the row depends on), so an entry can be computed in pieces, on several machines or after the
 image cache is gone: copy the ledger, rerun the command, and only the rows (or, for Square, the
 pair batches) it lacks are computed. A row is read back only under the very config that made
-it: model weights, defense config, the run's protocol, the data and the defended thresholds
-(rounded to 1e-6, so the last bit of an fp32 sum on another CPU does not invalidate a row).
+it: model weights, defense config, the run's protocol, the data, the defended thresholds
+(rounded to 1e-6, so the last bit of an fp32 sum on another CPU does not invalidate a row) and
+the row's attack (its config, with the precision it resolved to: a bf16 row made on one machine
+is not read back by an fp32 run). The decisions are taken again from the stored similarities
+under the reading run's thresholds.
 """
 
 from __future__ import annotations
