@@ -35,12 +35,10 @@ before it is reported — and then reported as measured.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import sys
 import time
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -247,14 +245,15 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
         return {**found, **diagnostic_fields(defense.diagnostic_values(
             clean if queries is None else queries.images(clean), ids))}
 
-    def add(row: str, kind: str, attacked, s: Selection = sel, pos: np.ndarray = all_pos, chunk: int | None = None,
-            key: dict | None = None, **extra):
+    def add(row: str, kind: str, attacked, s: Selection = sel, pos: np.ndarray = all_pos, key: dict | None = None,
+            **extra):
         """A row: ``attacked(sub_selection)`` -> its attacked queries (None: the clean row), per pair
-        from the ledger where it has them (``key``: the attack's config, part of the row's ledger key);
-        ``chunk``: computed and recorded that many pairs at a time. Decisions are taken again from the
-        similarities under this run's thresholds, so a row read back is judged as a fresh one."""
+        from the ledger where it has them (``key``: the attack's config, part of the row's ledger key),
+        computed and recorded one attack batch of pairs at a time (so an interrupted row keeps its finished
+        batches). Decisions are taken again from the similarities under this run's thresholds, so a row
+        read back is judged as a fresh one."""
         got = outcome(None, s) if attacked is None else \
-            ledger.outcome(row, s, lambda p: outcome(attacked(p), p), chunk, key=key)
+            ledger.outcome(row, s, lambda p: outcome(attacked(p), p), runner.batch_size, key=key)
         c, diag = correct(ctx, cal, got["similarity"], s), diagnostics_in(got)
         ok[row] = (pos, c)
         rows[row] = {"kind": kind, **summarise(c, s), "auc": auc_or_none(got["similarity"], s.same), **extra,
@@ -262,21 +261,16 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
                      "attack_seconds_per_pair": None if attacked is None else round(float(got["seconds"].mean()), 4),
                      **({"defense_diagnostics": defense.summarise_diagnostics(diag)} if diag else {})}
 
-    def whole(make):
-        """A row's queries computed on the whole selection, once (a part of it comes from the same run)."""
-        return lambda p, _q=functools.cache(make): _restrict(_q(), sel, p)
-
     add("clean", "clean", None)
     eps = float(cfg.eps)
-    transfer, transfer_key = {}, {}
+    transfer = {}  # row -> Table 1's attack
     for name_ in cfg.attacks:  # 2. transfer: Table 1's queries
-        attack = query_attack(ctx, name_, eps, precision=cfg.transfer_precision)
-        made = functools.cache(lambda a=attack: attacked_queries(ctx, a))
-        transfer[f"transfer-{name_}"], transfer_key[f"transfer-{name_}"] = made, {"attack": attack.config()}
-        add(f"transfer-{name_}", "transfer", whole(made), key=transfer_key[f"transfer-{name_}"])
+        attack = transfer[f"transfer-{name_}"] = query_attack(ctx, name_, eps, precision=cfg.transfer_precision)
+        add(f"transfer-{name_}", "transfer", lambda p, a=attack: attacked_queries(ctx, a, sel=p),
+            key={"attack": attack.config()})
     hc = make_attack("pgd", ctx.attacked_net, metric=cfg.metric, eps=eps, seed=seed, precision=cfg.precision,
                      steps=_cap(cfg.attack_steps or 40, cfg), kappa=cfg.kappa)
-    add(f"high-confidence (kappa={cfg.kappa:g})", "high-confidence", whole(lambda: attacked_queries(ctx, hc)),
+    add(f"high-confidence (kappa={cfg.kappa:g})", "high-confidence", lambda p: attacked_queries(ctx, hc, sel=p),
         key={"attack": hc.config()})
     # 4. BPDA + EOT through the defense (for `none` this is the white-box attack itself).
     samples = cfg.eot if defense.randomized else 1
@@ -290,7 +284,7 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
                                  **({"best_iterate": True} if cfg.best_iterate else {}))
         row = f"bpda-eot (steps={steps}, eot={s_}{best})"
         bpda[row] = (steps, s_)
-        add(row, "white-box", whole(lambda a=attack: attacked_queries(ctx, a, target=cal, extra_key={"adaptive": "bpda-eot"})),
+        add(row, "white-box", lambda p, a=attack: attacked_queries(ctx, a, target=cal, sel=p, extra_key={"adaptive": "bpda-eot"}),
             key={"attack": attack.config()}, attack_steps=steps, eot_samples=s_)
         if (steps, s_) == (full, samples):
             full_attack = attack
@@ -301,9 +295,9 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     if cfg.warm_start and transfer:
         origin = min(transfer, key=lambda r: rows[r]["accuracy"])
         add(f"bpda-eot from {origin} (steps={full}, eot={samples}{best})", "white-box",
-            whole(lambda: attacked_queries(ctx, full_attack, target=cal, extra_key={"adaptive": "bpda-eot"},
-                                           start=transfer[origin]())),
-            key={"attack": full_attack.config(), "start": transfer_key[origin]},
+            lambda p: attacked_queries(ctx, full_attack, target=cal, sel=p, extra_key={"adaptive": "bpda-eot"},
+                                       start=attacked_queries(ctx, transfer[origin], sel=p)),
+            key={"attack": full_attack.config(), "start": {"attack": transfer[origin].config()}},
             attack_steps=full, eot_samples=samples, start=origin)
     # 4b. The defense's own adaptive attacks (e.g. the counter-attack's gate-aware attacker): PGD at the full steps
     # with the high-confidence margin kappa, so that once a pair is kappa past its threshold the step follows the
@@ -312,7 +306,7 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
         attack = make_attack("pgd", model, metric=cfg.metric, eps=eps, seed=seed, precision=cfg.precision,
                              steps=full, kappa=cfg.kappa)
         add(f"{label} (steps={full}, eot={samples})", "white-box",
-            whole(lambda a=attack, lb=label: attacked_queries(ctx, a, target=cal, extra_key={"adaptive": lb})),
+            lambda p, a=attack, lb=label: attacked_queries(ctx, a, target=cal, sel=p, extra_key={"adaptive": lb}),
             key={"attack": attack.config()}, attack_steps=full, eot_samples=samples)
     # 5. Square on the defended margin, fresh draws of the defense at every query.
     costly = defense.cost_per_image() > 2
@@ -324,15 +318,14 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     # for a defense that averages draws (gaussian-smoothing) as many draws per query (scores averaged). The
     # model's scores come from its fp32 fast copy (square_fast_copy, the protocol; or with fast_model), the plain
     # model's function up to summation order, through which Square's forward-only queries run 1.4x faster;
-    # its final queries are judged by the plain model like every row's. Recorded one attack batch at a time:
-    # its longest row, resumable pair batch by pair batch from the ledger.
+    # its final queries are judged by the plain model like every row's.
     embedder_sq, oracle = square_oracle(ctx, cfg)
     deployed = DefendedModel(defense, samples=int(getattr(defense, "samples", 1)), embedder=embedder_sq)
     square = make_attack("square", deployed, metric=cfg.metric, eps=eps, n_queries=budget, seed=seed, precision="fp32",
                          progress=ctx.progress and f"square queries ({name})")
     add(f"square (queries={budget})", "black-box",
         lambda p: attacked_queries(ctx, square, target=cal, sel=p, extra_key={"adaptive": "square"}), sq_sel, sq_pos,
-        chunk=runner.batch_size, key={"attack": square.config()}, queries=budget, scores_from=oracle)
+        key={"attack": square.config()}, queries=budget, scores_from=oracle)
     attacks = [r for r in rows if r != "clean"]
     worst, worst_sq = _worst(ok, attacks, all_pos), _worst(ok, attacks, sq_pos)
     checks = _checks(rows, ok, bpda, sq_pos, reference=name == "none")
@@ -363,17 +356,6 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
                                                                      "square_pairs": len(sq_sel)}},
         "config": asdict(cfg), "environment": environment(), "wall_seconds": round(time.perf_counter() - t0, 1),
     }
-
-
-def _restrict(q, sel: Selection, part: Selection):
-    """Queries of ``sel`` cut down to the pairs of ``part`` (a part of ``sel``)."""
-    if part.pair_ids == sel.pair_ids:
-        return q
-    at = {pid: i for i, pid in enumerate(sel.pair_ids)}
-    pos = np.array([at[pid] for pid in part.pair_ids], dtype=np.int64)
-    share = len(pos) / max(len(sel), 1)  # each pair's share of the attack's cost, as the runner counts it
-    return dataclasses.replace(q, delta=q.delta[pos], embeddings=q.embeddings[pos], seconds=q.seconds * share,
-                               image_steps=q.image_steps * share, image_steps_full=q.image_steps_full * share)
 
 
 def threat_model(cfg: LeaderboardConfig) -> dict:

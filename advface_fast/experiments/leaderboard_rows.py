@@ -7,8 +7,8 @@ right or wrong under its fixed thresholds, the attack's seconds and image-steps 
 per-image diagnostics where the defense gives them —, a few kilobytes per row. It lives beside
 the entries (``<out>/rows``, one :class:`~advface_fast.store.Entry` per row, keyed by everything
 the row depends on), so an entry can be computed in pieces, on several machines or after the
-image cache is gone: copy the ledger, rerun the command, and only the rows (or, for Square, the
-pair batches) it lacks are computed. A row is read back only under the very config that made
+image cache is gone: copy the ledger, rerun the command, and only the pair batches it lacks are
+computed (every row is recorded one attack batch of pairs at a time). A row is read back only under the very config that made
 it: model weights, defense config, the run's protocol, the data, the defended thresholds
 (rounded to 1e-6, so the last bit of an fp32 sum on another CPU does not invalidate a row) and
 the row's attack (its config, with the precision it resolved to: a bf16 row made on one machine
