@@ -225,10 +225,11 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     embedder = None if defense.attack_model is defense.model else defense.attack_model
     rows, ok = {}, {}  # row name -> summary; row name -> (positions in sel, per-pair correct)
     all_pos = np.arange(len(sel))
+    model_name = model_label(ctx.cfg.model, stage)
+    defense_config = defense.variant_config(defense.variants[-1]) if name != "none" else defense.config()
     ledger = RowLedger(rows_dir, {
-        "model": ctx.cfg.model if stage is None else f"{ctx.cfg.model} [{stage['stage']}]", "weights": weights_id(net),
-        "data": runner.pairs.dataset.fingerprint, "align": runner.align_key, "defense": spec,
-        "defense_config": defense.variant_config(defense.variants[-1]) if name != "none" else defense.config(),
+        "model": model_name, "weights": weights_id(net), "data": runner.pairs.dataset.fingerprint,
+        "align": runner.align_key, "defense": spec, "defense_config": defense_config,
         "thresholds": {str(k): round(float(v), 6) for k, v in cal.thresholds.items()},
         "protocol": _comparable(asdict(cfg))}, progress=bool(ctx.progress))
     chips = ctx.pairs.chips
@@ -331,11 +332,11 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
     checks = _checks(rows, ok, bpda, sq_pos, reference=name == "none")
     cost = defense.cost_per_image()
     return {
-        "scheme": SCHEME, "model": ctx.cfg.model if stage is None else f"{ctx.cfg.model} [{stage['stage']}]",
+        "scheme": SCHEME, "model": model_name,
         "weights": weights_id(net), **({"model_stage": stage} if stage is not None else {}),
         "defense": {"spec": spec, "name": defense.name, "params": {k: list(v) if isinstance(v, tuple) else v
                                                                     for k, v in params.items()},
-                    "config": defense.variant_config(defense.variants[-1]) if name != "none" else defense.config(),
+                    "config": defense_config,
                     "paper": defense.paper, "randomized": defense.randomized, "bpda": defense.surrogate_name,
                     **({"fit": fitted} if fitted is not None else {})},
         "threat_model": threat_model(cfg),

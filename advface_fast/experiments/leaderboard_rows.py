@@ -8,10 +8,10 @@ per-image diagnostics where the defense gives them —, a few kilobytes per row.
 the entries (``<out>/rows``, one :class:`~advface_fast.store.Entry` per row, keyed by everything
 the row depends on), so an entry can be computed in pieces, on several machines or after the
 image cache is gone: copy the ledger, rerun the command, and only the pair batches it lacks are
-computed (every row is recorded one attack batch of pairs at a time). A row is read back only under the very config that made
-it: model weights, defense config, the run's protocol, the data, the defended thresholds
-(rounded to 1e-6, so the last bit of an fp32 sum on another CPU does not invalidate a row) and
-the row's attack (its config, with the precision it resolved to: a bf16 row made on one machine
+computed (every row is recorded one attack batch of pairs at a time). A row is read back only
+under the very config that made it: model weights, defense config, the run's protocol, the data,
+the defended thresholds (rounded to 1e-6, so the last bit of an fp32 sum on another CPU does not
+invalidate a row) and the row's attack (its config, with the precision it resolved to: a bf16 row made on one machine
 is not read back by an fp32 run). The decisions are taken again from the stored similarities
 under the reading run's thresholds.
 """
@@ -64,7 +64,7 @@ class RowLedger:
 
     def outcome(self, row: str, sel: Selection, compute: Callable[[Selection], dict], chunk: int | None = None,
                 key: dict | None = None) -> dict:
-        """The row's per-pair arrays over ``sel`` (FIELDS + ``diag:*``), in ``sel``'s order: read from
+        """The row's per-pair arrays over ``sel`` (what ``compute`` returns), in ``sel``'s order: read from
         the ledger where present; the missing pairs computed by ``compute(sub_selection)`` (one call, or
         one per ``chunk`` of missing pairs, each appended as soon as it is done) -> {field: array}.
         ``key``: what else the row depends on (its attack's config: resolved precision, steps, start, ...)."""
