@@ -18,8 +18,8 @@ import torch
 
 from advface_fast.cli import main
 from advface_fast.cli_options import pair_count_or_all
-from advface_fast.experiments.leaderboard import (LeaderboardConfig, defense_slug, parse_defense, run_leaderboard,
-                                               square_pair_count)
+from advface_fast.experiments.leaderboard import (LeaderboardConfig, _comparable, defense_slug, parse_defense,
+                                               run_leaderboard, square_pair_count)
 from advface_fast.experiments.leaderboard_render import leaderboard_markdown, merge_entries
 from advface_fast.experiments.table1 import Table1Config, run_table1
 
@@ -368,3 +368,18 @@ def test_rows_come_back_from_the_ledger_without_the_image_cache(lfw_ci, board, t
     other = run_leaderboard(lfw_ci, dataclasses.replace(cfg, kappa=0.2, defenses=("none",)), tmp_path / "other",
                             cache_dir=cold, workers=1, progress=False)
     assert other["entries"][0]["rows_read_back"] == []
+
+
+def test_a_pairs_file_counts_by_its_content_not_its_path(tmp_path):
+    a, b, c = tmp_path / "a.txt", tmp_path / "moved" / "b.txt", tmp_path / "c.txt"
+    b.parent.mkdir()
+    a.write_text("1\t1\nAbel_Pacheco\t1\t4\n")
+    b.write_bytes(a.read_bytes())
+    c.write_text("1\t1\nAbel_Pacheco\t1\t2\n")
+    cfg = dataclasses.asdict(LeaderboardConfig())
+    same = [_comparable({**cfg, "pairs_file": str(p)}) for p in (a, b)]
+    assert same[0] == same[1] and same[0]["pairs_file"].startswith("sha256:")
+    assert _comparable({**cfg, "pairs_file": str(c)}) != same[0]
+    gone = str(tmp_path / "gone.txt")
+    assert _comparable({**cfg, "pairs_file": gone})["pairs_file"] == gone != same[0]["pairs_file"]
+    assert _comparable(cfg) == _comparable({**cfg, "command": "other"})  # no pairs file: as before

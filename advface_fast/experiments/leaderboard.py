@@ -47,7 +47,7 @@ import numpy as np
 from ..attacks import DEFAULT_ATTACK_BATCH, make_attack
 from ..defenses import DefendedModel, adaptive_attack, check_defense, create_defense, parse_defense
 from ..environment import environment
-from ..fileio import write_json_atomic
+from ..fileio import sha256_file, write_json_atomic
 from ..models.identity import weights_id
 from ..models import get_model_spec
 from .defended import DefendedStore
@@ -430,10 +430,15 @@ def _checks(rows: dict, ok: dict, bpda: dict, sq_pos: np.ndarray, reference: boo
 
 
 def _comparable(config: dict) -> dict:
-    """A run config as JSON sees it (tuples are lists), without what does not change an entry's numbers."""
+    """A run config as JSON sees it (tuples are lists), without what does not change an entry's numbers.
+    A pairs file counts by its content (SHA-256), not by where it lies, while it can be read; a
+    recorded path that is gone stays a path (and matches nothing but itself)."""
     out = json.loads(json.dumps(config))
     for key in ("command", "models", "defenses"):
         out.pop(key, None)
+    pairs = out.get("pairs_file")
+    if pairs and Path(pairs).is_file():
+        out["pairs_file"] = "sha256:" + sha256_file(pairs)
     return out
 
 
