@@ -51,7 +51,7 @@ def test_the_gate_is_fitted_on_clean_images_by_its_rule(model, chips):
 
 
 def test_open_and_closed_gate(model, chips):
-    x, ids = chips[:4], IDS[:4]
+    x = chips[:4]
     seeds = [11, 12, 13, 14]
     open_ = CounterAttack(model, eps=4, steps=2, tau=0.0, batch_size=4)  # tau >= 0 always: never counter-attacked
     closed = CounterAttack(model, eps=4, steps=2, tau=1e9, batch_size=4)  # always counter-attacked
