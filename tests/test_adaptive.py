@@ -182,6 +182,8 @@ def test_eot_draws_are_fresh_at_every_step_and_independent_of_batching(setup):
     fixed = DefendedModel(setup.defense, samples=1, redraw="fixed")
     assert torch.equal(fixed.views(x, seeds, 0)[0], fixed.views(x, seeds, 5)[0])
     assert "eot_redraw" not in fixed.config() and defended.config()["eot_redraw"] == "per-step"
+    # Only the per-step wrapper of a randomised D is randomised (what Square's stopping rule asks).
+    assert defended.randomized and not fixed.randomized
     with pytest.raises(ValueError, match="redraw"):
         DefendedModel(setup.defense, redraw="sometimes")
 

@@ -254,6 +254,92 @@ def test_every_query_goes_through_the_score_hook_of_a_defended_model(tiny):
     assert attack.config()["defended_model"] == defended.config()
 
 
+class NoisyDefense(RandomizedDefense):
+    """A randomised defense whose decisions are noisy: uniform noise of ``amp`` (in [0, 1] units,
+    several times eps) added to the image at every evaluation, the draw fixed by (seed, draw)."""
+
+    randomized = True
+
+    def __init__(self, embedder, amp: float = 0.2):
+        super().__init__(embedder)
+        self.amp = amp
+
+    def views(self, x, seeds, draw=0):
+        self.calls.append((draw, list(seeds)))
+        noise = torch.stack([torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(s * 7919 + draw * 104729))
+                             for s in seeds])
+        return [x + (noise - 0.5) * self.amp]
+
+
+def fresh_flip_rate(defense, embedder, x, gallery, is_same, thresholds, draws: int = 40) -> torch.Tensor:
+    """Per pair, the fraction of ``draws`` fresh draws of the defense (draw indices the attack never used)
+    under which the decision is wrong: how the defended pipeline judges ``x``."""
+    seeds = list(range(1000, 1000 + x.shape[0]))
+    rate = torch.zeros(x.shape[0])
+    for t in range(draws):
+        view = defense.views(x, seeds, 10 ** 6 + t)[0]
+        rate += flipped(embedder, view, gallery, is_same, thresholds).float()
+    return rate / draws
+
+
+def test_against_a_randomised_defense_one_lucky_draw_does_not_end_the_search(tiny):
+    # 16 pairs, thresholds 0.01 past each clean similarity, noise of +-0.1 (+-25 levels) at every
+    # evaluation: a single draw often flips a decision the next draw does not. Measured on the development
+    # machine: stopping a pair at its first flipped draw (confirm=0, the rule for deterministic models)
+    # reports 94% success after 50 queries per pair, but fresh draws flip 15% of the decisions (clean: 9%);
+    # the default search (incumbent and candidate under one draw, stop after 8 flipped draws in a row) has
+    # fresh draws flip 89% (93% of the pairs it reports broken).
+    queries, gallery, is_same, thresholds = setup_pairs(tiny, n=16, gap=0.01)
+    defense = NoisyDefense(tiny)
+    seeds = list(range(16))
+    judged = {}
+    for confirm in (0, None):
+        attack = Square(defense, eps=8, n_queries=600, seed=0, confirm=confirm)
+        x = attack(queries, gallery, is_same, thresholds, sample_seeds=seeds)
+        assert np.abs(as_int(x) - as_int(queries)).max() <= 8
+        judged[confirm] = fresh_flip_rate(defense, tiny, x, gallery, is_same, thresholds), attack.last_stats
+    clean = fresh_flip_rate(defense, tiny, queries, gallery, is_same, thresholds).mean()
+    lucky, stats_lucky = judged[0]
+    rate, stats = judged[None]
+    assert stats_lucky["success_rate"] > lucky.mean() + 0.4  # the lucky-draw rule's own count is not what holds
+    assert rate.mean() >= 0.7 and rate.mean() > lucky.mean() + 0.4 and rate.mean() > clean + 0.4
+    broken = torch.tensor(stats["success"])
+    assert broken.any() and rate[broken].mean() >= 0.8  # what it reports broken stays broken on fresh draws
+    q = stats["queries"]
+    assert all(k <= 600 for k in q) and all(k == 599 for k, ok in zip(q, broken.tolist()) if not ok)
+    assert all(k % 2 == 1 for k in q)  # the stripes, then two queries (incumbent and candidate) per iteration
+
+
+def test_randomised_search_scores_incumbent_and_candidate_under_one_draw(tiny):
+    queries, gallery, is_same, thresholds = setup_pairs(tiny, n=6, gap=0.01)
+    seeds = [21, 22, 23, 24, 25, 26]
+    defense = NoisyDefense(tiny)
+    attack = Square(defense, eps=8, n_queries=81)
+    assert attack.confirm == Square.CONFIRM and attack.config()["confirm"] == Square.CONFIRM
+    whole = attack(queries, gallery, is_same, thresholds, sample_seeds=seeds)
+    stats = attack.last_stats
+    # Evaluation t scores every pair still attacked twice (incumbent, then candidate) with the pair's seed and draw t.
+    assert [d for d, _ in defense.calls] == list(range(len(defense.calls)))
+    assert defense.calls[0][1] == seeds
+    for t, (_, row_seeds) in enumerate(defense.calls[1:], start=1):
+        active = [s for s, q in zip(seeds, stats["queries"]) if q > 2 * t - 1]
+        assert row_seeds == active + active
+    assert stats["queries_total"] == sum(len(r) for _, r in defense.calls) and stats["image_steps"] == 3 * sum(stats["queries"])
+    # A pair's result and query count do not depend on its batch mates.
+    for i in (1, 4):
+        alone = attack(queries[i:i + 1], gallery[i:i + 1], is_same[i:i + 1], thresholds[i:i + 1],
+                       sample_seeds=[seeds[i]])
+        assert torch.equal(alone[0], whole[i]) and attack.last_stats["queries"] == [stats["queries"][i]]
+    # confirm is part of the config (the cache key) for randomised models and rebuilds; deterministic ones omit it.
+    def rebuilt(a):  # the defended model is recorded in the config, not an argument
+        return make_attack(model=defense, **{k: v for k, v in a.config().items() if k != "defended_model"})
+
+    assert rebuilt(attack).config() == attack.config() and rebuilt(Square(defense, confirm=0)).confirm == 0
+    assert "confirm" not in Square(tiny).config() and Square(tiny).confirm == 0
+    with pytest.raises(ValueError, match="confirm"):
+        Square(defense, confirm=-1)
+
+
 class CountingScore(Square):
     def score(self, x, target, rows=None):
         self.scored = getattr(self, "scored", 0) + x.shape[0]

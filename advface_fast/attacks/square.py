@@ -42,6 +42,21 @@ class Square(Attack):
     as soon as a query flips its decision (``objective.success``); it then leaves the batch and
     spends no more queries. Thresholds are therefore required (ValueError without them).
 
+    A randomised model (``model.randomized``, e.g. a
+    :class:`~advface_fast.defenses.DefendedModel` of a randomised defense; ``confirm`` > 0): one
+    draw's decision is not the pipeline's, so neither "stop at the first flipped query" nor
+    "keep a candidate whose one draw scored lower" holds (a lucky draw would end the search, or
+    freeze it at an incumbent whose score was luck). There every iteration scores the incumbent
+    and the candidate under the same fresh draw (common random numbers: two queries in one
+    evaluation), keeps the candidate when that draw finds it more adversarial (the objective's
+    ``ascent_loss``: not clipped at the threshold, as further past it flips more draws), and
+    stops a pair once its incumbent has flipped the decision on ``confirm`` fresh draws in a row
+    (the draw that selected it not counted). A pair's queries stay within ``n_queries``: the
+    stripes, then two per iteration, so at most ``(n_queries - 1) // 2`` iterations, over which
+    the p schedule runs. On a toy defense adding +-25 levels of noise per evaluation
+    (``tests/test_square.py``) the first-flip rule ended pairs after 50 queries with 94% reported
+    broken but 15% flipped on fresh draws; this search flips 89%.
+
     Algorithm (paper, Alg. 1 with the L-inf sampling of Alg. 2):
 
     * query 1: vertical stripes, every column of every channel at ``x0 + eps`` or ``x0 - eps``
@@ -84,9 +99,11 @@ class Square(Attack):
     Cost. ``last_stats`` (every call):
 
     * ``"queries"``: per pair, in batch order, the model queries spent, the stripe
-      initialisation included: ``n_queries``, or fewer for a pair that succeeded (it stops);
+      initialisation included: ``n_queries`` (for a randomised model ``n_queries`` rounded down
+      to an odd number), or fewer for a pair that succeeded (it stops);
       ``"queries_total"`` and ``"queries_mean"``;
-    * ``"success"`` (per pair: the attack's own last score flipped the decision) and
+    * ``"success"`` (per pair: the attack's own last score flipped the decision; for a
+      randomised model, its last ``confirm`` scores did) and
       ``"success_rate"``;
     * ``"image_steps"``: image passes computed, one FORWARD pass per query and image, so equal
       to ``queries_total``; ``"image_steps_full"``: ``N * n_queries``, without early stops.
@@ -109,6 +126,10 @@ class Square(Attack):
         precision (str): "fp32", "bf16" or "auto", the model's precision for scores. (Default: "fp32")
         progress (bool | str): a progress bar over the search's iterations (queries/s, ETA, pairs still
             attacked); a string names it. Not part of the config. (Default: False)
+        confirm (int | None): fresh draws in a row on which a randomised model's decision must flip
+            before a pair stops; 0 = the deterministic search (stop at the first flipped query).
+            None = 8 (``CONFIRM``) for a model with ``randomized`` True, else 0. In the config
+            for randomised models. (Default: None)
 
     Shape:
         - queries: (N, 3, H, W) in [0, 1], on the uint8 grid when rounding.
@@ -126,10 +147,11 @@ class Square(Attack):
     accepts_start = False  # its own stripe initialisation
     needs_thresholds = True
     chunk = 256  # iterations whose random draws are made at once (fixed: part of the draw layout)
+    CONFIRM = 8  # a randomised model's fresh draws in a row that must flip before a pair stops
 
     def __init__(self, model, eps: float = 4, n_queries: int = 5000, p_init: float = 0.1, objective=None,
                  seed: int | None = 0, round_output: bool = True, precision: str = "fp32",
-                 progress: bool | str = False):
+                 progress: bool | str = False, confirm: int | None = None):
         super().__init__(model, eps, objective, seed, round_output, precision)
         self.progress = progress
         if int(n_queries) != n_queries or n_queries < 1:
@@ -138,10 +160,20 @@ class Square(Attack):
             raise ValueError(f"p_init must be in (0, 1], got {p_init}")
         self.n_queries = int(n_queries)
         self.p_init = float(p_init)
+        if confirm is None:  # against a randomised model one lucky draw must not end a pair's search
+            confirm = self.CONFIRM if self._randomized() else 0
+        if int(confirm) != confirm or confirm < 0:
+            raise ValueError(f"confirm must be an integer >= 0, got {confirm}")
+        self.confirm = int(confirm)
         self._stats: dict | None = None
 
     def _config(self) -> dict:
-        return {"n_queries": self.n_queries, "p_init": self.p_init}
+        # confirm only on a randomised model or when set, so the keys of the attacks on deterministic ones stay
+        return {"n_queries": self.n_queries, "p_init": self.p_init,
+                **({"confirm": self.confirm} if self.confirm or self._randomized() else {})}
+
+    def _randomized(self) -> bool:
+        return bool(getattr(self.model, "randomized", False))
 
     def _final_steps(self) -> int:
         return self.n_queries
@@ -158,8 +190,8 @@ class Square(Attack):
 
     # ------------------------------------------------------------------ the search
 
-    def _window_side(self, it: int, h: int, w: int) -> int:
-        p = p_selection(self.p_init, it, self.n_queries)
+    def _window_side(self, it: int, h: int, w: int, schedule: int) -> int:
+        p = p_selection(self.p_init, it, schedule)
         s = round(math.sqrt(p * h * w))
         return min(max(s, 1), min(h, w) - 1) if min(h, w) > 1 else 1
 
@@ -190,56 +222,24 @@ class Square(Attack):
         sign = torch.where(init < 0.5, -1.0, 1.0).expand(n, c, h, w).contiguous()
         all_rows = torch.arange(n, device=dev)
         sim = self.score(image(base, sign), target, all_rows)
-        loss = obj.margin_loss(sim, is_same, thresholds)
         done = obj.success(sim, is_same, thresholds)
         queries = torch.ones(n, dtype=torch.int64, device=dev)
-
-        search = self._cpu_stream(noise, "square/search")
-        # The 2^c sign patterns of a window (one sign per channel): pattern k has +1 where bit c of k is set.
-        bits = torch.arange(c, device=dev)
-        patterns = ((torch.arange(2 ** c, device=dev)[:, None] >> bits) & 1).float().mul_(2).sub_(1)  # (2^c, c)
-        pow2 = (2 ** bits).float()
-        bands: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # side -> row/column masks by window start
-
-        def band(size, side):  # (size - side + 1, size): row t marks t .. t + side - 1
-            ar = torch.arange(size, device=dev)
-            return (ar[None, :] >= ar[: size - side + 1, None]) & (ar[None, :] < ar[: size - side + 1, None] + side)
+        propose = _Proposals(self, self._cpu_stream(noise, "square/search"), (c, h, w), dev)
+        if self.confirm:
+            return self._search_randomized(image, base, sign, sim, target, is_same, thresholds, propose, queries,
+                                           moves=step > 0)
 
         rows = all_rows[~done]  # full-batch positions of the pairs still attacked
+        loss = obj.margin_loss(sim, is_same, thresholds)
         sign_a, base_a, tgt_a, same_a, thr_a, loss_a = select_rows(rows, sign, base, target, is_same, thresholds, loss)
         ran = 0  # iterations (queries after the first) made
         iterations = self.n_queries - 1 if step > 0 else 0
-        bar = tqdm(total=iterations, unit="query", leave=False, disable=not self.progress or not iterations,
-                   desc=self.progress if isinstance(self.progress, str) else "square")
-        bar.set_postfix(pairs=f"{rows.numel()}/{n}")
+        bar = self._bar(iterations, rows.numel(), n)
         for it in range(iterations):
             if rows.numel() == 0:
                 break
             bar.update(1)
-            j = it % self.chunk
-            if j == 0:  # the next chunk's draws, for every pair of the call: (N, chunk, 3) uniforms
-                u = search.rand((self.chunk, 3)).to(dev)
-                side_list = [self._window_side(it + k, h, w) for k in range(self.chunk)]
-                sides = torch.tensor(side_list, device=dev)
-                # window start row / column: uniform over every position inside the image
-                start_h = torch.minimum((u[..., 0] * (h - sides + 1)).long(), h - sides)
-                start_w = torch.minimum((u[..., 1] * (w - sides + 1)).long(), w - sides)
-                starts, pattern_u = torch.stack([start_h, start_w], dim=-1), u[..., 2]
-            s = side_list[j]
-            if s not in bands:
-                bands[s] = band(h, s), band(w, s)
-            d = starts[:, j].index_select(0, rows)  # (a, 2)
-            window = (bands[s][0].index_select(0, d[:, 0])[:, None, :, None]
-                      & bands[s][1].index_select(0, d[:, 1])[:, None, None, :])  # (a, 1, h, w)
-            # A pattern the window already has everywhere would change nothing: it is not drawn.
-            wsum = (sign_a * window).sum(dim=(2, 3))  # (a, c)
-            uniform = (wsum.abs() == s * s).all(dim=1)
-            current = ((wsum > 0).float() @ pow2).long()
-            choices = 2 ** c - uniform.long()
-            pick = torch.minimum((pattern_u[:, j].index_select(0, rows) * choices).long(), choices - 1)
-            pick += uniform & (pick >= current)
-            cand = torch.where(window, patterns.index_select(0, pick)[:, :, None, None], sign_a)
-
+            cand = propose(it, self.n_queries, rows, sign_a)
             sim = self.score(image(base_a, cand), tgt_a, rows)
             ran += 1
             cand_loss = obj.margin_loss(sim, same_a, thr_a)
@@ -261,11 +261,112 @@ class Square(Attack):
         if rows.numel():
             sign.index_copy_(0, rows, sign_a)
             queries.index_fill_(0, rows, 1 + ran)
+        self._record(queries, done)
+        return image(base, sign)
 
+    def _search_randomized(self, image, base, sign, sim, target, is_same, thresholds, propose, queries, moves):
+        """The search against a randomised model (``confirm`` > 0): every iteration scores the
+        incumbent and the candidate under the same fresh draw (two queries, one evaluation: the
+        same seeds and draw index per pair), keeps the candidate if it is more adversarial under
+        that draw (``objective.ascent_loss``, not clipped at the threshold: past it, further is
+        safer), and stops a pair once its incumbent has flipped the decision on ``confirm`` fresh
+        draws in a row (the draw that selected it not counted)."""
+        obj, n, budget = self.objective, base.shape[0], self.n_queries
+        iterations = (budget - 1) // 2 if moves else 0
+        streak = obj.success(sim, is_same, thresholds).long()  # the stripes were not selected: their draw counts
+        done = torch.zeros(n, dtype=torch.bool, device=base.device)
+        rows = torch.arange(n, device=base.device)
+        sign_a, base_a, tgt_a, same_a, thr_a, streak_a = sign, base, target, is_same, thresholds, streak
+        bar = self._bar(iterations, n, n)
+        for it in range(iterations):
+            if rows.numel() == 0:
+                break
+            bar.update(1)
+            a = rows.numel()
+            cand = propose(it, iterations + 1, rows, sign_a)
+            both = torch.cat([rows, rows])
+            sim = self.score(image(torch.cat([base_a, base_a]), torch.cat([sign_a, cand])),
+                             torch.cat([tgt_a, tgt_a]), both)
+            queries.index_add_(0, rows, torch.full_like(rows, 2))
+            ascent = obj.ascent_loss(sim, torch.cat([same_a, same_a]))
+            accept = ascent[a:] > ascent[:a]
+            held = obj.success(sim[:a], same_a, thr_a)
+            streak_a = torch.where(accept, 0, torch.where(held, streak_a + 1, 0))
+            sign_a = torch.where(accept[:, None, None, None], cand, sign_a)
+            ok = streak_a >= self.confirm
+            leave = ok | (queries.index_select(0, rows) + 2 > budget)
+            if bool(leave.any()):
+                gone = rows[leave]
+                sign.index_copy_(0, gone, sign_a[leave])
+                done.index_copy_(0, gone, ok[leave])
+                keep = (~leave).nonzero().squeeze(1)
+                rows = rows.index_select(0, keep)
+                sign_a, base_a, tgt_a, same_a, thr_a, streak_a = select_rows(keep, sign_a, base_a, tgt_a, same_a,
+                                                                             thr_a, streak_a)
+                bar.set_postfix(pairs=f"{rows.numel()}/{n}", refresh=False)
+        bar.close()
+        if rows.numel():
+            sign.index_copy_(0, rows, sign_a)
+        self._record(queries, done)
+        return image(base, sign)
+
+    def _bar(self, iterations: int, active: int, n: int):
+        bar = tqdm(total=iterations, unit="query", leave=False, disable=not self.progress or not iterations,
+                   desc=self.progress if isinstance(self.progress, str) else "square")
+        bar.set_postfix(pairs=f"{active}/{n}")
+        return bar
+
+    def _record(self, queries: torch.Tensor, done: torch.Tensor) -> None:
+        n = queries.numel()
         q = queries.tolist()
         total = int(sum(q))
         self._stats = {"queries": q, "queries_total": total, "queries_mean": total / n,
                        "success": done.tolist(), "success_rate": float(done.float().mean()),
                        "image_steps": total, "image_steps_full": n * self.n_queries}
         self.last_stats = None  # set by __call__ (the base class would scale every entry)
-        return image(base, sign)
+
+
+class _Proposals:
+    """The random search's candidates: at iteration ``it`` of a ``schedule``-iteration search, a
+    square window (side from the p schedule, uniform position) whose channels each take one uniform
+    sign, never the pattern the window already has. Draws come in chunks of ``Square.chunk``
+    iterations for every pair of the call, so a pair's candidates depend on its own seed only."""
+
+    def __init__(self, attack: Square, stream: SeededNoise, shape: tuple[int, int, int], dev: torch.device):
+        self.attack, self.stream, self.dev = attack, stream, dev
+        self.c, self.h, self.w = shape
+        # The 2^c sign patterns of a window (one sign per channel): pattern k has +1 where bit c of k is set.
+        bits = torch.arange(self.c, device=dev)
+        self.patterns = ((torch.arange(2 ** self.c, device=dev)[:, None] >> bits) & 1).float().mul_(2).sub_(1)
+        self.pow2 = (2 ** bits).float()
+        self.bands: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # side -> row/column masks by window start
+
+    def _band(self, size: int, side: int) -> torch.Tensor:  # (size - side + 1, size): row t marks t .. t + side - 1
+        ar = torch.arange(size, device=self.dev)
+        return (ar[None, :] >= ar[: size - side + 1, None]) & (ar[None, :] < ar[: size - side + 1, None] + side)
+
+    def __call__(self, it: int, schedule: int, rows: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+        c, h, w, chunk = self.c, self.h, self.w, self.attack.chunk
+        j = it % chunk
+        if j == 0:  # the next chunk's draws, for every pair of the call: (N, chunk, 3) uniforms
+            u = self.stream.rand((chunk, 3)).to(self.dev)
+            self.side_list = [self.attack._window_side(it + k, h, w, schedule) for k in range(chunk)]
+            sides = torch.tensor(self.side_list, device=self.dev)
+            # window start row / column: uniform over every position inside the image
+            start_h = torch.minimum((u[..., 0] * (h - sides + 1)).long(), h - sides)
+            start_w = torch.minimum((u[..., 1] * (w - sides + 1)).long(), w - sides)
+            self.starts, self.pattern_u = torch.stack([start_h, start_w], dim=-1), u[..., 2]
+        s = self.side_list[j]
+        if s not in self.bands:
+            self.bands[s] = self._band(h, s), self._band(w, s)
+        d = self.starts[:, j].index_select(0, rows)  # (a, 2)
+        window = (self.bands[s][0].index_select(0, d[:, 0])[:, None, :, None]
+                  & self.bands[s][1].index_select(0, d[:, 1])[:, None, None, :])  # (a, 1, h, w)
+        # A pattern the window already has everywhere would change nothing: it is not drawn.
+        wsum = (sign * window).sum(dim=(2, 3))  # (a, c)
+        uniform = (wsum.abs() == s * s).all(dim=1)
+        current = ((wsum > 0).float() @ self.pow2).long()
+        choices = 2 ** c - uniform.long()
+        pick = torch.minimum((self.pattern_u[:, j].index_select(0, rows) * choices).long(), choices - 1)
+        pick += uniform & (pick >= current)
+        return torch.where(window, self.patterns.index_select(0, pick)[:, :, None, None], sign)

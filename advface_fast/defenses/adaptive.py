@@ -116,6 +116,11 @@ class DefendedModel(nn.Module):
                 raise ValueError(f"{defense.name} overrides surrogate(): give it a surrogate_name (recorded as 'bpda')")
             self.pullback = self._pullback
 
+    @property
+    def randomized(self) -> bool:
+        """Whether two evaluations of the same image can differ: a randomised D redrawn per evaluation."""
+        return bool(self.defense.randomized) and self.redraw == "per-step"
+
     def views(self, x: torch.Tensor, seeds: list[int], draw: int = 0) -> list[torch.Tensor]:
         """D_s(round(x)) for s = 0..S-1, detached: where the gradient is taken (BPDA). ``draw``:
         the attack's evaluation count t (fresh draws per t with ``redraw="per-step"``)."""
