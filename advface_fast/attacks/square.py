@@ -248,20 +248,12 @@ class Square(Attack):
             sign_a = torch.where(better[:, None, None, None], cand, sign_a)
             loss_a = torch.where(better, cand_loss, loss_a)
             if bool(ok.any()):  # finished pairs leave the batch (one host sync per iteration)
-                gone = rows[ok]
-                sign.index_copy_(0, gone, sign_a[ok])
-                done.index_fill_(0, gone, True)
-                queries.index_fill_(0, gone, 1 + ran)
-                keep = (~ok).nonzero().squeeze(1)
-                rows = rows.index_select(0, keep)
-                sign_a, base_a, tgt_a, same_a, thr_a, loss_a = select_rows(keep, sign_a, base_a, tgt_a, same_a,
-                                                                           thr_a, loss_a)
+                queries.index_fill_(0, rows[ok], 1 + ran)
+                rows, (sign_a, base_a, tgt_a, same_a, thr_a, loss_a) = _retire(
+                    ok, ok, rows, sign, done, sign_a, base_a, tgt_a, same_a, thr_a, loss_a)
                 bar.set_postfix(pairs=f"{rows.numel()}/{n}", refresh=False)
-        bar.close()
-        if rows.numel():
-            sign.index_copy_(0, rows, sign_a)
-            queries.index_fill_(0, rows, 1 + ran)
-        self._record(queries, done)
+        queries.index_fill_(0, rows, 1 + ran)
+        self._finish(bar, rows, sign, sign_a, queries, done)
         return image(base, sign)
 
     def _search_randomized(self, image, base, sign, sim, target, is_same, thresholds, propose, queries, moves):
@@ -296,18 +288,10 @@ class Square(Attack):
             ok = streak_a >= self.confirm
             leave = ok | (queries.index_select(0, rows) + 2 > budget)
             if bool(leave.any()):
-                gone = rows[leave]
-                sign.index_copy_(0, gone, sign_a[leave])
-                done.index_copy_(0, gone, ok[leave])
-                keep = (~leave).nonzero().squeeze(1)
-                rows = rows.index_select(0, keep)
-                sign_a, base_a, tgt_a, same_a, thr_a, streak_a = select_rows(keep, sign_a, base_a, tgt_a, same_a,
-                                                                             thr_a, streak_a)
+                rows, (sign_a, base_a, tgt_a, same_a, thr_a, streak_a) = _retire(
+                    leave, ok, rows, sign, done, sign_a, base_a, tgt_a, same_a, thr_a, streak_a)
                 bar.set_postfix(pairs=f"{rows.numel()}/{n}", refresh=False)
-        bar.close()
-        if rows.numel():
-            sign.index_copy_(0, rows, sign_a)
-        self._record(queries, done)
+        self._finish(bar, rows, sign, sign_a, queries, done)
         return image(base, sign)
 
     def _bar(self, iterations: int, active: int, n: int):
@@ -316,7 +300,10 @@ class Square(Attack):
         bar.set_postfix(pairs=f"{active}/{n}")
         return bar
 
-    def _record(self, queries: torch.Tensor, done: torch.Tensor) -> None:
+    def _finish(self, bar, rows, sign, sign_a, queries: torch.Tensor, done: torch.Tensor) -> None:
+        """The pairs still attacked write their signs back; the call's statistics are recorded."""
+        bar.close()
+        sign.index_copy_(0, rows, sign_a)
         n = queries.numel()
         q = queries.tolist()
         total = int(sum(q))
@@ -324,6 +311,17 @@ class Square(Attack):
                        "success": done.tolist(), "success_rate": float(done.float().mean()),
                        "image_steps": total, "image_steps_full": n * self.n_queries}
         self.last_stats = None  # set by __call__ (the base class would scale every entry)
+
+
+def _retire(leave, ok, rows, sign, done, sign_a, *state):
+    """The active pairs marked ``leave`` leave the batch: their signs and success (``ok``) are written
+    back at their full-batch positions ``rows``; returns the rows kept and the active state's rows kept
+    (``sign_a`` first)."""
+    gone = rows[leave]
+    sign.index_copy_(0, gone, sign_a[leave])
+    done.index_copy_(0, gone, ok[leave])
+    keep = (~leave).nonzero().squeeze(1)
+    return rows.index_select(0, keep), select_rows(keep, sign_a, *state)
 
 
 class _Proposals:
