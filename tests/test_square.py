@@ -266,8 +266,8 @@ class NoisyDefense(RandomizedDefense):
 
     def views(self, x, seeds, draw=0):
         self.calls.append((draw, list(seeds)))
-        noise = torch.stack([torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(s * 7919 + draw * 104729))
-                             for s in seeds])
+        gens = [torch.Generator().manual_seed((s * 7919 + draw * 104729) % 2 ** 63) for s in seeds]
+        noise = torch.stack([torch.rand(x.shape[1:], generator=g) for g in gens])
         return [x + (noise - 0.5) * self.amp]
 
 
@@ -338,6 +338,12 @@ def test_randomised_search_scores_incumbent_and_candidate_under_one_draw(tiny):
     assert "confirm" not in Square(tiny).config() and Square(tiny).confirm == 0
     with pytest.raises(ValueError, match="confirm"):
         Square(defense, confirm=-1)
+    # Nothing to move (eps < 1 level) or no query left for an iteration: the stripes' query only.
+    still = Square(defense, eps=0.5, n_queries=50)
+    assert torch.equal(still(queries, gallery, is_same, thresholds), queries) and still.last_stats["queries"] == [1] * 6
+    short = Square(defense, eps=4, n_queries=2)
+    assert np.abs(as_int(short(queries, gallery, is_same, thresholds)) - as_int(queries)).max() == 4
+    assert short.last_stats["queries"] == [1] * 6
 
 
 class CountingScore(Square):

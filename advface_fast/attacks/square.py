@@ -268,7 +268,7 @@ class Square(Attack):
         streak = obj.success(sim, is_same, thresholds).long()  # the stripes were not selected: their draw counts
         done = torch.zeros(n, dtype=torch.bool, device=base.device)
         rows = torch.arange(n, device=base.device)
-        sign_a, base_a, tgt_a, same_a, thr_a, streak_a = sign, base, target, is_same, thresholds, streak
+        sign_a, base_a, tgt_a, same_a, thr_a, streak_a = sign.clone(), base, target, is_same, thresholds, streak
         bar = self._bar(iterations, n, n)
         for it in range(iterations):
             if rows.numel() == 0:
