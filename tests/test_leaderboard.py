@@ -225,6 +225,29 @@ def test_a_rerun_resumes_and_a_bad_spec_is_one_line(lfw_ci, board, capsys, tmp_p
         assert len(err) == 1 and words in err[0] and "Traceback" not in err[0], err
 
 
+def test_an_entry_whose_square_predates_the_randomised_search_is_recomputed(lfw_ci, board, capsys, tmp_path):
+    cfg, report, out = board
+    square = {e["defense"]["name"]: next(r for r in e["attacks"].values() if r["kind"] == "black-box")
+              for e in report["entries"]}
+    assert square["counter-attack"]["confirm"] == 8 and square["none"]["confirm"] == 0  # the search is recorded
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    path = next(p for p in (old / "entries").glob("*.json") if "counter-attack" in p.name)
+    entry = json.loads(path.read_text())
+    for r in entry["attacks"].values():
+        r.pop("confirm", None)  # as written before the randomised search
+    path.write_text(json.dumps(entry))
+    again = run_leaderboard(lfw_ci, cfg, old, workers=1, progress=True)
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[leaderboard] ")]
+    assert sum(": read back from " in line for line in said) == len(report["entries"]) - 1
+    assert any("counter-attack" in line and "is recomputed: its Square stopped pairs at their first flipped draw"
+               in line for line in said), said
+    redone = next(e for e in again["entries"] if e["defense"]["name"] == "counter-attack")
+    assert next(r for r in redone["attacks"].values() if r["kind"] == "black-box")["confirm"] == 8
+    before = next(e for e in report["entries"] if e["defense"]["name"] == "counter-attack")
+    assert redone["worst_case"] == before["worst_case"]  # its rows came back from the ledger
+
+
 def test_entries_merge_and_refuse_mismatches(board, tmp_path, capsys):
     _, report, out = board
     entries = report["entries"]

@@ -326,7 +326,7 @@ def run_entry(ctx: Context, spec: str, cfg: LeaderboardConfig, *, defended_dir=N
                          progress=ctx.progress and f"square queries ({name})")
     add(f"square (queries={budget})", "black-box",
         lambda p: attacked_queries(ctx, square, target=cal, sel=p, extra_key={"adaptive": "square"}), sq_sel, sq_pos,
-        key={"attack": square.config()}, queries=budget, scores_from=oracle)
+        key={"attack": square.config()}, queries=budget, scores_from=oracle, confirm=square.confirm)
     attacks = [r for r in rows if r != "clean"]
     worst, worst_sq = _worst(ok, attacks, all_pos), _worst(ok, attacks, sq_pos)
     checks = _checks(rows, ok, bpda, sq_pos, reference=name == "none")
@@ -429,6 +429,17 @@ def _checks(rows: dict, ok: dict, bpda: dict, sq_pos: np.ndarray, reference: boo
     return out
 
 
+def _stale(entry: dict) -> str | None:
+    """Why an entry an earlier version wrote under the same config must be recomputed (None: it need not).
+    Square against a randomised defense once stopped a pair at its first flipped draw; its rows now record
+    the search (``confirm``), and an entry without that record is recomputed (its other rows come back from
+    the ledger)."""
+    if entry.get("defense", {}).get("randomized") and any(
+            "confirm" not in r for r in entry.get("attacks", {}).values() if r.get("kind") == "black-box"):
+        return "its Square stopped pairs at their first flipped draw (before the randomised search)"
+    return None
+
+
 def _comparable(config: dict) -> dict:
     """A run config as JSON sees it (tuples are lists), without what does not change an entry's numbers.
     A pairs file counts by its content (SHA-256), not by where it lies, while it can be read; a
@@ -463,7 +474,10 @@ def run_leaderboard(lfw, cfg: LeaderboardConfig, out_dir, *, cache_dir=None, def
             path = entry_path(out, label, spec)
             if path.is_file():
                 old = json.loads(path.read_text())
-                if old.get("scheme") == SCHEME and old["defense"]["spec"] == spec and \
+                stale = _stale(old)
+                if stale:
+                    _say(progress, f"entry {label} + {spec}: {path.name} is recomputed: {stale}")
+                elif old.get("scheme") == SCHEME and old["defense"]["spec"] == spec and \
                         _comparable(old.get("config", {})) == _comparable(asdict(cfg)):
                     entries.append(old)  # done with this very protocol: resumed, not recomputed
                     _say(progress, f"entry {len(entries)}/{total} {label} + {spec}: read back from {path.name}")
