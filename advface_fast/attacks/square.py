@@ -248,12 +248,10 @@ class Square(Attack):
             sign_a = torch.where(better[:, None, None, None], cand, sign_a)
             loss_a = torch.where(better, cand_loss, loss_a)
             if bool(ok.any()):  # finished pairs leave the batch (one host sync per iteration)
-                queries.index_fill_(0, rows[ok], 1 + ran)
                 rows, (sign_a, base_a, tgt_a, same_a, thr_a, loss_a) = _retire(
-                    ok, ok, rows, sign, done, sign_a, base_a, tgt_a, same_a, thr_a, loss_a)
+                    ok, 1 + ran, rows, sign, done, queries, sign_a, base_a, tgt_a, same_a, thr_a, loss_a)
                 bar.set_postfix(pairs=f"{rows.numel()}/{n}", refresh=False)
-        queries.index_fill_(0, rows, 1 + ran)
-        self._finish(bar, rows, sign, sign_a, queries, done)
+        self._finish(bar, 1 + ran, rows, sign, sign_a, queries, done)
         return image(base, sign)
 
     def _search_randomized(self, image, base, sign, sim, target, is_same, thresholds, propose, queries, moves):
@@ -263,12 +261,19 @@ class Square(Attack):
         that draw (``objective.ascent_loss``, not clipped at the threshold: past it, further is
         safer), and stops a pair once its incumbent has flipped the decision on ``confirm`` fresh
         draws in a row (the draw that selected it not counted)."""
-        obj, n, budget = self.objective, base.shape[0], self.n_queries
-        iterations = (budget - 1) // 2 if moves else 0
+        obj, n = self.objective, base.shape[0]
+        # Every pair still attacked has spent 1 + 2 * ran queries: the budget bounds the iterations.
+        iterations = (self.n_queries - 1) // 2 if moves else 0
         streak = obj.success(sim, is_same, thresholds).long()  # the stripes were not selected: their draw counts
         done = torch.zeros(n, dtype=torch.bool, device=base.device)
         rows = torch.arange(n, device=base.device)
         sign_a, base_a, tgt_a, same_a, thr_a, streak_a = sign.clone(), base, target, is_same, thresholds, streak
+
+        def doubled():  # incumbent and candidate of each pair in one evaluation: (rows, base, target, labels) x 2
+            return [torch.cat([t, t]) for t in (rows, base_a, tgt_a, same_a)]
+
+        rows2, base2, tgt2, same2 = doubled()
+        ran = 0
         bar = self._bar(iterations, n, n)
         for it in range(iterations):
             if rows.numel() == 0:
@@ -276,22 +281,20 @@ class Square(Attack):
             bar.update(1)
             a = rows.numel()
             cand = propose(it, iterations + 1, rows, sign_a)
-            both = torch.cat([rows, rows])
-            sim = self.score(image(torch.cat([base_a, base_a]), torch.cat([sign_a, cand])),
-                             torch.cat([tgt_a, tgt_a]), both)
-            queries.index_add_(0, rows, torch.full_like(rows, 2))
-            ascent = obj.ascent_loss(sim, torch.cat([same_a, same_a]))
+            sim = self.score(image(base2, torch.cat([sign_a, cand])), tgt2, rows2)
+            ran += 1
+            ascent = obj.ascent_loss(sim, same2)
             accept = ascent[a:] > ascent[:a]
             held = obj.success(sim[:a], same_a, thr_a)
             streak_a = torch.where(accept, 0, torch.where(held, streak_a + 1, 0))
             sign_a = torch.where(accept[:, None, None, None], cand, sign_a)
             ok = streak_a >= self.confirm
-            leave = ok | (queries.index_select(0, rows) + 2 > budget)
-            if bool(leave.any()):
+            if bool(ok.any()):
                 rows, (sign_a, base_a, tgt_a, same_a, thr_a, streak_a) = _retire(
-                    leave, ok, rows, sign, done, sign_a, base_a, tgt_a, same_a, thr_a, streak_a)
+                    ok, 1 + 2 * ran, rows, sign, done, queries, sign_a, base_a, tgt_a, same_a, thr_a, streak_a)
+                rows2, base2, tgt2, same2 = doubled()
                 bar.set_postfix(pairs=f"{rows.numel()}/{n}", refresh=False)
-        self._finish(bar, rows, sign, sign_a, queries, done)
+        self._finish(bar, 1 + 2 * ran, rows, sign, sign_a, queries, done)
         return image(base, sign)
 
     def _bar(self, iterations: int, active: int, n: int):
@@ -300,10 +303,12 @@ class Square(Attack):
         bar.set_postfix(pairs=f"{active}/{n}")
         return bar
 
-    def _finish(self, bar, rows, sign, sign_a, queries: torch.Tensor, done: torch.Tensor) -> None:
-        """The pairs still attacked write their signs back; the call's statistics are recorded."""
+    def _finish(self, bar, spent: int, rows, sign, sign_a, queries: torch.Tensor, done: torch.Tensor) -> None:
+        """The pairs still attacked write their signs and ``spent`` queries back; the call's statistics
+        are recorded."""
         bar.close()
         sign.index_copy_(0, rows, sign_a)
+        queries.index_fill_(0, rows, spent)
         n = queries.numel()
         q = queries.tolist()
         total = int(sum(q))
@@ -313,14 +318,15 @@ class Square(Attack):
         self.last_stats = None  # set by __call__ (the base class would scale every entry)
 
 
-def _retire(leave, ok, rows, sign, done, sign_a, *state):
-    """The active pairs marked ``leave`` leave the batch: their signs and success (``ok``) are written
-    back at their full-batch positions ``rows``; returns the rows kept and the active state's rows kept
-    (``sign_a`` first)."""
-    gone = rows[leave]
-    sign.index_copy_(0, gone, sign_a[leave])
-    done.index_copy_(0, gone, ok[leave])
-    keep = (~leave).nonzero().squeeze(1)
+def _retire(ok, spent, rows, sign, done, queries, sign_a, *state):
+    """The active pairs marked ``ok`` (broken) leave the batch: their signs, success and ``spent``
+    queries are written back at their full-batch positions ``rows``; returns the rows kept and the
+    active state's rows kept (``sign_a`` first)."""
+    gone = rows[ok]
+    sign.index_copy_(0, gone, sign_a[ok])
+    done.index_fill_(0, gone, True)
+    queries.index_fill_(0, gone, spent)
+    keep = (~ok).nonzero().squeeze(1)
     return rows.index_select(0, keep), select_rows(keep, sign_a, *state)
 
 
